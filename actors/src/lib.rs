@@ -1,1 +1,27 @@
-//! x
+//! Tether's supervision core: the actors that keep agents connected and accounted for.
+//!
+//! - [`connection`]: one actor per agent WebSocket.
+//! - [`registry`]: the table of agents, lifecycle owner and message router.
+//! - [`heartbeat`]: pings, stale detection and inactivity, on a timer wheel.
+//! - [`bus`] and [`publisher`]: lifecycle events fanned out to publishers.
+//! - [`protocol`] and [`event`]: the wire types.
+//!
+//! Actors talk only through the typed messages defined beside each actor. There is no
+//! HTTP here: the `tether` binary upgrades sockets and serves the admin API.
+
+#![warn(missing_docs)]
+#![warn(clippy::all)]
+#![forbid(unsafe_code)]
+
+pub mod bus;
+pub mod clock;
+pub mod connection;
+pub mod event;
+pub mod heartbeat;
+pub mod identity;
+pub mod outbound;
+pub mod protocol;
+pub mod publisher;
+pub mod registry;
+pub mod settings;
+pub mod stats;

@@ -1,0 +1,293 @@
+//! The agent wire protocol (PROTOCOL.md §1–7): parsing incoming frames into typed
+//! messages and building the frames the server sends.
+//!
+//! Frames are JSON objects. Messages between agents are kept as JSON maps so that every
+//! field a client sends, known or not, is forwarded unchanged.
+
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+/// Close codes of PROTOCOL.md §7.
+pub mod close_code {
+    /// Normal closure (unregister, admin cleanup).
+    pub const NORMAL: u16 = 1000;
+    /// Server shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Policy violation (repeated invalid frames).
+    pub const POLICY: u16 = 1008;
+    /// Frame too big.
+    pub const TOO_BIG: u16 = 1009;
+    /// Internal error.
+    pub const INTERNAL: u16 = 1011;
+    /// Server full.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// Replaced by a takeover.
+    pub const REPLACED: u16 = 4001;
+    /// Heartbeat timeout.
+    pub const STALE: u16 = 4002;
+    /// Outbound queue full.
+    pub const SLOW_CONSUMER: u16 = 4003;
+    /// Not registered in time.
+    pub const REGISTRATION_TIMEOUT: u16 = 4008;
+}
+
+/// A frame received from an agent, parsed.
+#[derive(Debug)]
+pub enum Inbound {
+    /// `{"type":"system_request","command":...}`.
+    Request(Request),
+    /// `{"type":"system_response","command":"ping_agent",...}`: an answer to our ping.
+    PingAnswer,
+    /// Another `system_response` (ignored, but a sign of life).
+    OtherResponse,
+    /// `{"type":"message","data":{...}}`; the whole frame is kept for forwarding.
+    Message(Map<String, Value>),
+}
+
+/// A system request with its command and the rest of its fields.
+#[derive(Debug)]
+pub struct Request {
+    /// The `command` field.
+    pub command: String,
+    /// The whole frame, for command-specific fields.
+    pub fields: Map<String, Value>,
+}
+
+impl Request {
+    /// A string field of the request, if present and a string.
+    pub fn str_field(&self, name: &str) -> Option<&str> {
+        self.fields.get(name).and_then(Value::as_str)
+    }
+
+    /// A boolean field of the request; absent or not a boolean is false.
+    pub fn bool_field(&self, name: &str) -> bool {
+        self.fields
+            .get(name)
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+
+    /// The request's `request_id`, echoed in every answer.
+    pub fn request_id(&self) -> Option<&Value> {
+        self.fields.get("request_id")
+    }
+}
+
+/// Why a text frame could not be understood (sent back as `invalid_frame`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct FrameError(pub String);
+
+/// Parses one text frame.
+pub fn parse_frame(text: &str) -> Result<Inbound, FrameError> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| FrameError(format!("frame is not valid JSON: {e}")))?;
+    let Value::Object(mut fields) = value else {
+        return Err(FrameError("frame is not a JSON object".into()));
+    };
+    let kind = match fields.get("type") {
+        Some(Value::String(kind)) => kind.as_str(),
+        Some(_) => return Err(FrameError("field `type` is not a string".into())),
+        None => return Err(FrameError("frame has no `type` field".into())),
+    };
+    match kind {
+        "system_request" => {
+            let command = match fields.get("command") {
+                Some(Value::String(c)) if !c.is_empty() => c.clone(),
+                _ => return Err(FrameError("system_request has no `command` string".into())),
+            };
+            Ok(Inbound::Request(Request { command, fields }))
+        }
+        "system_response" => {
+            if fields.get("command").and_then(Value::as_str) == Some("ping_agent") {
+                Ok(Inbound::PingAnswer)
+            } else {
+                Ok(Inbound::OtherResponse)
+            }
+        }
+        "message" => match fields.get_mut("data") {
+            Some(Value::Object(_)) => Ok(Inbound::Message(fields)),
+            _ => Err(FrameError("message has no `data` object".into())),
+        },
+        other => Err(FrameError(format!("unknown frame type `{other}`"))),
+    }
+}
+
+/// The kind of an agent-to-agent message, from `data.message_type`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageKind {
+    /// To `data.target_agent_id`.
+    Direct(String),
+    /// To every registered agent but the sender and `data.exclude_agent_ids`.
+    Broadcast(Vec<String>),
+    /// To a mod (none are loaded).
+    Mod,
+}
+
+/// Reads the routing of a message frame; `Err` carries the reason it cannot be routed.
+pub fn message_kind(frame: &Map<String, Value>) -> Result<MessageKind, FrameError> {
+    let data = frame
+        .get("data")
+        .and_then(Value::as_object)
+        .ok_or_else(|| FrameError("message has no `data` object".into()))?;
+    match data.get("message_type").and_then(Value::as_str) {
+        Some("direct_message") => match data.get("target_agent_id").and_then(Value::as_str) {
+            Some(target) if !target.is_empty() => Ok(MessageKind::Direct(target.to_owned())),
+            _ => Err(FrameError(
+                "direct_message has no `target_agent_id` string".into(),
+            )),
+        },
+        Some("broadcast_message") => {
+            let exclude = data
+                .get("exclude_agent_ids")
+                .and_then(Value::as_array)
+                .map(|ids| {
+                    ids.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(MessageKind::Broadcast(exclude))
+        }
+        Some("mod_message") => Ok(MessageKind::Mod),
+        Some(other) => Err(FrameError(format!("unknown message_type `{other}`"))),
+        None => Err(FrameError("message has no `data.message_type`".into())),
+    }
+}
+
+/// Stamps a message from `sender_id`: sets `data.sender_id`, and fills `message_id`
+/// and `timestamp` when missing. Returns the message id.
+pub fn stamp_message(frame: &mut Map<String, Value>, sender_id: &str) -> String {
+    let Some(Value::Object(data)) = frame.get_mut("data") else {
+        return String::new();
+    };
+    data.insert("sender_id".into(), Value::String(sender_id.to_owned()));
+    let message_id = match data.get("message_id").and_then(Value::as_str) {
+        Some(id) if !id.is_empty() => id.to_owned(),
+        _ => {
+            let id = uuid::Uuid::new_v4().to_string();
+            data.insert("message_id".into(), Value::String(id.clone()));
+            id
+        }
+    };
+    if data.get("timestamp").is_none_or(Value::is_null) {
+        data.insert("timestamp".into(), json!(crate::clock::epoch_ms()));
+    }
+    message_id
+}
+
+/// Whether `id` is a valid agent id: 1–128 characters of `A-Z a-z 0-9 . _ : @ -`.
+pub fn valid_agent_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
+}
+
+/// Serializes a frame once for sending (possibly to many agents).
+pub fn encode(frame: &Value) -> Arc<str> {
+    Arc::from(frame.to_string())
+}
+
+/// A successful answer to `command`, with `extra` fields merged in.
+pub fn response_ok(command: &str, request_id: Option<&Value>, extra: Value) -> Value {
+    let mut frame = json!({"type": "system_response", "command": command, "success": true});
+    merge(&mut frame, extra);
+    echo_request_id(&mut frame, request_id);
+    frame
+}
+
+/// A failed answer to `command`, in the OpenAgents shape plus `error_code`.
+pub fn response_error(
+    command: &str,
+    request_id: Option<&Value>,
+    error_code: &str,
+    error: &str,
+) -> Value {
+    let mut frame = json!({
+        "type": "system_response", "command": command, "success": false,
+        "error": error, "error_code": error_code,
+    });
+    echo_request_id(&mut frame, request_id);
+    frame
+}
+
+/// An `error` frame (for invalid frames and undeliverable messages).
+pub fn error_frame(error_code: &str, error: &str, message_id: Option<&str>) -> Value {
+    let mut frame = json!({"type": "error", "error_code": error_code, "error": error});
+    if let Some(id) = message_id {
+        frame["message_id"] = Value::String(id.to_owned());
+    }
+    frame
+}
+
+/// The server's heartbeat ping to `agent_id`.
+pub fn ping_frame(agent_id: &str) -> Value {
+    json!({"type": "system_request", "command": "ping_agent",
+           "timestamp": crate::clock::epoch_secs(), "agent_id": agent_id})
+}
+
+/// A `system_notification` with `event` and a human message.
+pub fn notification(event: &str, agent_id: Option<&str>, message: &str) -> Value {
+    let mut frame = json!({"type": "system_notification", "event": event, "message": message});
+    if let Some(id) = agent_id {
+        frame["agent_id"] = Value::String(id.to_owned());
+    }
+    frame
+}
+
+fn merge(frame: &mut Value, extra: Value) {
+    if let (Value::Object(target), Value::Object(extra)) = (frame, extra) {
+        target.extend(extra);
+    }
+}
+
+fn echo_request_id(frame: &mut Value, request_id: Option<&Value>) {
+    if let Some(id) = request_id {
+        frame["request_id"] = id.clone();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_frames_that_are_not_objects_or_have_no_known_type() {
+        assert!(parse_frame("not json").is_err());
+        assert!(parse_frame("[1]").is_err());
+        assert!(parse_frame(r#"{"type":"bogus"}"#).is_err());
+        assert!(parse_frame(r#"{"command":"x"}"#).is_err());
+        assert!(matches!(
+            parse_frame(r#"{"type":"system_response","command":"ping_agent"}"#),
+            Ok(Inbound::PingAnswer)
+        ));
+    }
+
+    #[test]
+    fn validates_agent_ids() {
+        assert!(valid_agent_id("alice.bob_1:x@y-z"));
+        assert!(!valid_agent_id(""));
+        assert!(!valid_agent_id("has space"));
+        assert!(!valid_agent_id(&"a".repeat(129)));
+        assert!(valid_agent_id(&"a".repeat(128)));
+    }
+
+    #[test]
+    fn stamping_overrides_sender_and_fills_missing_ids() {
+        let mut frame = match parse_frame(
+            r#"{"type":"message","data":{"message_type":"direct_message","target_agent_id":"b","sender_id":"mallory","x":1}}"#,
+        )
+        .unwrap()
+        {
+            Inbound::Message(m) => m,
+            other => panic!("{other:?}"),
+        };
+        let id = stamp_message(&mut frame, "alice");
+        let data = frame["data"].as_object().unwrap();
+        assert_eq!(data["sender_id"], "alice");
+        assert_eq!(data["message_id"], id.as_str());
+        assert!(data["timestamp"].is_u64());
+        assert_eq!(data["x"], 1);
+    }
+}

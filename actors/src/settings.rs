@@ -1,0 +1,246 @@
+//! Typed settings the actors run with.
+//!
+//! The server binary loads these from `config/default.toml`, an optional file and the
+//! environment, validates them, and hands them to the actors. Every duration is in
+//! seconds (fractions allowed), as in the configuration files.
+
+use serde::Deserialize;
+use std::time::Duration;
+
+/// All of the server's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Listener, identity of the network and registration limits.
+    pub network: NetworkSettings,
+    /// Liveness detection.
+    pub heartbeat: HeartbeatSettings,
+    /// Per-connection resource limits.
+    pub limits: LimitsSettings,
+    /// Certificates and takeover rules.
+    pub identity: IdentitySettings,
+    /// Admin API protection.
+    pub admin: AdminSettings,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownSettings,
+    /// Lifecycle event publishing.
+    pub events: EventsSettings,
+}
+
+/// `[network]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSettings {
+    /// Address the HTTP/WebSocket listener binds to.
+    pub host: String,
+    /// Port of the listener.
+    pub port: u16,
+    /// Human-readable network name, sent to agents on registration.
+    pub name: String,
+    /// Network id, used in event sources and registration responses.
+    pub id: String,
+    /// Maximum number of registered agents at once.
+    pub max_connections: usize,
+    /// Seconds a socket may stay unregistered before it is closed with 4008.
+    pub registration_timeout: f64,
+    /// Number of actix-web worker threads (0 = one per core).
+    pub workers: usize,
+}
+
+/// `[heartbeat]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatSettings {
+    /// Seconds of silence after which an agent is pinged.
+    pub interval: f64,
+    /// Seconds a ping may stay unanswered before the agent is stale.
+    pub ping_timeout: f64,
+    /// Seconds of silence after which an agent is stale whatever else happened.
+    pub agent_timeout: f64,
+    /// Seconds without application traffic after which an agent is inactive.
+    pub activity_timeout: f64,
+    /// Resolution of the heartbeat timer wheel, in seconds.
+    pub tick: f64,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSettings {
+    /// Largest accepted frame (and reassembled continuation), in bytes.
+    pub max_frame_bytes: usize,
+    /// Largest accepted registration metadata, serialized, in bytes.
+    pub max_metadata_bytes: usize,
+    /// Capacity of each agent's outbound queue, in frames.
+    pub max_message_queue_size: usize,
+    /// Invalid frames in a row that close a connection with 1008.
+    pub max_invalid_frames: u32,
+}
+
+/// `[identity]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySettings {
+    /// Secret that signs certificates; generated at start-up when unset.
+    pub secret: Option<String>,
+    /// File holding the secret (used when `secret` is unset).
+    pub secret_file: Option<String>,
+    /// Lifetime of issued certificates, in seconds.
+    pub certificate_ttl: f64,
+    /// Whether `force_reconnect: true` may take over a live agent id.
+    pub allow_force_reconnect: bool,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Bearer token that protects every admin route but `/health`.
+    pub token: Option<String>,
+    /// Allow a non-loopback listener without a token.
+    pub allow_unauthenticated: bool,
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// Seconds agents get to leave after `network_shutdown` before they are closed.
+    pub timeout: f64,
+}
+
+/// `[events]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSettings {
+    /// Publishers to start: any of `log`, `redis`, `kafka`, `rabbitmq`.
+    pub publishers: Vec<String>,
+    /// Events each server-sent-events subscriber may fall behind before it is cut off.
+    pub sse_buffer: usize,
+    /// Restart intensity for publishers: at most this many restarts ...
+    pub max_restarts: u32,
+    /// ... within this many seconds; past it the publisher is marked failed.
+    pub restart_window: f64,
+    /// `[events.redis]`
+    pub redis: RedisSettings,
+    /// `[events.kafka]`
+    pub kafka: KafkaSettings,
+    /// `[events.rabbitmq]`
+    pub rabbitmq: RabbitMqSettings,
+}
+
+/// Retry and buffering settings shared by every broker publisher, taken from the
+/// broker's own section.
+#[derive(Debug, Clone, Copy)]
+pub struct BufferSettings {
+    /// Events kept while the broker is unreachable; older ones are dropped past it.
+    pub buffer_capacity: usize,
+    /// Largest batch sent to the broker at once.
+    pub batch_size: usize,
+    /// First retry delay, in seconds (doubles up to `retry_max`, with jitter).
+    pub retry_initial: f64,
+    /// Longest retry delay, in seconds.
+    pub retry_max: f64,
+}
+
+macro_rules! buffer_settings {
+    ($($section:ty),*) => {$(
+        impl $section {
+            /// The buffering and retry settings of this broker's section.
+            pub fn buffer(&self) -> BufferSettings {
+                BufferSettings {
+                    buffer_capacity: self.buffer_capacity,
+                    batch_size: self.batch_size,
+                    retry_initial: self.retry_initial,
+                    retry_max: self.retry_max,
+                }
+            }
+        }
+    )*};
+}
+buffer_settings!(RedisSettings, KafkaSettings, RabbitMqSettings);
+
+/// `[events.redis]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// Connection URL.
+    pub url: String,
+    /// Stream key events are appended to with `XADD`.
+    pub stream: String,
+    /// Approximate `MAXLEN` of the stream.
+    pub maxlen: u64,
+    /// Also `PUBLISH` every event on this channel (unset: no pub/sub).
+    pub publish_channel: Option<String>,
+    /// Seconds to wait for a connection.
+    pub connection_timeout: f64,
+    /// Seconds to wait for a response.
+    pub response_timeout: f64,
+    /// Seconds between health checks (`PING`) while idle.
+    pub health_check_interval: f64,
+    /// Events kept while the broker is unreachable; the oldest are dropped past it.
+    pub buffer_capacity: usize,
+    /// Largest batch sent to the broker at once.
+    pub batch_size: usize,
+    /// First retry delay, in seconds (doubles up to `retry_max`, with jitter).
+    pub retry_initial: f64,
+    /// Longest retry delay, in seconds.
+    pub retry_max: f64,
+}
+
+/// `[events.kafka]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Comma-separated bootstrap servers.
+    pub bootstrap_servers: String,
+    /// Topic events are produced to.
+    pub topic: String,
+    /// Create the topic at start-up if it is absent.
+    pub create_topic: bool,
+    /// Partitions of a topic created at start-up.
+    pub partitions: i32,
+    /// `linger.ms` of the producer.
+    pub linger_ms: u64,
+    /// `compression.type`: none, gzip, lz4 or zstd.
+    pub compression: String,
+    /// `acks`: all, 1 or 0.
+    pub acks: String,
+    /// Seconds a produce request may take.
+    pub request_timeout: f64,
+    /// Events kept while the broker is unreachable; the oldest are dropped past it.
+    pub buffer_capacity: usize,
+    /// Largest batch sent to the broker at once.
+    pub batch_size: usize,
+    /// First retry delay, in seconds (doubles up to `retry_max`, with jitter).
+    pub retry_initial: f64,
+    /// Longest retry delay, in seconds.
+    pub retry_max: f64,
+}
+
+/// `[events.rabbitmq]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitMqSettings {
+    /// AMQP URL.
+    pub url: String,
+    /// Durable topic exchange events are published to.
+    pub exchange: String,
+    /// Seconds to wait for a connection.
+    pub connection_timeout: f64,
+    /// AMQP heartbeat, in seconds.
+    pub heartbeat: u16,
+    /// Events kept while the broker is unreachable; the oldest are dropped past it.
+    pub buffer_capacity: usize,
+    /// Largest batch sent to the broker at once.
+    pub batch_size: usize,
+    /// First retry delay, in seconds (doubles up to `retry_max`, with jitter).
+    pub retry_initial: f64,
+    /// Longest retry delay, in seconds.
+    pub retry_max: f64,
+}
+
+/// Converts fractional seconds from the configuration to a [`Duration`].
+pub fn secs(value: f64) -> Duration {
+    Duration::from_secs_f64(value.max(0.0))
+}
