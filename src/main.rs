@@ -1,1 +1,91 @@
-fn main() {}
+//! The `tether` server binary: loads the configuration, starts the actors and the
+//! HTTP/WebSocket listener, and shuts down gracefully on SIGINT or SIGTERM.
+//!
+//! `tether events` subscribes to a running server's event stream and prints events.
+
+#![warn(missing_docs)]
+#![warn(clippy::all)]
+#![forbid(unsafe_code)]
+
+mod admin;
+mod config;
+mod events_cmd;
+mod publishers;
+mod server;
+mod sse;
+mod state;
+mod ws;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Tether: keeps fleets of AI agents connected and accounted for.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (TOML) layered over the embedded default.
+    #[arg(long, env = "TETHER_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Print lifecycle events as they arrive.
+    Events(events_cmd::EventsArgs),
+    /// Check the configuration and print it, without starting.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let settings = match config::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("tether: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(settings),
+        Command::Events(args) => events_cmd::run(&settings, args),
+        Command::CheckConfig => {
+            println!("{settings:#?}");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn serve(settings: tether_actors::settings::Settings) -> ExitCode {
+    let secret = match config::certificate_secret(&settings) {
+        Ok(secret) => secret,
+        Err(error) => {
+            eprintln!("tether: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let system = actix_web::rt::System::new();
+    match system.block_on(server::run(settings, secret)) {
+        Ok(summary) => {
+            log::info!(
+                "stopped: {} agents at shutdown, {} left gracefully, {} forced; {} events published, {} dropped; shutdown took {:.2} s",
+                summary.agents_at_start,
+                summary.left_gracefully,
+                summary.forced,
+                summary.events_published,
+                summary.events_dropped,
+                summary.duration.as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("tether: cannot start: {error}");
+            ExitCode::from(1)
+        }
+    }
+}

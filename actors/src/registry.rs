@@ -459,7 +459,7 @@ impl Registry {
         let Some((agent_id, mut entry)) = self.agents.remove_entry(agent_id) else {
             return;
         };
-        self.stats.stale_declared += 1;
+        self.stats.stale();
         let mut data = entry.event_data();
         data.insert("reason".into(), json!(reason.as_str()));
         data.insert(
@@ -1012,6 +1012,12 @@ impl Handler<BeginShutdown> for Registry {
         for socket in self.sockets.values() {
             let _ = socket.outbox.push(notice.clone());
         }
+        let mut data = Map::new();
+        data.insert("agents".into(), json!(self.agents.len()));
+        data.insert("open_sockets".into(), json!(self.sockets.len()));
+        data.insert("timeout".into(), json!(msg.timeout_secs));
+        let event = LifecycleEvent::network(&self.source, EventKind::NetworkStopping, data);
+        self.bus.do_send(Publish(Arc::new(event)));
         self.agents.len()
     }
 }

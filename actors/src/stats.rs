@@ -69,6 +69,7 @@ pub struct Stats {
     pub peak_concurrent: usize,
     registrations_window: RateWindow,
     cleanups_window: RateWindow,
+    stale_window: RateWindow,
 }
 
 impl Stats {
@@ -88,6 +89,7 @@ impl Stats {
             peak_concurrent: 0,
             registrations_window: RateWindow::new(),
             cleanups_window: RateWindow::new(),
+            stale_window: RateWindow::new(),
         }
     }
 
@@ -102,6 +104,13 @@ impl Stats {
         self.peak_concurrent = self.peak_concurrent.max(concurrent);
         let second = self.second();
         self.registrations_window.record(second);
+    }
+
+    /// Records an agent declared stale.
+    pub fn stale(&mut self) {
+        self.stale_declared += 1;
+        let second = self.second();
+        self.stale_window.record(second);
     }
 
     /// Records a refused registration.
@@ -135,6 +144,7 @@ impl Stats {
             active_agents: registered - inactive,
             inactive_agents: inactive,
             stale_declared: self.stale_declared,
+            stale_per_minute: self.stale_window.last_minute(second),
             total_connections: self.sockets_opened,
             registrations_attempted: attempted,
             successful_registrations: self.registrations_succeeded,
@@ -176,6 +186,8 @@ pub struct StatsSnapshot {
     pub inactive_agents: usize,
     /// Agents declared stale since start.
     pub stale_declared: u64,
+    /// Agents declared stale in the last minute.
+    pub stale_per_minute: u64,
     /// WebSocket connections accepted since start.
     pub total_connections: u64,
     /// `register_agent` requests answered since start.

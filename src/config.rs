@@ -1,0 +1,301 @@
+//! Configuration loading: the embedded `config/default.toml`, then an optional file
+//! (`--config PATH` or `TETHER_CONFIG`), then `TETHER__SECTION__KEY` environment
+//! variables, validated into [`Settings`]. Every error names the key at fault.
+
+use config::{Config, Environment, File, FileFormat};
+use std::net::IpAddr;
+use std::path::Path;
+use tether_actors::settings::Settings;
+
+/// The embedded default configuration.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/default.toml");
+
+/// Publishers the server knows.
+pub const KNOWN_PUBLISHERS: [&str; 4] = ["log", "redis", "kafka", "rabbitmq"];
+
+/// A configuration that cannot be used, with the key at fault and what to do.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The key (or file) at fault.
+    pub key: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid configuration: `{}`: {}", self.key, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+/// Loads and validates the configuration.
+pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
+    let mut builder =
+        Config::builder().add_source(File::from_str(DEFAULT_CONFIG, FileFormat::Toml));
+    if let Some(path) = path {
+        if !path.is_file() {
+            return Err(invalid(
+                &path.display().to_string(),
+                "configuration file not found (given with --config or TETHER_CONFIG)",
+            ));
+        }
+        builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
+    }
+    builder = builder.add_source(
+        Environment::with_prefix("TETHER")
+            .prefix_separator("__")
+            .separator("__")
+            .list_separator(",")
+            .with_list_parse_key("events.publishers")
+            .try_parsing(true),
+    );
+    let loaded = builder.build().map_err(|e| from_config_error(e, path))?;
+    let settings: Settings = loaded
+        .try_deserialize()
+        .map_err(|e| from_config_error(e, path))?;
+    validate(&settings)?;
+    Ok(settings)
+}
+
+fn from_config_error(error: config::ConfigError, path: Option<&Path>) -> ConfigError {
+    let text = error.to_string();
+    // The config crate names the key as `for key "x.y"` or `missing field`.
+    let key = text
+        .split("key `")
+        .nth(1)
+        .or_else(|| text.split("key \"").nth(1))
+        .and_then(|rest| rest.split(['`', '"']).next())
+        .map(str::to_owned)
+        .or_else(|| path.map(|p| p.display().to_string()))
+        .unwrap_or_else(|| "configuration".to_owned());
+    invalid(&key, text)
+}
+
+/// Checks the relations between settings that types alone cannot express.
+pub fn validate(s: &Settings) -> Result<(), ConfigError> {
+    for (i, name) in s.events.publishers.iter().enumerate() {
+        if !KNOWN_PUBLISHERS.contains(&name.as_str()) {
+            return Err(invalid(
+                "events.publishers",
+                format!("unknown publisher `{name}`; known publishers are {KNOWN_PUBLISHERS:?}"),
+            ));
+        }
+        if s.events.publishers[..i].contains(name) {
+            return Err(invalid(
+                "events.publishers",
+                format!("publisher `{name}` is listed twice"),
+            ));
+        }
+    }
+    let hb = &s.heartbeat;
+    positive("heartbeat.interval", hb.interval)?;
+    positive("heartbeat.ping_timeout", hb.ping_timeout)?;
+    positive("heartbeat.agent_timeout", hb.agent_timeout)?;
+    positive("heartbeat.activity_timeout", hb.activity_timeout)?;
+    if hb.ping_timeout >= hb.interval {
+        return Err(invalid(
+            "heartbeat.ping_timeout",
+            format!(
+                "must be less than heartbeat.interval ({} >= {}); lower ping_timeout or raise interval",
+                hb.ping_timeout, hb.interval
+            ),
+        ));
+    }
+    if hb.agent_timeout < hb.interval + hb.ping_timeout {
+        return Err(invalid(
+            "heartbeat.agent_timeout",
+            format!(
+                "must be at least heartbeat.interval + heartbeat.ping_timeout ({}), or agents are cut off before they can answer a ping",
+                hb.interval + hb.ping_timeout
+            ),
+        ));
+    }
+    if !(hb.tick > 0.0 && hb.tick <= 0.5) {
+        return Err(invalid(
+            "heartbeat.tick",
+            "must be greater than 0 and at most 0.5 seconds (the stale bound allows 1 s of slack)",
+        ));
+    }
+    let net = &s.network;
+    let host: IpAddr = net.host.parse().map_err(|_| {
+        invalid(
+            "network.host",
+            format!("`{}` is not an IP address", net.host),
+        )
+    })?;
+    if net.max_connections == 0 {
+        return Err(invalid("network.max_connections", "must be at least 1"));
+    }
+    positive("network.registration_timeout", net.registration_timeout)?;
+    if net.id.is_empty() {
+        return Err(invalid("network.id", "must not be empty"));
+    }
+    if !host.is_loopback() && s.admin.token.is_none() && !s.admin.allow_unauthenticated {
+        return Err(invalid(
+            "admin.token",
+            format!(
+                "the server binds to the non-loopback address {host} but no admin token is set, so anyone on the network could use the admin API; set admin.token (TETHER__ADMIN__TOKEN), or set admin.allow_unauthenticated = true to accept the risk"
+            ),
+        ));
+    }
+    if s.admin.token.as_deref() == Some("") {
+        return Err(invalid("admin.token", "must not be empty when set"));
+    }
+    let limits = &s.limits;
+    if limits.max_frame_bytes < 1024 {
+        return Err(invalid("limits.max_frame_bytes", "must be at least 1024"));
+    }
+    if limits.max_metadata_bytes == 0 || limits.max_metadata_bytes > limits.max_frame_bytes {
+        return Err(invalid(
+            "limits.max_metadata_bytes",
+            "must be at least 1 and at most limits.max_frame_bytes",
+        ));
+    }
+    if limits.max_message_queue_size == 0 {
+        return Err(invalid(
+            "limits.max_message_queue_size",
+            "must be at least 1",
+        ));
+    }
+    if limits.max_invalid_frames == 0 {
+        return Err(invalid("limits.max_invalid_frames", "must be at least 1"));
+    }
+    positive("identity.certificate_ttl", s.identity.certificate_ttl)?;
+    if s.identity.secret.as_deref() == Some("") {
+        return Err(invalid("identity.secret", "must not be empty when set"));
+    }
+    if !(s.shutdown.timeout >= 0.0) {
+        return Err(invalid("shutdown.timeout", "must be zero or more seconds"));
+    }
+    if s.events.sse_buffer == 0 {
+        return Err(invalid("events.sse_buffer", "must be at least 1"));
+    }
+    positive("events.restart_window", s.events.restart_window)?;
+    for (section, buffer) in [
+        ("events.redis", s.events.redis.buffer()),
+        ("events.kafka", s.events.kafka.buffer()),
+        ("events.rabbitmq", s.events.rabbitmq.buffer()),
+    ] {
+        if buffer.buffer_capacity == 0 {
+            return Err(invalid(
+                &format!("{section}.buffer_capacity"),
+                "must be at least 1",
+            ));
+        }
+        if buffer.batch_size == 0 {
+            return Err(invalid(
+                &format!("{section}.batch_size"),
+                "must be at least 1",
+            ));
+        }
+        positive(&format!("{section}.retry_initial"), buffer.retry_initial)?;
+        if buffer.retry_max < buffer.retry_initial {
+            return Err(invalid(
+                &format!("{section}.retry_max"),
+                "must be at least retry_initial",
+            ));
+        }
+    }
+    let kafka = &s.events.kafka;
+    if !["none", "gzip", "lz4", "zstd", "snappy"].contains(&kafka.compression.as_str()) {
+        return Err(invalid(
+            "events.kafka.compression",
+            format!(
+                "`{}` is not one of none, gzip, lz4, zstd, snappy",
+                kafka.compression
+            ),
+        ));
+    }
+    if !["all", "-1", "0", "1"].contains(&kafka.acks.as_str()) {
+        return Err(invalid(
+            "events.kafka.acks",
+            format!("`{}` is not one of all, 1, 0", kafka.acks),
+        ));
+    }
+    if kafka.partitions < 1 {
+        return Err(invalid("events.kafka.partitions", "must be at least 1"));
+    }
+    Ok(())
+}
+
+fn positive(key: &str, value: f64) -> Result<(), ConfigError> {
+    if value > 0.0 && value.is_finite() {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("must be a positive number of seconds, not {value}"),
+        ))
+    }
+}
+
+/// The certificate secret: `identity.secret`, the contents of `identity.secret_file`,
+/// or a fresh random one (certificates then do not survive a restart).
+pub fn certificate_secret(s: &Settings) -> Result<Vec<u8>, ConfigError> {
+    if let Some(secret) = &s.identity.secret {
+        return Ok(secret.as_bytes().to_vec());
+    }
+    if let Some(path) = &s.identity.secret_file {
+        let secret = std::fs::read(path)
+            .map_err(|e| invalid("identity.secret_file", format!("cannot read {path}: {e}")))?;
+        let trimmed = secret.trim_ascii();
+        if trimmed.is_empty() {
+            return Err(invalid("identity.secret_file", format!("{path} is empty")));
+        }
+        return Ok(trimmed.to_vec());
+    }
+    log::warn!("identity.secret is not set: certificates are signed with a random secret and will not survive a restart");
+    Ok(tether_actors::identity::CertificateAuthority::generate_secret())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> Settings {
+        Config::builder()
+            .add_source(File::from_str(DEFAULT_CONFIG, FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        validate(&defaults()).unwrap();
+    }
+
+    #[test]
+    fn ping_timeout_not_below_interval_is_rejected_naming_the_key() {
+        let mut s = defaults();
+        s.heartbeat.ping_timeout = s.heartbeat.interval;
+        let error = validate(&s).unwrap_err();
+        assert_eq!(error.key, "heartbeat.ping_timeout");
+    }
+
+    #[test]
+    fn non_loopback_bind_needs_a_token() {
+        let mut s = defaults();
+        s.network.host = "0.0.0.0".into();
+        assert_eq!(validate(&s).unwrap_err().key, "admin.token");
+        s.admin.token = Some("t".into());
+        validate(&s).unwrap();
+    }
+
+    #[test]
+    fn unknown_publisher_is_rejected() {
+        let mut s = defaults();
+        s.events.publishers = vec!["log".into(), "nats".into()];
+        assert_eq!(validate(&s).unwrap_err().key, "events.publishers");
+    }
+}

@@ -1,0 +1,224 @@
+//! Start-up and graceful shutdown: the actors on their own arbiters, the actix-web
+//! listener, and the shutdown sequence run on SIGINT or SIGTERM.
+
+use crate::state::AppState;
+use crate::{admin, publishers, sse, ws};
+use actix::prelude::*;
+use actix_web::{web, App, HttpServer};
+use serde_json::{json, Map};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tether_actors::bus::{EventBus, FlushAll, GetBusStatus, Publish};
+use tether_actors::connection::ConnectionSettings;
+use tether_actors::event::{EventKind, EventSource, LifecycleEvent};
+use tether_actors::heartbeat::Heartbeat;
+use tether_actors::registry::{
+    AttachHeartbeat, BeginShutdown, CloseAll, Drained, Registry, WaitFor,
+};
+use tether_actors::settings::{secs, Settings};
+
+/// What the shutdown did, logged at exit.
+#[derive(Debug)]
+pub struct ShutdownSummary {
+    /// Agents registered when shutdown began.
+    pub agents_at_start: usize,
+    /// Agents that left on their own before the timeout.
+    pub left_gracefully: usize,
+    /// Agents closed with 1001 at the timeout.
+    pub forced: usize,
+    /// Events published since start.
+    pub events_published: u64,
+    /// Events publishers could not deliver.
+    pub events_dropped: u64,
+    /// How long shutdown took.
+    pub duration: Duration,
+}
+
+fn network_event(source: &EventSource, kind: EventKind, data: serde_json::Value) -> Publish {
+    let data = match data {
+        serde_json::Value::Object(map) => map,
+        _ => Map::new(),
+    };
+    Publish(Arc::new(LifecycleEvent::network(source, kind, data)))
+}
+
+/// Runs the server until it is told to stop; returns what the shutdown did.
+pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<ShutdownSummary> {
+    let settings = Arc::new(settings);
+    let node_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let source = EventSource::new(&settings.network.id, &node_id);
+
+    let bus_arbiter = Arbiter::new();
+    let registry_arbiter = Arbiter::new();
+    let heartbeat_arbiter = Arbiter::new();
+    let buffer = settings.events.sse_buffer;
+    let bus = EventBus::start_in_arbiter(&bus_arbiter.handle(), move |_| EventBus::new(buffer));
+    let _publisher_arbiters = publishers::start(&settings, &bus).map_err(std::io::Error::other)?;
+    let registry = {
+        let (settings, source, bus) = (settings.clone(), source.clone(), bus.clone());
+        Registry::start_in_arbiter(&registry_arbiter.handle(), move |_| {
+            Registry::new(settings, source, bus, secret)
+        })
+    };
+    let heartbeat = {
+        let (hb, registry) = (settings.heartbeat.clone(), registry.clone());
+        Heartbeat::start_in_arbiter(&heartbeat_arbiter.handle(), move |_| {
+            Heartbeat::new(&hb, registry)
+        })
+    };
+    registry.do_send(AttachHeartbeat(heartbeat.clone()));
+
+    let state = AppState {
+        connection_settings: Arc::new(ConnectionSettings {
+            limits: settings.limits.clone(),
+            registration_timeout: settings.network.registration_timeout,
+        }),
+        settings: settings.clone(),
+        registry: registry.clone(),
+        heartbeat,
+        bus: bus.clone(),
+        source: source.clone(),
+        next_session: Arc::new(AtomicU64::new(1)),
+        accepting: Arc::new(AtomicBool::new(true)),
+    };
+    let app_state = web::Data::new(state.clone());
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(app_state.clone())
+            .route("/", web::get().to(ws::upgrade))
+            .route("/ws", web::get().to(ws::upgrade))
+            .route("/health", web::get().to(admin::health))
+            .route("/stats", web::get().to(admin::stats))
+            .route("/agents", web::get().to(admin::list_agents))
+            .route("/agents/{id}", web::get().to(admin::get_agent))
+            .route("/agents/{id}", web::delete().to(admin::remove_agent))
+            .route("/events", web::get().to(sse_guarded))
+    })
+    .disable_signals()
+    .shutdown_timeout(5)
+    .max_connection_rate(1024)
+    .backlog(4096);
+    if settings.network.workers > 0 {
+        server = server.workers(settings.network.workers);
+    }
+    let server = server.bind((settings.network.host.as_str(), settings.network.port))?;
+    for addr in server.addrs() {
+        // Tests and scripts read this line to learn the port (network.port may be 0).
+        println!("tether listening on http://{addr}");
+    }
+    log::info!(
+        "network {} ({}) node {node_id}: heartbeat every {} s, ping timeout {} s, publishers {:?}",
+        settings.network.name,
+        settings.network.id,
+        settings.heartbeat.interval,
+        settings.heartbeat.ping_timeout,
+        settings.events.publishers
+    );
+    let server = server.run();
+    let handle = server.handle();
+    let server_task = actix_web::rt::spawn(server);
+    bus.do_send(network_event(
+        &source,
+        EventKind::NetworkStarted,
+        json!({"name": settings.network.name, "max_connections": settings.network.max_connections}),
+    ));
+
+    wait_for_signal().await;
+    log::info!("shutdown signal received: stopping gracefully (a second signal forces exit)");
+    actix_web::rt::spawn(async {
+        wait_for_signal().await;
+        log::warn!("second shutdown signal: exiting now");
+        std::process::exit(130);
+    });
+
+    let summary = shutdown(&state, &settings).await;
+    handle.stop(true).await;
+    let _ = server_task.await;
+    Ok(summary)
+}
+
+async fn sse_guarded(
+    req: actix_web::HttpRequest,
+    state: web::Data<AppState>,
+) -> actix_web::HttpResponse {
+    if let Err(denied) = admin::authorized(&req, &state) {
+        return denied;
+    }
+    match sse::events(state).await {
+        Ok(response) => response,
+        Err(e) => e.error_response(),
+    }
+}
+
+/// The shutdown sequence of issue #2: stop accepting, notify, wait, force, publish
+/// `network.stopped`, flush publishers.
+async fn shutdown(state: &AppState, settings: &Settings) -> ShutdownSummary {
+    let started = Instant::now();
+    let timeout = settings.shutdown.timeout;
+    state.accepting.store(false, Ordering::Release);
+    let agents_at_start = state
+        .registry
+        .send(BeginShutdown {
+            timeout_secs: timeout,
+        })
+        .await
+        .unwrap_or(0);
+    let _ = tokio::time::timeout(secs(timeout), wait_for(state, Drained::NoAgents)).await;
+    let forced = state.registry.send(CloseAll).await.unwrap_or(0);
+    let _ = tokio::time::timeout(Duration::from_secs(3), wait_for(state, Drained::NoSockets)).await;
+    let left_gracefully = agents_at_start.saturating_sub(forced);
+    let duration = started.elapsed();
+    state.bus.do_send(network_event(
+        &state.source,
+        EventKind::NetworkStopped,
+        json!({"agents_at_start": agents_at_start, "left_gracefully": left_gracefully,
+               "forced": forced, "duration_secs": duration.as_secs_f64()}),
+    ));
+    let flush_time = secs(timeout)
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_secs(2));
+    let reports = state
+        .bus
+        .send(FlushAll {
+            timeout: flush_time,
+        })
+        .await
+        .unwrap_or_default();
+    for report in &reports {
+        log::info!(
+            "publisher {}: {} events delivered, {} undelivered",
+            report.name,
+            report.delivered,
+            report.undelivered
+        );
+    }
+    let events_published = match state.bus.send(GetBusStatus).await {
+        Ok(status) => status.published,
+        Err(_) => 0,
+    };
+    ShutdownSummary {
+        agents_at_start,
+        left_gracefully,
+        forced,
+        events_published,
+        events_dropped: reports.iter().map(|r| r.undelivered).sum(),
+        duration: started.elapsed(),
+    }
+}
+
+async fn wait_for(state: &AppState, condition: Drained) {
+    let (reply, done) = tokio::sync::oneshot::channel();
+    state.registry.do_send(WaitFor { condition, reply });
+    let _ = done.await;
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("cannot listen for SIGINT");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+}
