@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Tether's test command: installs and starts what the tests need, then runs every test.
+#
+#   ./scripts/test.sh            # everything (what CI runs)
+#   ./scripts/test.sh --test X   # extra arguments go to `cargo test`
+#
+# What it makes sure of, idempotently:
+#   - Redis on 127.0.0.1:6379 and RabbitMQ on 127.0.0.1:5672 (started if installed but
+#     stopped; installed with apt-get if missing);
+#   - tansu (a Kafka-compatible broker) installed with cargo and listening on
+#     127.0.0.1:9092 (its build is cached in ~/.cargo/bin);
+#   - a Python venv in .venv with openagents==0.5.1 for the compatibility test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+mkdir -p .cache
+log() { printf 'test.sh: %s\n' "$*" >&2; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() { # port seconds name
+  for _ in $(seq 1 $(($2 * 10))); do port_open "$1" && return 0; sleep 0.1; done
+  log "$3 did not start listening on 127.0.0.1:$1 within $2 s"; return 1
+}
+apt_install() {
+  if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq >&2; APT_UPDATED=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
+}
+
+# --- Redis ---
+if ! port_open 6379; then
+  command -v redis-server >/dev/null || apt_install redis-server
+  log "starting Redis"
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  wait_port 6379 20 Redis
+fi
+
+# --- RabbitMQ ---
+if ! port_open 5672; then
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  log "starting RabbitMQ"
+  rabbitmq-server -detached || true
+  wait_port 5672 90 RabbitMQ
+fi
+
+# --- Kafka (tansu) ---
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v tansu >/dev/null; then
+  log "installing tansu (a Kafka-compatible broker; first build takes a while)"
+  cargo install tansu --features dynostore --locked >&2
+fi
+if ! port_open 9092; then
+  log "starting tansu on 127.0.0.1:9092"
+  nohup tansu broker --listener-url tcp://127.0.0.1:9092 \
+    --advertised-listener-url tcp://127.0.0.1:9092 \
+    --storage-engine memory://tansu/ > .cache/tansu.log 2>&1 &
+  wait_port 9092 30 tansu
+fi
+export TETHER_TEST_TANSU="$(command -v tansu)"
+
+# --- OpenAgents 0.5.1 for the compatibility test ---
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openagents' 2>/dev/null; then
+  log "creating .venv with openagents==0.5.1"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check openagents==0.5.1 requests packaging >&2
+fi
+export TETHER_TEST_PYTHON="$root/.venv/bin/python"
+
+log "running cargo test"
+exec cargo test --workspace "$@"
