@@ -225,6 +225,11 @@ impl Agent {
         }
     }
 
+    /// Frames already read but not yet taken (they arrived while waiting for another).
+    pub fn pending(&self) -> Vec<Value> {
+        self.pending.iter().cloned().collect()
+    }
+
     /// Answers server pings (`ping_agent`) until the deadline or until `until`
     /// pings have been answered. Returns how many were answered.
     pub async fn answer_pings(&mut self, until: usize) -> usize {

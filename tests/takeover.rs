@@ -1,0 +1,376 @@
+//! Takeover of a live agent id (PROTOCOL.md §2 "Takeover") and identity certificates
+//! (§3): force_reconnect, certificates, and the certificates that must be refused.
+
+mod common;
+
+use common::{agent_events, Agent, Closed, EventStream, TestServer};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// Claims `agent_id` on `agent`'s socket and returns the whole response.
+async fn claim(agent: &mut Agent, agent_id: &str, force: bool) -> Value {
+    agent
+        .request(json!({"type":"system_request","command":"claim_agent_id",
+                        "agent_id": agent_id, "force": force}))
+        .await
+}
+
+/// Claims `agent_id` and returns its certificate; panics unless the claim succeeds.
+async fn certificate(agent: &mut Agent, agent_id: &str, force: bool) -> Value {
+    let response = claim(agent, agent_id, force).await;
+    assert_eq!(response["success"], true, "claim of {agent_id} failed: {response}");
+    assert_eq!(response["agent_id"], agent_id);
+    let certificate = response["certificate"].clone();
+    assert_eq!(certificate["agent_id"], agent_id, "{certificate}");
+    certificate
+}
+
+async fn validate(agent: &mut Agent, certificate: &Value) -> Value {
+    agent
+        .request(json!({"type":"system_request","command":"validate_certificate",
+                        "certificate": certificate}))
+        .await
+}
+
+/// Sends `register_agent` for `agent_id` with extra fields and returns the response.
+async fn register_with(agent: &mut Agent, agent_id: &str, extra: Value) -> Value {
+    let mut frame = json!({"type":"system_request","command":"register_agent",
+                           "agent_id": agent_id, "metadata": {"name": agent_id}});
+    frame
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    agent.request(frame).await
+}
+
+/// The old incarnation's end and the new one's start, exactly, in order.
+fn assert_takeover_events(events: &[Value], agent_id: &str, proof: &str, new_session: &str) {
+    assert_eq!(
+        agent_events(events, agent_id),
+        vec![
+            ("agent.registered".into(), 1, 1),
+            ("agent.replaced".into(), 1, 2),
+            ("agent.disconnected".into(), 1, 3),
+            ("agent.cleaned_up".into(), 1, 4),
+            ("agent.registered".into(), 2, 1),
+        ],
+        "lifecycle events of {agent_id}"
+    );
+    let find = |kind: &str| {
+        events
+            .iter()
+            .find(|e| e["type"] == kind && e["subject"] == agent_id)
+            .unwrap()
+    };
+    let replaced = find("agent.replaced");
+    assert_eq!(replaced["data"]["by_incarnation"], 2, "{replaced}");
+    assert_eq!(replaced["data"]["by_session_id"], new_session, "{replaced}");
+    assert_eq!(replaced["data"]["proof"], proof, "{replaced}");
+    let disconnected = find("agent.disconnected");
+    assert_eq!(disconnected["data"]["reason"], "replaced", "{disconnected}");
+    assert_eq!(disconnected["data"]["close_code"], 4001, "{disconnected}");
+    let registered = events
+        .iter()
+        .find(|e| {
+            e["type"] == "agent.registered"
+                && e["subject"] == agent_id
+                && e["data"]["incarnation"] == 2
+        })
+        .unwrap();
+    assert_eq!(registered["data"]["takeover"], proof, "{registered}");
+    assert_eq!(registered["data"]["session_id"], new_session, "{registered}");
+}
+
+/// The old socket gets `connection_replaced` for its id, then close 4001.
+async fn assert_replaced(old: &mut Agent, agent_id: &str) {
+    let notice = old
+        .wait_for(|f| f["type"] == "system_notification")
+        .await;
+    assert_eq!(notice["event"], "connection_replaced", "{notice}");
+    assert_eq!(notice["agent_id"], agent_id, "{notice}");
+    assert!(notice["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert_eq!(old.closed().await, Closed::Code(4001));
+}
+
+#[tokio::test]
+async fn force_reconnect_takes_over_a_live_id_and_ends_the_old_incarnation_first() {
+    let server = TestServer::start(&[]);
+    let mut events = EventStream::subscribe(&server, None).await;
+    let (mut old, first) = Agent::register(&server.ws_url(), "alice").await;
+    assert_eq!(first["incarnation"], 1);
+
+    let mut new = Agent::connect(&server.ws_url()).await;
+    let response = register_with(&mut new, "alice", json!({"force_reconnect": true})).await;
+    assert_eq!(response["success"], true, "{response}");
+    assert_eq!(response["incarnation"], 2);
+    assert_ne!(response["session_id"], first["session_id"]);
+
+    assert_replaced(&mut old, "alice").await;
+    let all = events
+        .collect_until(|e| e["type"] == "agent.registered" && e["data"]["incarnation"] == 2)
+        .await;
+    assert_takeover_events(
+        &all,
+        "alice",
+        "force_reconnect",
+        response["session_id"].as_str().unwrap(),
+    );
+
+    // The new connection is the agent now.
+    let listed = new
+        .request(json!({"type":"system_request","command":"list_agents"}))
+        .await;
+    assert_eq!(listed["agents"].as_array().unwrap().len(), 1, "{listed}");
+}
+
+#[tokio::test]
+async fn a_valid_certificate_takes_over_a_live_id() {
+    let server = TestServer::start(&[]);
+    let mut events = EventStream::subscribe(&server, None).await;
+    let mut old = Agent::connect(&server.ws_url()).await;
+    let cert = certificate(&mut old, "alice", false).await;
+    let first = register_with(&mut old, "alice", json!({"certificate": cert})).await;
+    assert_eq!(first["success"], true, "{first}");
+
+    // A second connection presenting the same certificate (as a restarted agent would).
+    let mut new = Agent::connect(&server.ws_url()).await;
+    let response = register_with(&mut new, "alice", json!({"certificate": cert})).await;
+    assert_eq!(response["success"], true, "{response}");
+    assert_eq!(response["incarnation"], 2);
+
+    assert_replaced(&mut old, "alice").await;
+    let all = events
+        .collect_until(|e| e["type"] == "agent.registered" && e["data"]["incarnation"] == 2)
+        .await;
+    assert_takeover_events(
+        &all,
+        "alice",
+        "certificate",
+        response["session_id"].as_str().unwrap(),
+    );
+}
+
+#[tokio::test]
+async fn validate_certificate_accepts_an_issued_certificate() {
+    let server = TestServer::start(&[]);
+    let mut agent = Agent::connect(&server.ws_url()).await;
+    let cert = certificate(&mut agent, "alice", false).await;
+    for field in ["issued_at", "expires_at"] {
+        assert!(cert[field].is_number(), "{field} in {cert}");
+    }
+    assert!(cert["expires_at"].as_f64() > cert["issued_at"].as_f64());
+    for field in ["certificate_hash", "signature"] {
+        let hex = cert[field].as_str().unwrap_or_default();
+        assert!(
+            !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()),
+            "{field} in {cert}"
+        );
+    }
+    let answer = validate(&mut agent, &cert).await;
+    assert_eq!(answer["success"], true, "{answer}");
+    assert_eq!(answer["valid"], true, "{answer}");
+    assert_eq!(answer["agent_id"], "alice", "{answer}");
+}
+
+/// Copies of a genuine certificate with one part tampered with.
+fn forgeries(cert: &Value) -> Vec<(&'static str, Value)> {
+    let mut flipped_signature = cert.clone();
+    let signature = cert["signature"].as_str().unwrap();
+    let first = if signature.starts_with('0') { "1" } else { "0" };
+    flipped_signature["signature"] = json!(format!("{first}{}", &signature[1..]));
+    let mut extended = cert.clone();
+    extended["expires_at"] = json!(cert["expires_at"].as_f64().unwrap() + 86400.0 * 365.0);
+    let mut renamed = cert.clone();
+    renamed["agent_id"] = json!("mallory");
+    let mut rehashed = cert.clone();
+    rehashed["certificate_hash"] = json!("0".repeat(64));
+    vec![
+        ("signature flipped", flipped_signature),
+        ("expiry extended", extended),
+        ("agent id changed", renamed),
+        ("hash replaced", rehashed),
+        (
+            "made up",
+            json!({"agent_id":"alice","issued_at":1.0,"expires_at":9999999999.0,
+                   "certificate_hash":"ab".repeat(32),"signature":"cd".repeat(32)}),
+        ),
+        ("not an object", json!("alice")),
+    ]
+}
+
+#[tokio::test]
+async fn forged_certificates_are_rejected_and_the_holder_keeps_its_id() {
+    let server = TestServer::start(&[]);
+    let (mut holder, _) = Agent::register(&server.ws_url(), "alice").await;
+    let mut claimer = Agent::connect(&server.ws_url()).await;
+    let genuine = certificate(&mut claimer, "alice", false).await;
+    let mut attacker = Agent::connect(&server.ws_url()).await;
+    for (what, forged) in forgeries(&genuine) {
+        let answer = validate(&mut attacker, &forged).await;
+        assert_eq!(answer["valid"], false, "{what}: {answer}");
+        let response = register_with(&mut attacker, "alice", json!({"certificate": forged})).await;
+        assert_eq!(response["success"], false, "{what}: {response}");
+        assert_eq!(response["error_code"], "invalid_certificate", "{what}: {response}");
+        // Even with force_reconnect, a rejected certificate is a rejected registration.
+        let forced = register_with(
+            &mut attacker,
+            "alice",
+            json!({"certificate": forged, "force_reconnect": true}),
+        )
+        .await;
+        assert_eq!(forced["error_code"], "invalid_certificate", "{what}: {forced}");
+    }
+    still_holds(&server, &mut holder, "alice", 1).await;
+}
+
+#[tokio::test]
+async fn another_agents_certificate_is_rejected() {
+    let server = TestServer::start(&[]);
+    let (mut holder, _) = Agent::register(&server.ws_url(), "alice").await;
+    let mut attacker = Agent::connect(&server.ws_url()).await;
+    let bobs = certificate(&mut attacker, "bob", false).await;
+    let answer = validate(&mut attacker, &bobs).await;
+    assert_eq!(answer["valid"], true, "bob's certificate is genuine: {answer}");
+    assert_eq!(answer["agent_id"], "bob");
+    let response = register_with(&mut attacker, "alice", json!({"certificate": bobs})).await;
+    assert_eq!(response["success"], false, "{response}");
+    assert_eq!(response["error_code"], "invalid_certificate", "{response}");
+    still_holds(&server, &mut holder, "alice", 1).await;
+    // The same socket may still register as the agent the certificate is for.
+    let own = register_with(&mut attacker, "bob", json!({"certificate": bobs})).await;
+    assert_eq!(own["success"], true, "{own}");
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_rejected() {
+    let server = TestServer::start(&[("TETHER__IDENTITY__CERTIFICATE_TTL", "0.3")]);
+    let (mut holder, _) = Agent::register(&server.ws_url(), "alice").await;
+    let mut attacker = Agent::connect(&server.ws_url()).await;
+    let cert = certificate(&mut attacker, "alice", false).await;
+    // Poll the server until it considers the certificate expired.
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    loop {
+        let answer = validate(&mut attacker, &cert).await;
+        assert_eq!(answer["success"], true, "{answer}");
+        if answer["valid"] == false {
+            let error = answer["error"].as_str().unwrap_or_default().to_lowercase();
+            assert!(error.contains("expired"), "{answer}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the certificate never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
+    }
+    let response = register_with(&mut attacker, "alice", json!({"certificate": cert})).await;
+    assert_eq!(response["success"], false, "{response}");
+    assert_eq!(response["error_code"], "invalid_certificate", "{response}");
+    still_holds(&server, &mut holder, "alice", 1).await;
+    // An expired claim no longer blocks a new claim.
+    let again = claim(&mut attacker, "alice", false).await;
+    assert_eq!(again["success"], true, "{again}");
+}
+
+#[tokio::test]
+async fn a_certificate_revoked_by_a_forced_claim_is_rejected() {
+    let server = TestServer::start(&[]);
+    let mut first_claimer = Agent::connect(&server.ws_url()).await;
+    let old_cert = certificate(&mut first_claimer, "alice", false).await;
+
+    let mut second_claimer = Agent::connect(&server.ws_url()).await;
+    let refused = claim(&mut second_claimer, "alice", false).await;
+    assert_eq!(refused["success"], false, "{refused}");
+    assert_eq!(refused["error_code"], "already_claimed", "{refused}");
+    assert_eq!(refused["error"], "Agent ID alice is already claimed", "{refused}");
+    let new_cert = certificate(&mut second_claimer, "alice", true).await;
+    assert_ne!(new_cert["certificate_hash"], old_cert["certificate_hash"]);
+
+    let revoked = validate(&mut first_claimer, &old_cert).await;
+    assert_eq!(revoked["valid"], false, "{revoked}");
+    let (mut holder, _) = Agent::register(&server.ws_url(), "alice").await;
+    let response =
+        register_with(&mut first_claimer, "alice", json!({"certificate": old_cert})).await;
+    assert_eq!(response["error_code"], "invalid_certificate", "{response}");
+    still_holds(&server, &mut holder, "alice", 1).await;
+
+    // The new certificate does take over.
+    let takeover =
+        register_with(&mut second_claimer, "alice", json!({"certificate": new_cert})).await;
+    assert_eq!(takeover["success"], true, "{takeover}");
+    assert_eq!(takeover["incarnation"], 2);
+    assert_replaced(&mut holder, "alice").await;
+}
+
+#[tokio::test]
+async fn force_reconnect_is_refused_when_the_network_disallows_it() {
+    let server = TestServer::start(&[("TETHER__IDENTITY__ALLOW_FORCE_RECONNECT", "false")]);
+    let (mut holder, _) = Agent::register(&server.ws_url(), "alice").await;
+    let mut other = Agent::connect(&server.ws_url()).await;
+    let response = register_with(&mut other, "alice", json!({"force_reconnect": true})).await;
+    assert_eq!(response["success"], false, "{response}");
+    assert_eq!(response["error_code"], "agent_id_in_use", "{response}");
+    still_holds(&server, &mut holder, "alice", 1).await;
+    // A certificate is still accepted as proof.
+    let cert = certificate(&mut other, "alice", false).await;
+    let takeover = register_with(&mut other, "alice", json!({"certificate": cert})).await;
+    assert_eq!(takeover["success"], true, "{takeover}");
+    assert_replaced(&mut holder, "alice").await;
+}
+
+#[tokio::test]
+async fn certificates_survive_a_restart_when_the_secret_is_configured() {
+    let secret = [("TETHER__IDENTITY__SECRET", "a-configured-test-secret")];
+    let cert = {
+        let server = TestServer::start(&secret);
+        let mut agent = Agent::connect(&server.ws_url()).await;
+        certificate(&mut agent, "alice", false).await
+    }; // The first server process is killed here.
+
+    let server = TestServer::start(&secret);
+    let mut agent = Agent::connect(&server.ws_url()).await;
+    let answer = validate(&mut agent, &cert).await;
+    assert_eq!(answer["valid"], true, "{answer}");
+    assert_eq!(answer["agent_id"], "alice");
+    let (mut holder, _) = Agent::register(&server.ws_url(), "alice").await;
+    let takeover = register_with(&mut agent, "alice", json!({"certificate": cert})).await;
+    assert_eq!(takeover["success"], true, "{takeover}");
+    assert_replaced(&mut holder, "alice").await;
+
+    // A server with another secret does not accept it.
+    let other = TestServer::start(&[("TETHER__IDENTITY__SECRET", "another-secret")]);
+    let mut agent = Agent::connect(&other.ws_url()).await;
+    let answer = validate(&mut agent, &cert).await;
+    assert_eq!(answer["valid"], false, "{answer}");
+    let response = register_with(&mut agent, "alice", json!({"certificate": cert})).await;
+    assert_eq!(response["error_code"], "invalid_certificate", "{response}");
+}
+
+/// Checks over the socket and the admin API that `holder` still holds `agent_id` in
+/// incarnation `incarnation`, and that it was told nothing about a takeover.
+async fn still_holds(server: &TestServer, holder: &mut Agent, agent_id: &str, incarnation: u64) {
+    let listed = holder
+        .request(json!({"type":"system_request","command":"list_agents"}))
+        .await;
+    assert_eq!(listed["success"], true, "the holder lost its registration: {listed}");
+    let info: Value = common::http()
+        .get(server.http(&format!("/agents/{agent_id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["incarnation"], incarnation, "{info}");
+    let ping = holder
+        .request(json!({"type":"system_request","command":"ping_agent","timestamp":1.5}))
+        .await;
+    assert_eq!(ping["timestamp"], 1.5);
+    // The request answers above came after anything sent before them: no notice.
+    let notices: Vec<Value> = holder
+        .pending()
+        .into_iter()
+        .filter(|f| f["type"] == "system_notification")
+        .collect();
+    assert!(notices.is_empty(), "the holder was notified: {notices:?}");
+}
