@@ -1,7 +1,7 @@
 //! The admin HTTP API (PROTOCOL.md §9): `/health`, `/stats`, `/agents`,
 //! `/agents/{id}`, `DELETE /agents/{id}`. When `admin.token` is set every route but
 //! `/health` requires `Authorization: Bearer <token>`; `/events` is guarded the same
-//! way by [`authorized`].
+//! way by [`denied`].
 
 use crate::state::AppState;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -17,23 +17,19 @@ const MIN_SUCCESS_RATE: f64 = 95.0;
 const MIN_ATTEMPTS_FOR_RATE: u64 = 20;
 const MAX_CLEANUPS_PER_MINUTE_SHARE: f64 = 0.5;
 
-/// `Err` with a 401 response unless the request carries the admin token (if one is set).
-pub fn authorized(req: &HttpRequest, state: &AppState) -> Result<(), HttpResponse> {
-    let Some(token) = &state.settings.admin.token else {
-        return Ok(());
-    };
+/// A 401 response unless the request carries the admin token (if one is set).
+pub fn denied(req: &HttpRequest, state: &AppState) -> Option<HttpResponse> {
+    let token = state.settings.admin.token.as_ref()?;
     let given = req
         .headers()
         .get("Authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(token.as_str()) {
-        Ok(())
-    } else {
-        Err(HttpResponse::Unauthorized()
+    (given != Some(token.as_str())).then(|| {
+        HttpResponse::Unauthorized()
             .insert_header(("WWW-Authenticate", "Bearer"))
-            .json(json!({"error": "this route requires Authorization: Bearer <admin.token>"})))
-    }
+            .json(json!({"error": "this route requires Authorization: Bearer <admin.token>"}))
+    })
 }
 
 fn unavailable(error: impl std::fmt::Display) -> HttpResponse {
@@ -43,7 +39,7 @@ fn unavailable(error: impl std::fmt::Display) -> HttpResponse {
 
 /// `GET /stats`
 pub async fn stats(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Err(denied) = authorized(&req, &state) {
+    if let Some(denied) = denied(&req, &state) {
         return denied;
     }
     let (connections, heartbeat, events) = match tokio::try_join!(
@@ -63,7 +59,7 @@ pub async fn stats(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
 
 /// `GET /agents`
 pub async fn list_agents(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Err(denied) = authorized(&req, &state) {
+    if let Some(denied) = denied(&req, &state) {
         return denied;
     }
     match state.registry.send(ListAgents).await {
@@ -78,7 +74,7 @@ pub async fn get_agent(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> HttpResponse {
-    if let Err(denied) = authorized(&req, &state) {
+    if let Some(denied) = denied(&req, &state) {
         return denied;
     }
     match state.registry.send(GetAgent(id.into_inner())).await {
@@ -96,7 +92,7 @@ pub async fn remove_agent(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> HttpResponse {
-    if let Err(denied) = authorized(&req, &state) {
+    if let Some(denied) = denied(&req, &state) {
         return denied;
     }
     match state.registry.send(RemoveAgent(id.into_inner())).await {

@@ -173,7 +173,7 @@ pub fn validate(s: &Settings) -> Result<(), ConfigError> {
     if s.identity.secret.as_deref() == Some("") {
         return Err(invalid("identity.secret", "must not be empty when set"));
     }
-    if !(s.shutdown.timeout >= 0.0) {
+    if s.shutdown.timeout.is_nan() || s.shutdown.timeout < 0.0 {
         return Err(invalid("shutdown.timeout", "must be zero or more seconds"));
     }
     if s.events.sse_buffer == 0 {

@@ -142,7 +142,7 @@ async fn sse_guarded(
     req: actix_web::HttpRequest,
     state: web::Data<AppState>,
 ) -> actix_web::HttpResponse {
-    if let Err(denied) = admin::authorized(&req, &state) {
+    if let Some(denied) = admin::denied(&req, &state) {
         return denied;
     }
     match sse::events(state).await {
