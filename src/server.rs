@@ -9,7 +9,7 @@ use serde_json::{json, Map};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_actors::bus::{EventBus, FlushAll, GetBusStatus, Publish};
+use tether_actors::bus::{CloseSubscribers, EventBus, FlushAll, GetBusStatus, Publish};
 use tether_actors::connection::ConnectionSettings;
 use tether_actors::event::{EventKind, EventSource, LifecycleEvent};
 use tether_actors::heartbeat::Heartbeat;
@@ -193,6 +193,7 @@ async fn shutdown(state: &AppState, settings: &Settings) -> ShutdownSummary {
             report.undelivered
         );
     }
+    state.bus.do_send(CloseSubscribers);
     let events_published = match state.bus.send(GetBusStatus).await {
         Ok(status) => status.published,
         Err(_) => 0,

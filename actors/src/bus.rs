@@ -31,6 +31,12 @@ pub struct AddPublisher(pub PublisherHandle);
 #[rtype(result = "mpsc::Receiver<SharedEvent>")]
 pub struct Subscribe;
 
+/// Ends every `/events` subscription (at shutdown, after `network.stopped`): their
+/// channels close once the events already queued are read.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseSubscribers;
+
 /// Flushes every publisher within `timeout` and reports what each delivered.
 #[derive(Message)]
 #[rtype(result = "Vec<FlushReport>")]
@@ -125,6 +131,14 @@ impl Handler<Subscribe> for EventBus {
         let (tx, rx) = mpsc::channel(self.subscriber_buffer);
         self.subscribers.push(tx);
         MessageResult(rx)
+    }
+}
+
+impl Handler<CloseSubscribers> for EventBus {
+    type Result = ();
+
+    fn handle(&mut self, _msg: CloseSubscribers, _ctx: &mut Self::Context) {
+        self.subscribers.clear();
     }
 }
 
