@@ -444,13 +444,15 @@ impl Registry {
     }
 
     /// Whether the holder of an agent id is certainly gone: its actor stopped, or it
-    /// has been silent past the heartbeat's stale bound.
+    /// has been silent past the heartbeat's stale bound (so the heartbeat is about to
+    /// declare it stale anyway; a reconnect need not wait for that).
     fn holder_is_dead(&self, entry: &AgentEntry) -> Option<StaleReason> {
         if !entry.addr.connected() {
             return Some(StaleReason::AgentTimeout);
         }
         let hb = &self.settings.heartbeat;
-        let bound_ms = ((hb.interval + hb.ping_timeout) * 1000.0) as u64;
+        // The contract's stale bound: a responsive agent is never silent this long.
+        let bound_ms = ((hb.interval + hb.ping_timeout + 1.0) * 1000.0) as u64;
         let silent = monotonic_ms().saturating_sub(entry.clock.last_seen_ms());
         (silent > bound_ms).then_some(StaleReason::PingTimeout)
     }
