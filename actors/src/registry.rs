@@ -770,10 +770,12 @@ impl Handler<RegisterAgent> for Registry {
                 "agent_timeout": hb.agent_timeout,
             }),
         );
-        let _ = socket.outbox.push_json(&response);
+        // Tell the connection first: it then handles `Accepted` (its mailbox comes
+        // before its socket) before any frame the agent sends after reading the response.
         socket
             .addr
             .do_send(RegistrationOutcome::Accepted(agent_id.clone()));
+        let _ = socket.outbox.push_json(&response);
         let mut entry = AgentEntry {
             session_id,
             session_uuid,
