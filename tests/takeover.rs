@@ -18,7 +18,10 @@ async fn claim(agent: &mut Agent, agent_id: &str, force: bool) -> Value {
 /// Claims `agent_id` and returns its certificate; panics unless the claim succeeds.
 async fn certificate(agent: &mut Agent, agent_id: &str, force: bool) -> Value {
     let response = claim(agent, agent_id, force).await;
-    assert_eq!(response["success"], true, "claim of {agent_id} failed: {response}");
+    assert_eq!(
+        response["success"], true,
+        "claim of {agent_id} failed: {response}"
+    );
     assert_eq!(response["agent_id"], agent_id);
     let certificate = response["certificate"].clone();
     assert_eq!(certificate["agent_id"], agent_id, "{certificate}");
@@ -27,8 +30,10 @@ async fn certificate(agent: &mut Agent, agent_id: &str, force: bool) -> Value {
 
 async fn validate(agent: &mut Agent, certificate: &Value) -> Value {
     agent
-        .request(json!({"type":"system_request","command":"validate_certificate",
-                        "certificate": certificate}))
+        .request(
+            json!({"type":"system_request","command":"validate_certificate",
+                        "certificate": certificate}),
+        )
         .await
 }
 
@@ -78,14 +83,15 @@ fn assert_takeover_events(events: &[Value], agent_id: &str, proof: &str, new_ses
         })
         .unwrap();
     assert_eq!(registered["data"]["takeover"], proof, "{registered}");
-    assert_eq!(registered["data"]["session_id"], new_session, "{registered}");
+    assert_eq!(
+        registered["data"]["session_id"], new_session,
+        "{registered}"
+    );
 }
 
 /// The old socket gets `connection_replaced` for its id, then close 4001.
 async fn assert_replaced(old: &mut Agent, agent_id: &str) {
-    let notice = old
-        .wait_for(|f| f["type"] == "system_notification")
-        .await;
+    let notice = old.wait_for(|f| f["type"] == "system_notification").await;
     assert_eq!(notice["event"], "connection_replaced", "{notice}");
     assert_eq!(notice["agent_id"], agent_id, "{notice}");
     assert!(notice["message"].as_str().is_some_and(|m| !m.is_empty()));
@@ -210,7 +216,10 @@ async fn forged_certificates_are_rejected_and_the_holder_keeps_its_id() {
         assert_eq!(answer["valid"], false, "{what}: {answer}");
         let response = register_with(&mut attacker, "alice", json!({"certificate": forged})).await;
         assert_eq!(response["success"], false, "{what}: {response}");
-        assert_eq!(response["error_code"], "invalid_certificate", "{what}: {response}");
+        assert_eq!(
+            response["error_code"], "invalid_certificate",
+            "{what}: {response}"
+        );
         // Even with force_reconnect, a rejected certificate is a rejected registration.
         let forced = register_with(
             &mut attacker,
@@ -218,7 +227,10 @@ async fn forged_certificates_are_rejected_and_the_holder_keeps_its_id() {
             json!({"certificate": forged, "force_reconnect": true}),
         )
         .await;
-        assert_eq!(forced["error_code"], "invalid_certificate", "{what}: {forced}");
+        assert_eq!(
+            forced["error_code"], "invalid_certificate",
+            "{what}: {forced}"
+        );
     }
     still_holds(&server, &mut holder, "alice", 1).await;
 }
@@ -230,7 +242,10 @@ async fn another_agents_certificate_is_rejected() {
     let mut attacker = Agent::connect(&server.ws_url()).await;
     let bobs = certificate(&mut attacker, "bob", false).await;
     let answer = validate(&mut attacker, &bobs).await;
-    assert_eq!(answer["valid"], true, "bob's certificate is genuine: {answer}");
+    assert_eq!(
+        answer["valid"], true,
+        "bob's certificate is genuine: {answer}"
+    );
     assert_eq!(answer["agent_id"], "bob");
     let response = register_with(&mut attacker, "alice", json!({"certificate": bobs})).await;
     assert_eq!(response["success"], false, "{response}");
@@ -282,21 +297,32 @@ async fn a_certificate_revoked_by_a_forced_claim_is_rejected() {
     let refused = claim(&mut second_claimer, "alice", false).await;
     assert_eq!(refused["success"], false, "{refused}");
     assert_eq!(refused["error_code"], "already_claimed", "{refused}");
-    assert_eq!(refused["error"], "Agent ID alice is already claimed", "{refused}");
+    assert_eq!(
+        refused["error"], "Agent ID alice is already claimed",
+        "{refused}"
+    );
     let new_cert = certificate(&mut second_claimer, "alice", true).await;
     assert_ne!(new_cert["certificate_hash"], old_cert["certificate_hash"]);
 
     let revoked = validate(&mut first_claimer, &old_cert).await;
     assert_eq!(revoked["valid"], false, "{revoked}");
     let (mut holder, _) = Agent::register(&server.ws_url(), "alice").await;
-    let response =
-        register_with(&mut first_claimer, "alice", json!({"certificate": old_cert})).await;
+    let response = register_with(
+        &mut first_claimer,
+        "alice",
+        json!({"certificate": old_cert}),
+    )
+    .await;
     assert_eq!(response["error_code"], "invalid_certificate", "{response}");
     still_holds(&server, &mut holder, "alice", 1).await;
 
     // The new certificate does take over.
-    let takeover =
-        register_with(&mut second_claimer, "alice", json!({"certificate": new_cert})).await;
+    let takeover = register_with(
+        &mut second_claimer,
+        "alice",
+        json!({"certificate": new_cert}),
+    )
+    .await;
     assert_eq!(takeover["success"], true, "{takeover}");
     assert_eq!(takeover["incarnation"], 2);
     assert_replaced(&mut holder, "alice").await;
@@ -352,7 +378,10 @@ async fn still_holds(server: &TestServer, holder: &mut Agent, agent_id: &str, in
     let listed = holder
         .request(json!({"type":"system_request","command":"list_agents"}))
         .await;
-    assert_eq!(listed["success"], true, "the holder lost its registration: {listed}");
+    assert_eq!(
+        listed["success"], true,
+        "the holder lost its registration: {listed}"
+    );
     let info: Value = common::http()
         .get(server.http(&format!("/agents/{agent_id}")))
         .send()
