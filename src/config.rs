@@ -154,11 +154,10 @@ pub fn validate(s: &Settings) -> Result<(), ConfigError> {
     if limits.max_frame_bytes < 1024 {
         return Err(invalid("limits.max_frame_bytes", "must be at least 1024"));
     }
-    if limits.max_metadata_bytes == 0 || limits.max_metadata_bytes > limits.max_frame_bytes {
-        return Err(invalid(
-            "limits.max_metadata_bytes",
-            "must be at least 1 and at most limits.max_frame_bytes",
-        ));
+    // A metadata limit above the frame limit is harmless (the frame limit applies
+    // first), so lowering only max_frame_bytes keeps working.
+    if limits.max_metadata_bytes == 0 {
+        return Err(invalid("limits.max_metadata_bytes", "must be at least 1"));
     }
     if limits.max_message_queue_size == 0 {
         return Err(invalid(
