@@ -223,6 +223,56 @@ pub fn validate(s: &Settings) -> Result<(), ConfigError> {
     if kafka.partitions < 1 {
         return Err(invalid("events.kafka.partitions", "must be at least 1"));
     }
+    if kafka.idempotence && !["all", "-1"].contains(&kafka.acks.as_str()) {
+        return Err(invalid(
+            "events.kafka.acks",
+            format!(
+                "`{}` cannot be used with the idempotent producer; set acks = \"all\", or events.kafka.idempotence = false",
+                kafka.acks
+            ),
+        ));
+    }
+    if kafka.replication_factor == 0 || kafka.replication_factor < -1 {
+        return Err(invalid(
+            "events.kafka.replication_factor",
+            "must be -1 (the broker's default) or at least 1",
+        ));
+    }
+    positive("events.kafka.request_timeout", kafka.request_timeout)?;
+    if kafka.delivery_timeout < kafka.request_timeout {
+        return Err(invalid(
+            "events.kafka.delivery_timeout",
+            "must be at least events.kafka.request_timeout",
+        ));
+    }
+    let redis = &s.events.redis;
+    positive("events.redis.connection_timeout", redis.connection_timeout)?;
+    positive("events.redis.response_timeout", redis.response_timeout)?;
+    if redis.stream.is_empty() {
+        return Err(invalid("events.redis.stream", "must not be empty"));
+    }
+    let rabbit = &s.events.rabbitmq;
+    positive(
+        "events.rabbitmq.connection_timeout",
+        rabbit.connection_timeout,
+    )?;
+    positive("events.rabbitmq.confirm_timeout", rabbit.confirm_timeout)?;
+    for (key, value) in [
+        (
+            "events.redis.health_check_interval",
+            redis.health_check_interval,
+        ),
+        (
+            "events.kafka.health_check_interval",
+            kafka.health_check_interval,
+        ),
+        (
+            "events.rabbitmq.health_check_interval",
+            rabbit.health_check_interval,
+        ),
+    ] {
+        positive(key, value)?;
+    }
     Ok(())
 }
 

@@ -1,6 +1,13 @@
 //! `tether events`: subscribe to lifecycle events and print them as they arrive, one
 //! JSON document per line (`--format json`, the default) or one human line each
-//! (`--format human`). The source is a running server's `GET /events` stream.
+//! (`--format human`). The source is a running server's `GET /events` stream
+//! (`--from sse`) or one of the configured brokers (`--from redis|kafka|rabbitmq`,
+//! read with the settings of its `[events.*]` section). Once subscribed, one line
+//! saying so goes to stderr.
+
+mod kafka;
+mod rabbitmq;
+mod redis;
 
 use clap::{Args, ValueEnum};
 use futures_util::StreamExt;
@@ -27,6 +34,24 @@ pub struct EventsArgs {
     /// Stop after this many events.
     #[arg(long)]
     pub count: Option<u64>,
+    /// For `--from redis` and `--from kafka`: start with the events published from
+    /// now on, or with the oldest the broker still keeps. (RabbitMQ keeps no history
+    /// for a new queue: always `now`.)
+    #[arg(long, value_enum, default_value_t = Since::Now)]
+    pub since: Since,
+    /// For `--from rabbitmq`: the binding key of the queue (`agent.#`,
+    /// `agent.disconnected`, `network.*`; `#` is everything).
+    #[arg(long, default_value = "#")]
+    pub binding: String,
+}
+
+/// Where a broker subscription starts.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Since {
+    /// Events published from now on.
+    Now,
+    /// The oldest events the broker keeps.
+    Beginning,
 }
 
 /// Event sources.
@@ -34,6 +59,12 @@ pub struct EventsArgs {
 pub enum Source {
     /// The server's server-sent-events stream.
     Sse,
+    /// The Redis stream of `[events.redis]` (`XREAD`).
+    Redis,
+    /// The Kafka topic of `[events.kafka]` (every partition).
+    Kafka,
+    /// The RabbitMQ exchange of `[events.rabbitmq]` (an exclusive queue bound to it).
+    Rabbitmq,
 }
 
 /// Output formats.
@@ -60,6 +91,9 @@ pub fn run(settings: &Settings, args: EventsArgs) -> ExitCode {
     let result = runtime.block_on(async {
         match args.from {
             Source::Sse => from_sse(settings, &args).await,
+            Source::Redis => redis::read(&settings.events.redis, &args).await,
+            Source::Kafka => kafka::read(&settings.events.kafka, &args).await,
+            Source::Rabbitmq => rabbitmq::read(&settings.events.rabbitmq, &args).await,
         }
     });
     match result {
@@ -69,6 +103,44 @@ pub fn run(settings: &Settings, args: EventsArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints events and counts them against `--count`.
+pub struct Printer {
+    format: Format,
+    count: Option<u64>,
+    printed: u64,
+}
+
+impl Printer {
+    /// A printer for the command's options.
+    pub fn new(args: &EventsArgs) -> Self {
+        Self {
+            format: args.format,
+            count: args.count,
+            printed: 0,
+        }
+    }
+
+    /// Prints one event; false when the command should stop (count reached or
+    /// stdout gone).
+    pub fn print(&mut self, json: &str) -> bool {
+        if !print_event(json, self.format) {
+            return false;
+        }
+        self.printed += 1;
+        self.count.is_none_or(|n| self.printed < n)
+    }
+
+    /// Whether `--count 0` asked for nothing.
+    pub fn done(&self) -> bool {
+        self.count.is_some_and(|n| self.printed >= n)
+    }
+}
+
+/// Tells the user (on stderr) that the subscription is in place.
+pub fn subscribed(what: &str) {
+    eprintln!("tether events: subscribed to {what}; waiting for events (Ctrl-C to stop)");
 }
 
 /// Prints one event document in the chosen format. Returns false when stdout is gone.
@@ -122,9 +194,13 @@ async fn from_sse(settings: &Settings, args: &EventsArgs) -> Result<(), String> 
     if !response.status().is_success() {
         return Err(format!("{url} answered {}", response.status()));
     }
+    subscribed(&url);
     let mut body = response.bytes_stream();
     let mut buffer = String::new();
-    let mut printed = 0u64;
+    let mut printer = Printer::new(args);
+    if printer.done() {
+        return Ok(());
+    }
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| format!("the event stream broke: {e}"))?;
         buffer.push_str(&String::from_utf8_lossy(&chunk));
@@ -132,11 +208,7 @@ async fn from_sse(settings: &Settings, args: &EventsArgs) -> Result<(), String> 
             let block: String = buffer.drain(..end + 2).collect();
             for line in block.lines() {
                 if let Some(data) = line.strip_prefix("data: ") {
-                    if !print_event(data, args.format) {
-                        return Ok(());
-                    }
-                    printed += 1;
-                    if args.count.is_some_and(|n| printed >= n) {
+                    if !printer.print(data) {
                         return Ok(());
                     }
                 }

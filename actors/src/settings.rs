@@ -208,6 +208,16 @@ pub struct KafkaSettings {
     pub acks: String,
     /// Seconds a produce request may take.
     pub request_timeout: f64,
+    /// Seconds the producer keeps retrying one event on its own (`message.timeout.ms`)
+    /// before the publisher counts the batch as failed and reconnects.
+    pub delivery_timeout: f64,
+    /// Idempotent producer (`enable.idempotence`): no duplicates or reordering from
+    /// the producer's own retries. Requires `acks = "all"`.
+    pub idempotence: bool,
+    /// Replication factor of a topic created at start-up (-1: the broker's default).
+    pub replication_factor: i32,
+    /// Seconds between metadata checks of an idle connection.
+    pub health_check_interval: f64,
     /// Events kept while the broker is unreachable; the oldest are dropped past it.
     pub buffer_capacity: usize,
     /// Largest batch sent to the broker at once.
@@ -230,6 +240,11 @@ pub struct RabbitMqSettings {
     pub connection_timeout: f64,
     /// AMQP heartbeat, in seconds.
     pub heartbeat: u16,
+    /// Seconds to wait for the publisher confirms of a batch before the connection
+    /// counts as broken.
+    pub confirm_timeout: f64,
+    /// Seconds between checks of an idle connection's state.
+    pub health_check_interval: f64,
     /// Events kept while the broker is unreachable; the oldest are dropped past it.
     pub buffer_capacity: usize,
     /// Largest batch sent to the broker at once.

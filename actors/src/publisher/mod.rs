@@ -3,9 +3,17 @@
 //! A publisher is any actor that handles [`Deliver`] (an event, in order), [`Flush`]
 //! (deliver what is buffered within a deadline, at shutdown) and [`QueryStatus`].
 //! [`PublisherHandle::of`] wraps its address for the bus. The `log` publisher is here;
-//! broker publishers live beside it.
+//! broker publishers live beside it: [`supervisor::BrokerPublisher`] delivers to any
+//! [`broker::Broker`] (`redis`, `kafka`, `rabbitmq`) at least once, in order.
 
+pub mod backoff;
+pub mod broker;
+pub mod buffer;
+pub mod kafka;
 pub mod log;
+pub mod rabbitmq;
+pub mod redis;
+pub mod supervisor;
 
 use crate::event::SharedEvent;
 use actix::prelude::*;
