@@ -452,6 +452,12 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for AgentConnection
             Err(ProtocolError::Overflow) => {
                 self.close(ctx, close_code::TOO_BIG, EndReason::ProtocolError, false)
             }
+            // actix-ws reports reassembled continuations over the limit as this I/O error.
+            Err(ProtocolError::Io(error))
+                if error.to_string() == "Exceeded maximum continuation size" =>
+            {
+                self.close(ctx, close_code::TOO_BIG, EndReason::ProtocolError, false)
+            }
             Err(error) => {
                 log::debug!("session {}: protocol error: {error}", self.session_id);
                 self.close(ctx, 1002, EndReason::ProtocolError, false)
