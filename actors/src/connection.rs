@@ -458,6 +458,12 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for AgentConnection
             {
                 self.close(ctx, close_code::TOO_BIG, EndReason::ProtocolError, false)
             }
+            // The transport failed (actix-ws wraps payload errors as `Other`): the client
+            // vanished without a close frame (crash, reset, cut cable). 1006 = abnormal.
+            Err(ProtocolError::Io(error)) if error.kind() == std::io::ErrorKind::Other => {
+                log::debug!("session {}: connection lost: {error}", self.session_id);
+                self.close(ctx, 1006, EndReason::ClientClosed, false)
+            }
             Err(error) => {
                 log::debug!("session {}: protocol error: {error}", self.session_id);
                 self.close(ctx, 1002, EndReason::ProtocolError, false)
