@@ -4,6 +4,7 @@
 
 use actix::prelude::*;
 use tether_actors::bus::{AddPublisher, EventBus};
+use tether_actors::publisher::backoff::RestartPolicy;
 use tether_actors::publisher::broker::Broker;
 use tether_actors::publisher::kafka::KafkaBroker;
 use tether_actors::publisher::log::LogPublisher;
@@ -63,9 +64,9 @@ fn start_broker<B: Broker + Send>(
     events: &EventsSettings,
 ) -> PublisherHandle {
     let name = broker.name();
-    let events = events.clone();
+    let restarts = RestartPolicy::from(events);
     let addr = BrokerPublisher::start_in_arbiter(&arbiter.handle(), move |_| {
-        BrokerPublisher::new(broker, buffer, &events)
+        BrokerPublisher::new(broker, buffer, restarts)
     });
     PublisherHandle::of(name, addr)
 }

@@ -7,6 +7,10 @@
 
 #![allow(dead_code)]
 
+pub mod brokers;
+pub mod lifecycle;
+pub mod proxy;
+
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};

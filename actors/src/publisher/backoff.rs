@@ -1,8 +1,28 @@
 //! Retry timing for broker publishers: exponential backoff with jitter, and the
 //! OTP-style restart intensity (at most N restarts within T seconds).
 
+use crate::settings::EventsSettings;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+/// The restart intensity of publishers (`events.max_restarts` within
+/// `events.restart_window` seconds).
+#[derive(Debug, Clone, Copy)]
+pub struct RestartPolicy {
+    /// Most restarts allowed within the window.
+    pub max_restarts: u32,
+    /// The window, in seconds.
+    pub restart_window: f64,
+}
+
+impl From<&EventsSettings> for RestartPolicy {
+    fn from(events: &EventsSettings) -> Self {
+        Self {
+            max_restarts: events.max_restarts,
+            restart_window: events.restart_window,
+        }
+    }
+}
 
 /// Exponential backoff with "equal jitter": the n-th delay is drawn uniformly from
 /// `[d/2, d]` where `d = min(initial * 2^n, max)`, so publishers that lost the same

@@ -20,12 +20,12 @@
 //! within the timeout, reports, and is idempotent; events offered after it are
 //! refused with [`PublishError::Closed`].
 
-use super::backoff::{Backoff, RestartIntensity};
+use super::backoff::{Backoff, RestartIntensity, RestartPolicy};
 use super::broker::{Broker, BrokerError, LossReporter, SendError};
 use super::buffer::{Burst, EventBuffer};
 use super::{Deliver, Flush, FlushReport, PublisherStatus, QueryStatus};
 use crate::event::SharedEvent;
-use crate::settings::{BufferSettings, EventsSettings};
+use crate::settings::BufferSettings;
 use actix::prelude::*;
 use std::fmt;
 use std::future::Future;
@@ -143,18 +143,18 @@ pub struct BrokerPublisher<B: Broker> {
 impl<B: Broker> BrokerPublisher<B> {
     /// A publisher for `broker` with its section's buffering settings and the restart
     /// intensity of `[events]`.
-    pub fn new(broker: B, buffer: BufferSettings, events: &EventsSettings) -> Self {
+    pub fn new(broker: B, buffer: BufferSettings, restarts: RestartPolicy) -> Self {
         Self {
             broker,
             buffer: EventBuffer::new(buffer.buffer_capacity),
             batch_size: buffer.batch_size.max(1),
             backoff: Backoff::new(buffer.retry_initial, buffer.retry_max),
             intensity: RestartIntensity::new(
-                events.max_restarts,
-                crate::settings::secs(events.restart_window),
+                restarts.max_restarts,
+                crate::settings::secs(restarts.restart_window),
             ),
-            max_restarts: events.max_restarts,
-            restart_window: events.restart_window,
+            max_restarts: restarts.max_restarts,
+            restart_window: restarts.restart_window,
             client: None,
             generation: 0,
             op: Op::Idle,
