@@ -89,8 +89,11 @@ impl CertificateAuthority {
             self.revoked.insert(hash.clone());
         }
         self.prune_expired(now);
+        // Both times are whole milliseconds: their shortest decimal form then parses
+        // back to the same f64 (serde_json's float parsing is not exact for every
+        // 17-digit value, and the hash is computed over these numbers).
         let issued_at = (now * 1000.0).round() / 1000.0;
-        let expires_at = issued_at + self.ttl_secs;
+        let expires_at = ((issued_at + self.ttl_secs) * 1000.0).round() / 1000.0;
         let hash = certificate_hash(agent_id, issued_at, expires_at);
         let signature = self.sign(&hash);
         self.claims
@@ -218,6 +221,17 @@ mod tests {
         let newer = ca.claim("alice", true, 1002.0).unwrap();
         assert_eq!(ca.validate(&cert, 1003.0), Err(CertificateError::Revoked));
         assert_eq!(ca.validate(&newer, 1003.0), Ok("alice".to_owned()));
+    }
+
+    #[test]
+    fn certificates_with_a_fractional_ttl_survive_a_json_round_trip() {
+        let mut ca = CertificateAuthority::new(b"secret".to_vec(), 0.3);
+        for i in 0..2000 {
+            let now = 1795393766.153 + f64::from(i) * 0.0137;
+            let cert = ca.claim(&format!("agent-{i}"), false, now).unwrap();
+            let back: Value = serde_json::from_str(&cert.to_string()).unwrap();
+            assert_eq!(ca.validate(&back, now), Ok(format!("agent-{i}")), "{cert}");
+        }
     }
 
     #[test]
