@@ -1,0 +1,181 @@
+//! Lifecycle events on Kafka (PROTOCOL.md §8, issue #3), against a real Kafka-compatible
+//! broker (tansu): the server creates the topic, every event arrives keyed by agent
+//! id with the CloudEvents content-type header, exactly as on the SSE stream; while
+//! the broker is unreachable (a tansu the test owns, behind a proxy the test cuts)
+//! events are kept and arrive afterwards in order with no gap; `tether events --from
+//! kafka` prints them.
+
+mod common;
+
+use common::brokers::{
+    free_port, kafka_topic, require, sse, unique, wait_publisher, TansuProcess, DRAIN_DEADLINE,
+    KAFKA,
+};
+use common::lifecycle::{
+    assert_same_per_agent, events_of, ids, scenario, wait_cleaned_up, Flow, SCENARIO_AGENTS,
+    SHORT_HEARTBEAT,
+};
+use common::proxy::Proxy;
+use common::{TestServer, DEADLINE};
+use serde_json::Value;
+use std::collections::HashMap;
+
+fn kafka_env(bootstrap: &str, topic: &str) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
+        ("TETHER__EVENTS__PUBLISHERS", "log,kafka"),
+        ("TETHER__EVENTS__KAFKA__BOOTSTRAP_SERVERS", bootstrap),
+        ("TETHER__EVENTS__KAFKA__TOPIC", topic),
+        ("TETHER__EVENTS__KAFKA__CREATE_TOPIC", "true"),
+        ("TETHER__EVENTS__KAFKA__RETRY_INITIAL", "0.05"),
+        ("TETHER__EVENTS__KAFKA__RETRY_MAX", "0.5"),
+        ("TETHER__EVENTS__KAFKA__REQUEST_TIMEOUT", "2"),
+        ("TETHER__EVENTS__KAFKA__DELIVERY_TIMEOUT", "5"),
+        ("TETHER__EVENTS__KAFKA__HEALTH_CHECK_INTERVAL", "0.5"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    env.extend(
+        SHORT_HEARTBEAT
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    env
+}
+
+fn start(env: &[(String, String)]) -> TestServer {
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    TestServer::start(&pairs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kafka_consumer_receives_every_lifecycle_event_keyed_by_agent_as_on_the_sse_stream() {
+    require(KAFKA, "Kafka (tansu)");
+    let topic = unique("tether-test");
+    let server = start(&kafka_env(KAFKA, &topic));
+    let mut consumer = kafka_topic(KAFKA, &topic);
+    let mut sse = sse(&server).await;
+
+    let events = scenario(&server, &mut sse).await;
+    consumer.until_ids(&ids(&events), DEADLINE).await;
+    let duplicates = assert_same_per_agent(&events, &consumer.events(), &SCENARIO_AGENTS);
+    assert_eq!(duplicates, 0, "no outage, so no event should come twice");
+
+    // Key = agent id (node id for network events), the content-type header, and all
+    // of an agent's events in one partition (which is what keeps them in order).
+    let mut partition_of: HashMap<String, i64> = HashMap::new();
+    for record in &consumer.received {
+        let subject = record.event["subject"].as_str().unwrap();
+        assert_eq!(record.meta["key"], subject, "{:?}", record.meta);
+        assert_eq!(
+            record.meta["headers"]["content-type"], "application/cloudevents+json",
+            "{:?}",
+            record.meta
+        );
+        let partition = record.meta["partition"].as_i64().unwrap();
+        assert_eq!(
+            *partition_of.entry(subject.to_owned()).or_insert(partition),
+            partition,
+            "{subject}'s events are spread over partitions"
+        );
+    }
+    assert!(consumer
+        .received
+        .iter()
+        .any(|r| r.event["type"] == "network.started"));
+
+    let check = wait_publisher(&server, "kafka", DEADLINE, "caught up", |c| {
+        c["delivered"].as_u64().unwrap() >= consumer.received.len() as u64
+    })
+    .await;
+    assert_eq!(check["status"], "healthy", "{check}");
+    assert_eq!(check["dropped"], 0, "{check}");
+
+    // `tether events --from kafka --since beginning` prints the same events.
+    let output = tokio::time::timeout(
+        DEADLINE,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["events", "--from", "kafka", "--since", "beginning"])
+            .args(["--count", &consumer.received.len().to_string()])
+            .env("TETHER__EVENTS__KAFKA__BOOTSTRAP_SERVERS", KAFKA)
+            .env("TETHER__EVENTS__KAFKA__TOPIC", &topic)
+            .output(),
+    )
+    .await
+    .expect("tether events did not stop after --count events")
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "tether events failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut printed: Vec<String> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let mut consumed: Vec<String> = consumer
+        .received
+        .iter()
+        .map(|r| r.id().to_owned())
+        .collect();
+    printed.sort();
+    consumed.sort();
+    assert_eq!(
+        printed, consumed,
+        "tether events --from kafka printed other events"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_published_while_kafka_is_unreachable_arrive_afterwards_in_order_without_gaps() {
+    // A tansu of the test's own, reachable only through a proxy the test cuts.
+    let tansu_port = free_port();
+    let proxy = Proxy::start(&format!("127.0.0.1:{tansu_port}"));
+    let _tansu = TansuProcess::start(tansu_port, &proxy.addr());
+    let topic = unique("tether-outage");
+    let server = start(&kafka_env(&proxy.addr(), &topic));
+    let mut consumer = kafka_topic(&proxy.addr(), &topic);
+    let mut sse = sse(&server).await;
+    let agents = ["flow-a", "flow-b", "flow-c"];
+    let mut flow = Flow::start(&server, &agents);
+
+    flow.wait_cycles(10).await;
+    consumer
+        .until(
+            DEADLINE,
+            |r| r.len() >= 10,
+            |r| format!("{} events", r.len()),
+        )
+        .await;
+    proxy.cut();
+    wait_publisher(&server, "kafka", DEADLINE, "disconnected", |c| {
+        c["connected"] == false
+    })
+    .await;
+    flow.wait_cycles(100).await;
+    let during = wait_publisher(&server, "kafka", DEADLINE, "buffering", |c| {
+        c["buffered"].as_u64().unwrap() > 0
+    })
+    .await;
+    assert_eq!(during["status"], "warning", "{during}");
+    proxy.restore();
+    flow.wait_cycles(10).await;
+    let ends = flow.stop().await;
+    wait_cleaned_up(&mut sse, &ends).await;
+
+    let expected = events_of(&sse, &agents);
+    consumer.until_ids(&ids(&expected), DRAIN_DEADLINE).await;
+    assert_same_per_agent(&expected, &consumer.events(), &agents);
+    let after = wait_publisher(&server, "kafka", DEADLINE, "drained", |c| {
+        c["buffered"] == 0 && c["connected"] == true
+    })
+    .await;
+    assert_eq!(after["dropped"], 0, "{after}");
+    assert_eq!(after["status"], "healthy", "{after}");
+}
