@@ -427,8 +427,16 @@ impl Registry {
         if let Some(socket) = self.sockets.get(&session_id) {
             let frame =
                 protocol::response_error("register_agent", msg.request_id.as_ref(), code, error);
-            let _ = socket.outbox.push_json(&frame);
-            socket.addr.do_send(RegistrationOutcome::Refused(close));
+            if close.is_some() {
+                // Queued before the close order, so that it is written before the close.
+                let _ = socket.outbox.push_json(&frame);
+                socket.addr.do_send(RegistrationOutcome::Refused(close));
+            } else {
+                // The connection is unregistered again before the agent can read the
+                // answer and retry (see the `Accepted` case).
+                socket.addr.do_send(RegistrationOutcome::Refused(close));
+                let _ = socket.outbox.push_json(&frame);
+            }
         }
         self.registration_failed(Some(&msg.agent_id), code);
     }
