@@ -403,3 +403,25 @@ async fn still_holds(server: &TestServer, holder: &mut Agent, agent_id: &str, in
         .collect();
     assert!(notices.is_empty(), "the holder was notified: {notices:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_registration_can_be_retried_at_once() {
+    // Regression: the connection learnt of the refusal only after the answer was
+    // queued, so an immediate retry could get `already_registered`.
+    let server = TestServer::start(&[]);
+    let (_holder, _) = Agent::register(&server.ws_url(), "held").await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let url = server.ws_url();
+        clients.push(tokio::spawn(async move {
+            let mut agent = Agent::connect(&url).await;
+            for _ in 0..150 {
+                let answer = register_with(&mut agent, "held", json!({})).await;
+                assert_eq!(answer["error_code"], "agent_id_in_use", "{answer}");
+            }
+        }));
+    }
+    for client in clients {
+        client.await.unwrap();
+    }
+}
