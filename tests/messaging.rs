@@ -182,7 +182,7 @@ async fn a_slow_consumer_is_closed_4003_while_the_others_keep_receiving() {
     let server = TestServer::start(&[("TETHER__LIMITS__MAX_MESSAGE_QUEUE_SIZE", "4")]);
     let url = server.ws_url();
     let mut events = EventStream::subscribe(&server, None).await;
-    let (mut slow, _) = Agent::register(&url, "slow").await; // never reads until the end
+    let (mut slow, _) = Agent::register(&url, "slow").await; // does not read until cut off
     let (mut sender, _) = Agent::register(&url, "sender").await;
     let (mut reader, _) = Agent::register(&url, "reader").await;
 
@@ -221,6 +221,9 @@ async fn a_slow_consumer_is_closed_4003_while_the_others_keep_receiving() {
         .wait_for(|e| e["type"] == "agent.disconnected" && e["subject"] == "slow")
         .await;
     stop.store(true, Ordering::Release);
+    // The slow agent starts reading now: its backlog, then the close frame. (The
+    // server gives a close frame a few seconds to get through a full socket.)
+    let slow_reads = tokio::spawn(async move { slow.closed().await });
     assert_eq!(
         disconnected["data"]["reason"], "slow_consumer",
         "{disconnected}"
@@ -239,8 +242,7 @@ async fn a_slow_consumer_is_closed_4003_while_the_others_keep_receiving() {
         "the reader must get every message meant for it"
     );
 
-    // The slow agent finally reads: its backlog, then the close frame 4003.
-    assert_eq!(slow.closed().await, Closed::Code(4003));
+    assert_eq!(slow_reads.await.unwrap(), Closed::Code(4003));
 
     // Sender and reader are unaffected.
     sender.send(direct("reader", json!("after"))).await;
