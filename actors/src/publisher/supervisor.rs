@@ -120,6 +120,8 @@ pub struct BrokerPublisher<B: Broker> {
     buffer: EventBuffer,
     batch_size: usize,
     backoff: Backoff,
+    /// Longest retry delay, for logs.
+    retry_max: f64,
     intensity: RestartIntensity,
     max_restarts: u32,
     restart_window: f64,
@@ -149,6 +151,7 @@ impl<B: Broker> BrokerPublisher<B> {
             buffer: EventBuffer::new(buffer.buffer_capacity),
             batch_size: buffer.batch_size.max(1),
             backoff: Backoff::new(buffer.retry_initial, buffer.retry_max),
+            retry_max: buffer.retry_max,
             intensity: RestartIntensity::new(
                 restarts.max_restarts,
                 crate::settings::secs(restarts.restart_window),
@@ -283,7 +286,7 @@ impl<B: Broker> BrokerPublisher<B> {
                 "publisher {}: cannot connect to {}: {error}; retrying with backoff (up to {:.1} s) and buffering events ({} now)",
                 self.name(),
                 self.broker.describe(),
-                self.backoff_max(),
+                self.retry_max,
                 self.buffer.len()
             );
         } else {
