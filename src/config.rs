@@ -342,6 +342,26 @@ mod tests {
     }
 
     #[test]
+    fn every_example_configuration_file_is_valid() {
+        for name in ["redis", "kafka", "rabbitmq", "all-brokers"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("config")
+                .join(format!("{name}.toml"));
+            let settings = load(Some(&path)).unwrap_or_else(|e| panic!("{name}.toml: {e}"));
+            assert!(settings.events.publishers.len() >= 2, "{name}.toml");
+        }
+    }
+
+    #[test]
+    fn acks_other_than_all_need_the_idempotent_producer_off() {
+        let mut s = defaults();
+        s.events.kafka.acks = "1".into();
+        assert_eq!(validate(&s).unwrap_err().key, "events.kafka.acks");
+        s.events.kafka.idempotence = false;
+        validate(&s).unwrap();
+    }
+
+    #[test]
     fn unknown_publisher_is_rejected() {
         let mut s = defaults();
         s.events.publishers = vec!["log".into(), "nats".into()];

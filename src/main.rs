@@ -42,7 +42,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // The RabbitMQ client logs every failed connection attempt at error level (and a
+    // tracing span per connection); the publishers report outages themselves, once,
+    // with what to do. RUST_LOG=lapin=debug still shows them.
+    env_logger::Builder::new()
+        .filter_module("lapin", log::LevelFilter::Off)
+        .filter_module("tracing::span", log::LevelFilter::Off)
+        .parse_env(env_logger::Env::default().default_filter_or("info"))
+        .init();
     let cli = Cli::parse();
     let settings = match config::load(cli.config.as_deref()) {
         Ok(settings) => settings,

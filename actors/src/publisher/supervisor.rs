@@ -300,13 +300,6 @@ impl<B: Broker> BrokerPublisher<B> {
         self.retry_later(ctx);
     }
 
-    fn backoff_max(&self) -> f64 {
-        let mut probe = self.backoff.clone();
-        (0..64)
-            .map(|_| probe.next_delay().as_secs_f64())
-            .fold(0.0, f64::max)
-    }
-
     fn send(&mut self, ctx: &mut Context<Self>) {
         let Some(client) = &self.client else { return };
         let batch = self.buffer.take_batch(self.batch_size);
