@@ -44,13 +44,21 @@ async fn an_agent_that_answers_pings_stays_registered_over_several_intervals() {
     for _ in 0..5 {
         let ping = alice.wait_for(is_ping).await;
         assert_eq!(ping["agent_id"], "alice", "{ping}");
-        assert!(ping["timestamp"].is_f64(), "timestamp is float epoch seconds: {ping}");
+        assert!(
+            ping["timestamp"].is_f64(),
+            "timestamp is float epoch seconds: {ping}"
+        );
         alice
-            .send(json!({"type":"system_response","command":"ping_agent","success":true,
-                         "timestamp": ping["timestamp"]}))
+            .send(
+                json!({"type":"system_response","command":"ping_agent","success":true,
+                         "timestamp": ping["timestamp"]}),
+            )
             .await;
     }
-    assert!(started.elapsed() > Duration::from_secs(3), "pings came too fast");
+    assert!(
+        started.elapsed() > Duration::from_secs(3),
+        "pings came too fast"
+    );
 
     let listed = alice
         .request(json!({"type":"system_request","command":"list_agents"}))
@@ -77,7 +85,10 @@ async fn an_agent_that_answers_pings_stays_registered_over_several_intervals() {
         .json()
         .await
         .unwrap();
-    assert!(stats["heartbeat"]["pings_sent"].as_u64() >= Some(5), "{stats}");
+    assert!(
+        stats["heartbeat"]["pings_sent"].as_u64() >= Some(5),
+        "{stats}"
+    );
 }
 
 #[tokio::test]
@@ -96,7 +107,10 @@ async fn a_silent_agent_is_declared_stale_within_the_bound_and_closed_4002() {
 
     // interval + ping_timeout + 1 s
     let bound = Duration::from_secs_f64(1.0 + 0.5 + 1.0);
-    assert!(closed_after <= bound, "stale after {closed_after:?}, bound {bound:?}");
+    assert!(
+        closed_after <= bound,
+        "stale after {closed_after:?}, bound {bound:?}"
+    );
     assert!(
         pinged_after >= Duration::from_millis(950),
         "pinged after only {pinged_after:?} of silence"
@@ -123,7 +137,10 @@ async fn a_silent_agent_is_declared_stale_within_the_bound_and_closed_4002() {
     let stale = all.iter().find(|e| e["type"] == "agent.stale").unwrap();
     assert_eq!(stale["data"]["reason"], "ping_timeout", "{stale}");
     assert!(stale["data"]["last_seen"].is_number(), "{stale}");
-    let disconnected = all.iter().find(|e| e["type"] == "agent.disconnected").unwrap();
+    let disconnected = all
+        .iter()
+        .find(|e| e["type"] == "agent.disconnected")
+        .unwrap();
     assert_eq!(disconnected["data"]["reason"], "stale", "{disconnected}");
     assert_eq!(disconnected["data"]["close_code"], 4002, "{disconnected}");
 
@@ -195,7 +212,10 @@ async fn an_agent_without_activity_becomes_inactive_then_active_again() {
         .await;
     let inactive = all.last().unwrap().clone();
     assert!(quiet_since.elapsed() >= Duration::from_millis(450));
-    assert!(inactive["data"]["inactive_secs"].as_f64() >= Some(0.45), "{inactive}");
+    assert!(
+        inactive["data"]["inactive_secs"].as_f64() >= Some(0.45),
+        "{inactive}"
+    );
     let info = admin_agent(&server, "alice").await;
     assert_eq!(info["state"], "inactive", "{info}");
     let stats: Value = common::http()
@@ -258,7 +278,10 @@ async fn pong_answers_do_not_count_as_activity() {
     let inactive = events
         .wait_for(|e| e["type"] == "agent.inactive" && e["subject"] == "alice")
         .await;
-    assert!(inactive["data"]["inactive_secs"].as_f64() >= Some(0.95), "{inactive}");
+    assert!(
+        inactive["data"]["inactive_secs"].as_f64() >= Some(0.95),
+        "{inactive}"
+    );
     assert_eq!(admin_agent(&server, "alice").await["state"], "inactive");
     answering.abort();
 }

@@ -182,7 +182,13 @@ async fn a_slow_consumer_is_closed_4003_while_the_others_keep_receiving() {
     let server = TestServer::start(&[("TETHER__LIMITS__MAX_MESSAGE_QUEUE_SIZE", "4")]);
     let url = server.ws_url();
     let mut events = EventStream::subscribe(&server, None).await;
-    let (mut slow, _) = Agent::register(&url, "slow").await; // does not read until cut off
+    // `slow` does not read until it is cut off; its small receive buffer keeps the
+    // backlog it must read before the close frame small.
+    let mut slow = Agent::connect_with_receive_buffer(&url, 64 * 1024).await;
+    let registered = slow
+        .request(json!({"type":"system_request","command":"register_agent","agent_id":"slow"}))
+        .await;
+    assert_eq!(registered["success"], true, "{registered}");
     let (mut sender, _) = Agent::register(&url, "sender").await;
     let (mut reader, _) = Agent::register(&url, "reader").await;
 

@@ -66,7 +66,9 @@ impl TestServer {
         let stdout = child.stdout.take().unwrap();
         let mut reader = BufReader::new(stdout);
         let mut line = String::new();
-        reader.read_line(&mut line).expect("cannot read the server's stdout");
+        reader
+            .read_line(&mut line)
+            .expect("cannot read the server's stdout");
         let addr = line
             .trim()
             .strip_prefix("tether listening on http://")
@@ -161,6 +163,33 @@ impl Agent {
         }
     }
 
+    /// Connects without registering, with a TCP receive buffer of about `bytes` (so
+    /// that what the kernel holds for a client that stops reading stays small).
+    pub async fn connect_with_receive_buffer(url: &str, bytes: u32) -> Self {
+        let addr: std::net::SocketAddr = url
+            .strip_prefix("ws://")
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|addr| addr.parse().ok())
+            .expect("a ws://IP:PORT/ URL");
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(bytes).unwrap();
+        let stream = tokio::time::timeout(DEADLINE, socket.connect(addr))
+            .await
+            .expect("connect timed out")
+            .expect("cannot connect");
+        let (ws, _) = tokio::time::timeout(
+            DEADLINE,
+            tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)),
+        )
+        .await
+        .expect("WebSocket handshake timed out")
+        .expect("WebSocket handshake failed");
+        Self {
+            ws,
+            pending: Default::default(),
+        }
+    }
+
     /// Connects and registers as `agent_id`; panics unless it succeeds.
     pub async fn register(url: &str, agent_id: &str) -> (Self, Value) {
         let mut agent = Self::connect(url).await;
@@ -168,13 +197,19 @@ impl Agent {
             .request(json!({"type":"system_request","command":"register_agent",
                              "agent_id": agent_id, "metadata": {"name": agent_id}}))
             .await;
-        assert_eq!(response["success"], true, "registration of {agent_id} failed: {response}");
+        assert_eq!(
+            response["success"], true,
+            "registration of {agent_id} failed: {response}"
+        );
         (agent, response)
     }
 
     /// Sends a JSON frame.
     pub async fn send(&mut self, frame: Value) {
-        self.ws.send(Message::text(frame.to_string())).await.expect("send failed");
+        self.ws
+            .send(Message::text(frame.to_string()))
+            .await
+            .expect("send failed");
     }
 
     /// Sends a raw WebSocket message.
@@ -208,8 +243,12 @@ impl Agent {
                 .expect("connection ended while waiting for a frame")
                 .expect("WebSocket error while waiting for a frame");
             match message {
-                Message::Text(text) => return serde_json::from_str(&text).expect("server sent invalid JSON"),
-                Message::Close(frame) => panic!("connection closed while waiting for a frame: {frame:?}"),
+                Message::Text(text) => {
+                    return serde_json::from_str(&text).expect("server sent invalid JSON")
+                }
+                Message::Close(frame) => {
+                    panic!("connection closed while waiting for a frame: {frame:?}")
+                }
                 _ => continue,
             }
         }
@@ -242,9 +281,11 @@ impl Agent {
             let ping = self
                 .wait_for(|f| f["type"] == "system_request" && f["command"] == "ping_agent")
                 .await;
-            self.send(json!({"type":"system_response","command":"ping_agent","success":true,
-                              "timestamp": ping["timestamp"]}))
-                .await;
+            self.send(
+                json!({"type":"system_response","command":"ping_agent","success":true,
+                              "timestamp": ping["timestamp"]}),
+            )
+            .await;
             answered += 1;
         }
         answered
@@ -257,7 +298,9 @@ impl Agent {
                 .await
                 .expect("timed out waiting for the connection to close")
             {
-                Some(Ok(Message::Close(Some(frame)))) => return Closed::Code(u16::from(frame.code)),
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return Closed::Code(u16::from(frame.code))
+                }
                 Some(Ok(Message::Close(None))) => return Closed::Code(1005),
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return Closed::NoCloseFrame,
