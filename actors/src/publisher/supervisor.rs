@@ -260,19 +260,19 @@ impl<B: Broker> BrokerPublisher<B> {
     fn on_connected(&mut self, client: B::Client) {
         self.client = Some(client);
         self.connected = true;
-        if self.failed_connects > 0 || self.restarts > 0 {
-            log::info!(
-                "publisher {}: connected to {} after {} failed attempt(s); {} events buffered",
-                self.name(),
-                self.broker.describe(),
-                self.failed_connects,
-                self.buffer.len()
-            );
-        } else {
+        if self.generation == 1 && self.failed_connects == 0 {
             log::info!(
                 "publisher {}: connected to {}",
                 self.name(),
                 self.broker.describe()
+            );
+        } else {
+            log::info!(
+                "publisher {}: connected to {} again ({} failed attempt(s) since the last connection); delivering the {} buffered events",
+                self.name(),
+                self.broker.describe(),
+                self.failed_connects,
+                self.buffer.len()
             );
         }
         self.failed_connects = 0;
@@ -332,6 +332,14 @@ impl<B: Broker> BrokerPublisher<B> {
             act.delivered += acked as u64;
             match error {
                 None => {
+                    if !act.connected {
+                        log::info!(
+                            "publisher {}: {} acknowledges events again; {} buffered",
+                            act.name(),
+                            act.broker.describe(),
+                            act.buffer.len()
+                        );
+                    }
                     act.connected = true;
                     act.backoff.reset();
                     // A burst ends once the buffer is back to half its capacity, so
@@ -651,11 +659,19 @@ impl<B: Broker> Handler<ConnectionLost> for BrokerPublisher<B> {
         if msg.generation != self.generation || self.client.is_none() {
             return;
         }
-        self.connected = false;
+        let was_connected = std::mem::replace(&mut self.connected, false);
         self.last_error = Some(msg.error.clone());
-        // An operation in flight fails (or recovers) on its own and decides then.
         if self.op == Op::Idle {
             self.restart(format!("connection lost: {}", msg.error), ctx);
+        } else if was_connected {
+            // The operation in flight fails (or recovers, when the client retries
+            // on its own) and decides then.
+            log::warn!(
+                "publisher {}: connection lost: {}; {} events buffered meanwhile",
+                self.name(),
+                msg.error,
+                self.buffer.len()
+            );
         }
     }
 }
