@@ -293,3 +293,45 @@ async fn a_frame_sent_right_after_the_registration_response_is_handled_as_regist
         client.await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn the_registration_response_is_the_first_frame_even_amid_broadcasts() {
+    let server = TestServer::start(&[
+        ("TETHER__HEARTBEAT__INTERVAL", "0.2"),
+        ("TETHER__HEARTBEAT__PING_TIMEOUT", "0.1"),
+        ("TETHER__HEARTBEAT__AGENT_TIMEOUT", "5"),
+        ("TETHER__HEARTBEAT__TICK", "0.05"),
+    ]);
+    let (mut chatter, _) = Agent::register(&server.ws_url(), "chatter").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let chatting = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            // A steady stream (not a flood: the newcomers must be able to keep up).
+            let mut every = tokio::time::interval(std::time::Duration::from_millis(2));
+            let mut n = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                every.tick().await;
+                chatter.send(broadcast(&[], json!(n))).await;
+                n += 1;
+            }
+            n
+        })
+    };
+    for i in 0..30 {
+        let mut newcomer = Agent::connect(&server.ws_url()).await;
+        newcomer
+            .send(json!({"type":"system_request","command":"register_agent",
+                         "agent_id": format!("newcomer-{i}")}))
+            .await;
+        let first = newcomer.next().await;
+        assert_eq!(first["type"], "system_response", "first frame: {first}");
+        assert_eq!(first["command"], "register_agent", "first frame: {first}");
+        assert_eq!(first["success"], true, "{first}");
+        // It does get the broadcasts afterwards.
+        newcomer.wait_for(is_message).await;
+        newcomer.abort();
+    }
+    stop.store(true, Ordering::Release);
+    assert!(chatting.await.unwrap() > 0);
+}
