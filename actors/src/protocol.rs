@@ -119,7 +119,8 @@ pub enum MessageKind {
     Direct(String),
     /// To every registered agent but the sender and `data.exclude_agent_ids`.
     Broadcast(Vec<String>),
-    /// To a mod (none are loaded).
+    /// To a mod (none are loaded): `mod_message`, or `protocol_message` from
+    /// OpenAgents 0.5.x clients.
     Mod,
 }
 
@@ -149,7 +150,8 @@ pub fn message_kind(frame: &Map<String, Value>) -> Result<MessageKind, FrameErro
                 .unwrap_or_default();
             Ok(MessageKind::Broadcast(exclude))
         }
-        Some("mod_message") => Ok(MessageKind::Mod),
+        // OpenAgents 0.5.x clients send `protocol_message` for what later became mods.
+        Some("mod_message" | "protocol_message") => Ok(MessageKind::Mod),
         Some(other) => Err(FrameError(format!("unknown message_type `{other}`"))),
         None => Err(FrameError("message has no `data.message_type`".into())),
     }
@@ -262,6 +264,17 @@ mod tests {
             parse_frame(r#"{"type":"system_response","command":"ping_agent"}"#),
             Ok(Inbound::PingAnswer)
         ));
+    }
+
+    #[test]
+    fn protocol_messages_of_openagents_0_5_are_mod_messages() {
+        for kind in ["mod_message", "protocol_message"] {
+            let text = format!(r#"{{"type":"message","data":{{"message_type":"{kind}"}}}}"#);
+            let Ok(Inbound::Message(frame)) = parse_frame(&text) else {
+                panic!("not a message")
+            };
+            assert_eq!(message_kind(&frame), Ok(MessageKind::Mod));
+        }
     }
 
     #[test]
