@@ -12,7 +12,9 @@ async fn an_agent_registers_and_is_listed() {
     assert_eq!(response["agent_id"], "alice");
     assert_eq!(response["incarnation"], 1);
     assert_eq!(response["network_name"], "Tether");
-    assert!(response["session_id"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(response["session_id"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
     let listed = alice
         .request(json!({"type":"system_request","command":"list_agents","request_id":"r1"}))
         .await;
@@ -33,13 +35,25 @@ async fn every_registration_error_code_is_answered_and_the_socket_stays_open() {
         (json!({"agent_id": "has space"}), "invalid_agent_id"),
         (json!({"agent_id": "a".repeat(129)}), "invalid_agent_id"),
         (json!({"agent_id": 5}), "invalid_agent_id"),
-        (json!({"agent_id": "ok", "metadata": [1]}), "invalid_metadata"),
-        (json!({"agent_id": "ok", "metadata": {"blob": "x".repeat(100)}}), "invalid_metadata"),
-        (json!({"agent_id": "ok", "certificate": {"agent_id": "ok"}}), "invalid_certificate"),
+        (
+            json!({"agent_id": "ok", "metadata": [1]}),
+            "invalid_metadata",
+        ),
+        (
+            json!({"agent_id": "ok", "metadata": {"blob": "x".repeat(100)}}),
+            "invalid_metadata",
+        ),
+        (
+            json!({"agent_id": "ok", "certificate": {"agent_id": "ok"}}),
+            "invalid_certificate",
+        ),
     ];
     for (fields, code) in cases {
         let mut frame = json!({"type":"system_request","command":"register_agent"});
-        frame.as_object_mut().unwrap().extend(fields.as_object().unwrap().clone());
+        frame
+            .as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
         let response = agent.request(frame).await;
         assert_eq!(response["success"], false, "{response}");
         assert_eq!(response["error_code"], code, "{response}");
@@ -92,7 +106,9 @@ async fn a_socket_that_never_registers_is_closed_4008() {
 async fn requests_before_registration_get_not_registered() {
     let server = TestServer::start(&[]);
     let mut agent = Agent::connect(&server.ws_url()).await;
-    agent.send(json!({"type":"system_request","command":"list_agents"})).await;
+    agent
+        .send(json!({"type":"system_request","command":"list_agents"}))
+        .await;
     let error = agent.next().await;
     assert_eq!(error["type"], "error");
     assert_eq!(error["error_code"], "not_registered");
@@ -115,7 +131,9 @@ async fn a_client_close_ends_with_disconnected_then_cleaned_up() {
     let mut events = EventStream::subscribe(&server, None).await;
     let (alice, _) = Agent::register(&server.ws_url(), "alice").await;
     alice.close().await;
-    let all = events.collect_until(|e| e["type"] == "agent.cleaned_up").await;
+    let all = events
+        .collect_until(|e| e["type"] == "agent.cleaned_up")
+        .await;
     let mine = common::agent_events(&all, "alice");
     assert_eq!(
         mine,
@@ -125,6 +143,9 @@ async fn a_client_close_ends_with_disconnected_then_cleaned_up() {
             ("agent.cleaned_up".into(), 1, 3)
         ]
     );
-    let disconnected = all.iter().find(|e| e["type"] == "agent.disconnected").unwrap();
+    let disconnected = all
+        .iter()
+        .find(|e| e["type"] == "agent.disconnected")
+        .unwrap();
     assert_eq!(disconnected["data"]["reason"], "client_closed");
 }
