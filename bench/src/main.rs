@@ -1,0 +1,417 @@
+//! `tether-bench`: the benchmark harness of issue 4. Each subcommand is one workload;
+//! it starts every system it measures itself (Tether from the release binary, the
+//! OpenAgents 0.5.1 network server from a virtualenv, the floor server from this
+//! binary), drives them with client worker processes over loopback, and prints a
+//! Markdown table of medians. `smoke` runs every workload in a tiny configuration.
+
+#![warn(missing_docs)]
+#![warn(clippy::all)]
+
+mod client;
+mod floor;
+mod pool;
+mod procfs;
+mod sse;
+mod stats;
+mod systems;
+mod wire;
+mod worker;
+mod workloads;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use systems::{Env, System};
+use workloads::Ctx;
+
+/// Benchmarks Tether against the OpenAgents network server and a bare WebSocket floor.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options shared by every workload.
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// Systems measured side by side: any of tether, openagents, floor.
+    #[arg(long, default_value = "tether,openagents,floor")]
+    systems: String,
+    /// Runs per configuration and system; tables show medians.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Also append the tables to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The Tether binary (default: `tether` next to this binary, else
+    /// `../release/tether`).
+    #[arg(long)]
+    tether_bin: Option<PathBuf>,
+    /// Virtualenv for openagents 0.5.1 (default: `.venv-bench` at the workspace root;
+    /// created when missing).
+    #[arg(long)]
+    venv: Option<PathBuf>,
+    /// Most sockets one client worker process holds.
+    #[arg(long, default_value_t = 5000)]
+    per_worker: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Idle fleet memory: server RSS per registered idle agent.
+    IdleMemory {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: workloads::idle_memory::Args,
+    },
+    /// Registration rate and connect-to-registered latency.
+    RegistrationRate {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: workloads::registration::Args,
+    },
+    /// Heartbeat at scale: CPU, ping lag, false stale evictions.
+    Heartbeat {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: workloads::heartbeat::Args,
+    },
+    /// Dead-agent detection time against the protocol bound.
+    DeadDetection {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: workloads::dead_detection::Args,
+    },
+    /// Direct-message and broadcast routing.
+    Routing {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: workloads::routing::Args,
+    },
+    /// Continuous connect/leave: registry accuracy, memory, lifecycle events.
+    Churn {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: workloads::churn::Args,
+    },
+    /// Lifecycle events into Redis, Kafka and RabbitMQ.
+    EventPublishing {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: workloads::event_publishing::Args,
+    },
+    /// Every workload in a tiny configuration (Tether and floor), for CI. Exits
+    /// non-zero if a workload could not run at all; never asserts speed.
+    Smoke {
+        /// Also append the tables to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The Tether binary.
+        #[arg(long)]
+        tether_bin: Option<PathBuf>,
+    },
+    /// The floor server: tokio-tungstenite accept, read, echo, hold.
+    FloorServer {
+        /// Address to bind.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port (0 = any; the bound address is printed).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Runtime threads (default: one per core, like Tether's workers).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Internal: a load-generating process driven by the harness over stdin/stdout.
+    #[command(hide = true)]
+    ClientWorker {
+        /// Worker index (selects its loopback source addresses).
+        #[arg(long, default_value_t = 0)]
+        index: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::FloorServer {
+            host,
+            port,
+            threads,
+        } => {
+            let threads = if threads == 0 {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+            } else {
+                threads
+            };
+            floor::run(&host, port, threads)
+        }
+        Command::ClientWorker { index } => worker::run(index),
+        other => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            runtime.block_on(harness(other))
+        }
+    }
+}
+
+async fn context(common: &Common) -> Result<Ctx, String> {
+    let systems = System::parse_list(&common.systems)?;
+    let env = Env::prepare(
+        common.tether_bin.as_deref(),
+        common.venv.as_deref(),
+        systems.contains(&System::OpenAgents),
+        true,
+    )
+    .await?;
+    Ok(Ctx {
+        env,
+        systems,
+        repeat: common.repeat.max(1),
+        per_worker: common.per_worker,
+        out: common.out.clone(),
+        failures: Default::default(),
+    })
+}
+
+async fn harness(command: Command) -> ExitCode {
+    let result = match command {
+        Command::IdleMemory { common, args } => {
+            one(&common, |ctx| {
+                Box::pin(async move {
+                    workloads::idle_memory::run(&ctx, &args)
+                        .await
+                        .map(|t| (ctx, t))
+                })
+            })
+            .await
+        }
+        Command::RegistrationRate { common, args } => {
+            one(&common, |ctx| {
+                Box::pin(async move {
+                    workloads::registration::run(&ctx, &args)
+                        .await
+                        .map(|t| (ctx, t))
+                })
+            })
+            .await
+        }
+        Command::Heartbeat { common, args } => {
+            one(&common, |ctx| {
+                Box::pin(async move {
+                    workloads::heartbeat::run(&ctx, &args)
+                        .await
+                        .map(|t| (ctx, t))
+                })
+            })
+            .await
+        }
+        Command::DeadDetection { common, args } => {
+            one(&common, |ctx| {
+                Box::pin(async move {
+                    workloads::dead_detection::run(&ctx, &args)
+                        .await
+                        .map(|t| (ctx, t))
+                })
+            })
+            .await
+        }
+        Command::Routing { common, args } => {
+            one(&common, |ctx| {
+                Box::pin(
+                    async move { workloads::routing::run(&ctx, &args).await.map(|t| (ctx, t)) },
+                )
+            })
+            .await
+        }
+        Command::Churn { common, args } => {
+            one(&common, |ctx| {
+                Box::pin(async move { workloads::churn::run(&ctx, &args).await.map(|t| (ctx, t)) })
+            })
+            .await
+        }
+        Command::EventPublishing { common, args } => {
+            one(&common, |ctx| {
+                Box::pin(async move {
+                    workloads::event_publishing::run(&ctx, &args)
+                        .await
+                        .map(|t| (ctx, t))
+                })
+            })
+            .await
+        }
+        Command::Smoke { out, tether_bin } => smoke(out, tether_bin).await,
+        Command::FloorServer { .. } | Command::ClientWorker { .. } => unreachable!(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type TablesFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Ctx, Vec<stats::Table>), String>>>>;
+
+/// Runs one workload and emits its tables.
+async fn one(common: &Common, run: impl FnOnce(Ctx) -> TablesFuture) -> Result<(), String> {
+    let ctx = context(common).await?;
+    let (ctx, tables) = run(ctx).await?;
+    for table in &tables {
+        workloads::emit(&ctx, table);
+    }
+    let failures = ctx.failures.lock().unwrap();
+    if !failures.is_empty() {
+        eprintln!(
+            "tether-bench: could not run at all: {}",
+            failures.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// Every workload, tiny, Tether and floor only.
+async fn smoke(out: Option<PathBuf>, tether_bin: Option<PathBuf>) -> Result<(), String> {
+    let common = Common {
+        systems: "tether,floor".into(),
+        repeat: 1,
+        out,
+        tether_bin,
+        venv: None,
+        per_worker: 150,
+    };
+    let ctx = context(&common).await?;
+    let mut failures = Vec::new();
+    macro_rules! step {
+        ($name:literal, $call:expr) => {
+            eprintln!("tether-bench smoke: {}", $name);
+            match $call.await {
+                Ok(tables) => {
+                    for table in &tables {
+                        workloads::emit(&ctx, table);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("tether-bench smoke: {} FAILED: {e}", $name);
+                    failures.push(format!("{}: {e}", $name));
+                }
+            }
+        };
+    }
+    step!(
+        "idle-memory",
+        workloads::idle_memory::run(
+            &ctx,
+            &workloads::idle_memory::Args {
+                agents: vec![300],
+                settle: 1.0,
+                dialers: 16,
+            }
+        )
+    );
+    step!(
+        "registration-rate",
+        workloads::registration::run(
+            &ctx,
+            &workloads::registration::Args {
+                agents: 300,
+                dialers: 16,
+                workers: 2,
+            }
+        )
+    );
+    step!(
+        "heartbeat",
+        workloads::heartbeat::run(
+            &ctx,
+            &workloads::heartbeat::Args {
+                agents: vec![300],
+                interval: 1.0,
+                ping_timeout: 0.5,
+                duration: 3.0,
+                probe_rate: 5.0,
+                dialers: 16,
+            }
+        )
+    );
+    step!(
+        "dead-detection",
+        workloads::dead_detection::run(
+            &ctx,
+            &workloads::dead_detection::Args {
+                agents: 100,
+                interval: 2.0,
+                ping_timeout: 1.0,
+            }
+        )
+    );
+    step!(
+        "routing",
+        workloads::routing::run(
+            &ctx,
+            &workloads::routing::Args {
+                pairs: 100,
+                window: 2,
+                duration: 2.0,
+                warmup: 0.5,
+                fixed_rate: 1000.0,
+                broadcast_agents: 100,
+                broadcast_rate: 10.0,
+            }
+        )
+    );
+    step!(
+        "churn",
+        workloads::churn::run(
+            &ctx,
+            &workloads::churn::Args {
+                rate: 50.0,
+                duration: 3.0,
+                lifetime_ms: 500,
+                workers: 2,
+            }
+        )
+    );
+    step!(
+        "event-publishing",
+        workloads::event_publishing::run(
+            &ctx,
+            &workloads::event_publishing::Args {
+                brokers: vec!["redis".into(), "kafka".into(), "rabbitmq".into()],
+                rate: 50.0,
+                duration: 2.0,
+                lifetime_ms: 100,
+                workers: 1,
+                redis: "127.0.0.1:6379".into(),
+                kafka: "127.0.0.1:9092".into(),
+                rabbitmq: "127.0.0.1:5672".into(),
+            }
+        )
+    );
+    failures.extend(ctx.failures.lock().unwrap().drain(..));
+    if failures.is_empty() {
+        eprintln!("tether-bench smoke: every workload ran");
+        Ok(())
+    } else {
+        Err(format!(
+            "smoke: {} workload(s) could not run: {}",
+            failures.len(),
+            failures.join("; ")
+        ))
+    }
+}
