@@ -139,7 +139,12 @@ async fn events_published_while_kafka_is_unreachable_arrive_afterwards_in_order_
     let proxy = Proxy::start(&format!("127.0.0.1:{tansu_port}"));
     let _tansu = TansuProcess::start(tansu_port, &proxy.addr());
     let topic = unique("tether-outage");
-    let server = start(&kafka_env(&proxy.addr(), &topic));
+    // Short timeouts so the outage outlasts the producer's own retries and the
+    // publisher has to restart it.
+    let mut env = kafka_env(&proxy.addr(), &topic);
+    env.push(("TETHER__EVENTS__KAFKA__REQUEST_TIMEOUT".into(), "1".into()));
+    env.push(("TETHER__EVENTS__KAFKA__DELIVERY_TIMEOUT".into(), "1".into()));
+    let server = start(&env);
     let mut consumer = kafka_topic(&proxy.addr(), &topic);
     let mut sse = sse(&server).await;
     let agents = ["flow-a", "flow-b", "flow-c"];
@@ -164,6 +169,10 @@ async fn events_published_while_kafka_is_unreachable_arrive_afterwards_in_order_
     })
     .await;
     assert_eq!(during["status"], "warning", "{during}");
+    wait_publisher(&server, "kafka", DEADLINE, "restarted", |c| {
+        c["restarts"].as_u64().unwrap() >= 1
+    })
+    .await;
     proxy.restore();
     flow.wait_cycles(10).await;
     let ends = flow.stop().await;
