@@ -8,7 +8,8 @@
 mod common;
 
 use common::brokers::{
-    health, redis_stream, require, sse, unique, wait_publisher, RedisProcess, DRAIN_DEADLINE, REDIS,
+    health, redis_channel, redis_stream, require, sse, unique, wait_publisher, RedisProcess,
+    DRAIN_DEADLINE, REDIS,
 };
 use common::lifecycle::{
     assert_same_per_agent, events_of, ids, scenario, wait_cleaned_up, Flow, SCENARIO_AGENTS,
@@ -52,7 +53,13 @@ async fn a_redis_stream_consumer_receives_every_lifecycle_event_as_on_the_sse_st
     require(REDIS, "Redis");
     let url = format!("redis://{REDIS}");
     let stream = unique("tether-test");
-    let server = start(&redis_env(&url, &stream, &[]));
+    let channel = unique("tether-channel");
+    let mut subscriber = redis_channel(&url, &channel).await;
+    let server = start(&redis_env(
+        &url,
+        &stream,
+        &[("TETHER__EVENTS__REDIS__PUBLISH_CHANNEL", &channel)],
+    ));
     let mut consumer = redis_stream(&url, &stream);
     let mut sse = sse(&server).await;
 
@@ -60,6 +67,9 @@ async fn a_redis_stream_consumer_receives_every_lifecycle_event_as_on_the_sse_st
     consumer.until_ids(&ids(&events), DEADLINE).await;
     let duplicates = assert_same_per_agent(&events, &consumer.events(), &SCENARIO_AGENTS);
     assert_eq!(duplicates, 0, "no outage, so no event should come twice");
+    // With publish_channel set, every event is also PUBLISHed.
+    subscriber.until_ids(&ids(&events), DEADLINE).await;
+    assert_same_per_agent(&events, &subscriber.events(), &SCENARIO_AGENTS);
     // Every entry is `event <json>` only.
     assert!(consumer.received.iter().all(|r| r.meta["fields"] == 1));
     assert_eq!(consumer.received[0].event["type"], "network.started");

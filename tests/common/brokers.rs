@@ -271,6 +271,52 @@ pub fn redis_stream(url: &str, stream: &str) -> Collector {
     collector
 }
 
+/// Receives what is `PUBLISH`ed on a Redis channel. Returns once subscribed.
+pub async fn redis_channel(url: &str, channel: &str) -> Collector {
+    let (collector, tx) = Collector::new(format!("the subscriber of Redis channel {channel}"));
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
+    let (url, channel) = (url.to_owned(), channel.to_owned());
+    spawn_reader("redis-subscriber", move || async move {
+        let subscribed = async {
+            let client = redis::Client::open(url.as_str())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let pubsub = match subscribed.await {
+            Ok(pubsub) => {
+                let _ = ready_tx.send(Ok(()));
+                pubsub
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        let mut messages = pubsub.into_on_message();
+        while let Some(message) = messages.next().await {
+            let json: String = message.get_payload().expect("payload is not text");
+            let event = serde_json::from_str(&json).expect("message is not JSON");
+            if tx
+                .send(Ok(Received {
+                    event,
+                    meta: Value::Null,
+                }))
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = tx.send(Err("the subscription ended".into()));
+    });
+    tokio::time::timeout(DEADLINE, ready_rx)
+        .await
+        .expect("subscribing timed out")
+        .unwrap()
+        .unwrap_or_else(|e| panic!("cannot subscribe to Redis: {e}"));
+    collector
+}
+
 /// Consumes a RabbitMQ topic exchange through an exclusive queue bound with `#`.
 /// Returns once the queue is bound, so every event published afterwards arrives.
 pub async fn rabbitmq_exchange(url: &str, exchange: &str) -> Collector {
