@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Tether's test command: installs and starts what the tests need, then runs every test.
 #
-#   ./scripts/test.sh            # everything (what CI runs)
-#   ./scripts/test.sh --test X   # extra arguments go to `cargo test`
+#   ./scripts/test.sh            # everything (what CI runs): bench smoke run, then every test
+#   ./scripts/test.sh --test X   # extra arguments go to `cargo test` (the smoke run is skipped)
 #
 # What it makes sure of, idempotently:
 #   - Redis on 127.0.0.1:6379 and RabbitMQ on 127.0.0.1:5672 (started if installed but
@@ -66,6 +66,14 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openagents' 2>/dev
   .venv/bin/pip install -q --disable-pip-version-check openagents==0.5.1 requests packaging >&2
 fi
 export TETHER_TEST_PYTHON="$root/.venv/bin/python"
+
+if [ $# -eq 0 ]; then
+  # The benchmark harness in its smoke configuration (a few hundred agents, seconds),
+  # so it cannot rot; it asserts no speed, only that every workload could run.
+  log "building, then running the benchmark smoke run"
+  cargo build --workspace --bins >&2
+  target/debug/tether-bench smoke --out target/bench-smoke.md >&2
+fi
 
 log "running cargo test"
 exec cargo test --workspace "$@"
