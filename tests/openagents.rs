@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{agent_events, direct, Agent, EventStream, TestServer};
+use common::{direct, Agent, EventStream, TestServer};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -184,21 +184,7 @@ async fn an_openagents_0_5_1_client_registers_lists_and_exchanges_direct_message
     assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
 
     // And its lifecycle ends cleanly on the server.
-    let all = events
-        .collect_until(|e| e["type"] == "agent.cleaned_up" && e["subject"] == "py-agent")
-        .await;
-    assert_eq!(
-        agent_events(&all, "py-agent"),
-        vec![
-            ("agent.registered".into(), 1, 1),
-            ("agent.disconnected".into(), 1, 2),
-            ("agent.cleaned_up".into(), 1, 3),
-        ]
-    );
-    let disconnected = all
-        .iter()
-        .find(|e| e["type"] == "agent.disconnected" && e["subject"] == "py-agent")
-        .unwrap();
+    let (all, disconnected) = common::expect_short_life(&mut events, "py-agent").await;
     assert_eq!(disconnected["data"]["reason"], "client_closed");
     let by_id: HashMap<&str, usize> =
         all.iter()

@@ -449,6 +449,29 @@ pub fn agent_events(events: &[Value], agent_id: &str) -> Vec<(String, u64, u64)>
         .collect()
 }
 
+/// Reads events until `agent_id`'s `agent.cleaned_up`, asserts that its one incarnation
+/// went `registered` → `disconnected` → `cleaned_up` (seq 1, 2, 3), and returns every
+/// event read and the `agent.disconnected` event.
+pub async fn expect_short_life(events: &mut EventStream, agent_id: &str) -> (Vec<Value>, Value) {
+    let all = events
+        .collect_until(|e| e["type"] == "agent.cleaned_up" && e["subject"] == agent_id)
+        .await;
+    assert_eq!(
+        agent_events(&all, agent_id),
+        vec![
+            ("agent.registered".into(), 1, 1),
+            ("agent.disconnected".into(), 1, 2),
+            ("agent.cleaned_up".into(), 1, 3),
+        ]
+    );
+    let disconnected = all
+        .iter()
+        .find(|e| e["type"] == "agent.disconnected" && e["subject"] == agent_id)
+        .unwrap()
+        .clone();
+    (all, disconnected)
+}
+
 /// An HTTP client for the admin API.
 pub fn http() -> reqwest::Client {
     reqwest::Client::new()
