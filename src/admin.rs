@@ -1,9 +1,12 @@
 //! The admin HTTP API (PROTOCOL.md §9): `/health`, `/stats`, `/agents`,
 //! `/agents/{id}`, `DELETE /agents/{id}`. When `admin.token` is set every route but
-//! `/health` requires `Authorization: Bearer <token>`; `/events` is guarded the same
-//! way by [`denied`].
+//! `/health` requires `Authorization: Bearer <token>`: the server wraps them (and
+//! `/events`) in the [`require_token`] middleware.
 
 use crate::state::AppState;
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 use tether_actors::bus::{BusStatus, GetBusStatus};
@@ -17,8 +20,25 @@ const MIN_SUCCESS_RATE: f64 = 95.0;
 const MIN_ATTEMPTS_FOR_RATE: u64 = 20;
 const MAX_CLEANUPS_PER_MINUTE_SHARE: f64 = 0.5;
 
+/// Middleware: answers 401 unless the request carries the admin token (if one is set).
+pub async fn require_token(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let denial = req
+        .app_data::<web::Data<AppState>>()
+        .and_then(|state| denied(req.request(), state));
+    match denial {
+        Some(response) => Ok(req.into_response(response).map_into_right_body()),
+        None => next
+            .call(req)
+            .await
+            .map(ServiceResponse::map_into_left_body),
+    }
+}
+
 /// A 401 response unless the request carries the admin token (if one is set).
-pub fn denied(req: &HttpRequest, state: &AppState) -> Option<HttpResponse> {
+fn denied(req: &HttpRequest, state: &AppState) -> Option<HttpResponse> {
     let token = state.settings.admin.token.as_ref()?;
     let given = req
         .headers()
@@ -38,10 +58,7 @@ fn unavailable(error: impl std::fmt::Display) -> HttpResponse {
 }
 
 /// `GET /stats`
-pub async fn stats(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Some(denied) = denied(&req, &state) {
-        return denied;
-    }
+pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
     let (connections, heartbeat, events) = match tokio::try_join!(
         state.registry.send(GetStats),
         state.heartbeat.send(GetHeartbeatStats),
@@ -58,10 +75,7 @@ pub async fn stats(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse
 }
 
 /// `GET /agents`
-pub async fn list_agents(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    if let Some(denied) = denied(&req, &state) {
-        return denied;
-    }
+pub async fn list_agents(state: web::Data<AppState>) -> HttpResponse {
     match state.registry.send(ListAgents).await {
         Ok(agents) => HttpResponse::Ok().json(json!({"count": agents.len(), "agents": agents})),
         Err(e) => unavailable(e),
@@ -69,14 +83,7 @@ pub async fn list_agents(req: HttpRequest, state: web::Data<AppState>) -> HttpRe
 }
 
 /// `GET /agents/{id}`
-pub async fn get_agent(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-    id: web::Path<String>,
-) -> HttpResponse {
-    if let Some(denied) = denied(&req, &state) {
-        return denied;
-    }
+pub async fn get_agent(state: web::Data<AppState>, id: web::Path<String>) -> HttpResponse {
     match state.registry.send(GetAgent(id.into_inner())).await {
         Ok(Some(agent)) => HttpResponse::Ok().json(agent),
         Ok(None) => {
@@ -87,14 +94,7 @@ pub async fn get_agent(
 }
 
 /// `DELETE /agents/{id}`
-pub async fn remove_agent(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-    id: web::Path<String>,
-) -> HttpResponse {
-    if let Some(denied) = denied(&req, &state) {
-        return denied;
-    }
+pub async fn remove_agent(state: web::Data<AppState>, id: web::Path<String>) -> HttpResponse {
     match state.registry.send(RemoveAgent(id.into_inner())).await {
         Ok(true) => HttpResponse::NoContent().finish(),
         Ok(false) => {

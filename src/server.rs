@@ -4,6 +4,7 @@
 use crate::state::AppState;
 use crate::{admin, publishers, sse, ws};
 use actix::prelude::*;
+use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 use serde_json::{json, Map};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -89,11 +90,15 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
             .route("/", web::get().to(ws::upgrade))
             .route("/ws", web::get().to(ws::upgrade))
             .route("/health", web::get().to(admin::health))
-            .route("/stats", web::get().to(admin::stats))
-            .route("/agents", web::get().to(admin::list_agents))
-            .route("/agents/{id}", web::get().to(admin::get_agent))
-            .route("/agents/{id}", web::delete().to(admin::remove_agent))
-            .route("/events", web::get().to(sse_guarded))
+            .service(
+                web::scope("")
+                    .wrap(from_fn(admin::require_token))
+                    .route("/stats", web::get().to(admin::stats))
+                    .route("/agents", web::get().to(admin::list_agents))
+                    .route("/agents/{id}", web::get().to(admin::get_agent))
+                    .route("/agents/{id}", web::delete().to(admin::remove_agent))
+                    .route("/events", web::get().to(sse::events)),
+            )
     })
     .disable_signals()
     .shutdown_timeout(5)
@@ -136,19 +141,6 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
     handle.stop(true).await;
     let _ = server_task.await;
     Ok(summary)
-}
-
-async fn sse_guarded(
-    req: actix_web::HttpRequest,
-    state: web::Data<AppState>,
-) -> actix_web::HttpResponse {
-    if let Some(denied) = admin::denied(&req, &state) {
-        return denied;
-    }
-    match sse::events(state).await {
-        Ok(response) => response,
-        Err(e) => e.error_response(),
-    }
 }
 
 /// The shutdown sequence of issue #2: stop accepting, notify, wait, force, publish
