@@ -39,8 +39,6 @@ fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
 
 /// Loads and validates the configuration.
 pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
-    let mut builder =
-        Config::builder().add_source(File::from_str(DEFAULT_CONFIG, FileFormat::Toml));
     if let Some(path) = path {
         if !path.is_file() {
             return Err(invalid(
@@ -48,22 +46,63 @@ pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
                 "configuration file not found (given with --config or TETHER_CONFIG)",
             ));
         }
+    }
+    let user = user_sources(Config::builder(), path)
+        .build()
+        .map_err(|e| from_config_error(e, path))?;
+    let defaults = Config::builder().add_source(File::from_str(DEFAULT_CONFIG, FileFormat::Toml));
+    let loaded = user_sources(defaults, path)
+        .build()
+        .map_err(|e| from_config_error(e, path))?;
+    let mut settings: Settings = loaded
+        .try_deserialize()
+        .map_err(|e| from_config_error(e, path))?;
+    let user_set = |key: &str| user.get::<config::Value>(key).is_ok();
+    derive_heartbeat_defaults(&mut settings, user_set);
+    validate(&settings)?;
+    Ok(settings)
+}
+
+/// The optional file and the environment, layered over `builder`.
+fn user_sources(
+    mut builder: config::ConfigBuilder<config::builder::DefaultState>,
+    path: Option<&Path>,
+) -> config::ConfigBuilder<config::builder::DefaultState> {
+    if let Some(path) = path {
         builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
     }
-    builder = builder.add_source(
+    builder.add_source(
         Environment::with_prefix("TETHER")
             .prefix_separator("__")
             .separator("__")
             .list_separator(",")
             .with_list_parse_key("events.publishers")
             .try_parsing(true),
-    );
-    let loaded = builder.build().map_err(|e| from_config_error(e, path))?;
-    let settings: Settings = loaded
-        .try_deserialize()
-        .map_err(|e| from_config_error(e, path))?;
-    validate(&settings)?;
-    Ok(settings)
+    )
+}
+
+/// Keeps the heartbeat's defaults consistent with an interval the user chose: when
+/// only `heartbeat.interval` is set (say `TETHER__HEARTBEAT__INTERVAL=2`), a default
+/// `ping_timeout` at or above it becomes half the interval, and a default
+/// `agent_timeout` below `interval + ping_timeout` becomes three intervals (the
+/// defaults' own ratio, 90 s for 30 s). Values the user set are never changed: if
+/// they conflict, [`validate`] names them.
+pub fn derive_heartbeat_defaults(settings: &mut Settings, user_set: impl Fn(&str) -> bool) {
+    let hb = &mut settings.heartbeat;
+    if !user_set("heartbeat.ping_timeout") && hb.ping_timeout >= hb.interval {
+        hb.ping_timeout = hb.interval / 2.0;
+        log::info!(
+            "heartbeat.ping_timeout not set: using {} s (half of heartbeat.interval)",
+            hb.ping_timeout
+        );
+    }
+    if !user_set("heartbeat.agent_timeout") && hb.agent_timeout < hb.interval + hb.ping_timeout {
+        hb.agent_timeout = (hb.interval * 3.0).max(hb.interval + hb.ping_timeout);
+        log::info!(
+            "heartbeat.agent_timeout not set: using {} s (three heartbeat intervals)",
+            hb.agent_timeout
+        );
+    }
 }
 
 fn from_config_error(error: config::ConfigError, path: Option<&Path>) -> ConfigError {
@@ -330,6 +369,39 @@ mod tests {
         s.heartbeat.ping_timeout = s.heartbeat.interval;
         let error = validate(&s).unwrap_err();
         assert_eq!(error.key, "heartbeat.ping_timeout");
+    }
+
+    #[test]
+    fn an_interval_below_the_default_ping_timeout_derives_the_unset_timeouts() {
+        let mut s = defaults();
+        s.heartbeat.interval = 2.0;
+        derive_heartbeat_defaults(&mut s, |key| key == "heartbeat.interval");
+        assert_eq!(s.heartbeat.ping_timeout, 1.0);
+        assert_eq!(s.heartbeat.agent_timeout, 90.0);
+        validate(&s).unwrap();
+
+        let mut s = defaults();
+        s.heartbeat.interval = 60.0;
+        derive_heartbeat_defaults(&mut s, |key| key == "heartbeat.interval");
+        assert_eq!(s.heartbeat.ping_timeout, 5.0);
+        assert_eq!(
+            s.heartbeat.agent_timeout, 90.0,
+            "90 >= 60 + 5 needs no change"
+        );
+
+        let mut s = defaults();
+        s.heartbeat.interval = 100.0;
+        derive_heartbeat_defaults(&mut s, |key| key == "heartbeat.interval");
+        assert_eq!(s.heartbeat.agent_timeout, 300.0);
+    }
+
+    #[test]
+    fn timeouts_the_user_set_are_never_derived() {
+        let mut s = defaults();
+        s.heartbeat.interval = 2.0;
+        derive_heartbeat_defaults(&mut s, |_| true);
+        assert_eq!(s.heartbeat.ping_timeout, 5.0);
+        assert_eq!(validate(&s).unwrap_err().key, "heartbeat.ping_timeout");
     }
 
     #[test]

@@ -222,3 +222,14 @@ fn tempfile(contents: &str) -> TempFile {
         file,
     }
 }
+
+#[tokio::test]
+async fn setting_only_a_short_interval_starts_with_derived_timeouts() {
+    // PROTOCOL.md §10's own example sets only the interval; the default ping timeout
+    // (5 s) must not make that configuration invalid.
+    let server = TestServer::start(&[("TETHER__HEARTBEAT__INTERVAL", "2")]);
+    let (_agent, registered) = Agent::register(&server.ws_url(), "alice").await;
+    assert_eq!(registered["heartbeat_interval"], 2.0, "{registered}");
+    assert_eq!(registered["ping_timeout"], 1.0, "{registered}");
+    assert_eq!(registered["agent_timeout"], 90.0, "{registered}");
+}
