@@ -8,12 +8,10 @@
 mod common;
 
 use common::brokers::{
-    free_port, kafka_topic, require, sse, unique, wait_publisher, TansuProcess, DRAIN_DEADLINE,
-    KAFKA,
+    free_port, kafka_topic, require, sse, unique, wait_publisher, TansuProcess, KAFKA,
 };
 use common::lifecycle::{
-    assert_same_per_agent, events_of, ids, scenario, wait_cleaned_up, Flow, SCENARIO_AGENTS,
-    SHORT_HEARTBEAT,
+    assert_same_per_agent, ids, scenario, Outage, SCENARIO_AGENTS, SHORT_HEARTBEAT,
 };
 use common::proxy::Proxy;
 use common::{TestServer, DEADLINE};
@@ -146,45 +144,13 @@ async fn events_published_while_kafka_is_unreachable_arrive_afterwards_in_order_
     env.push(("TETHER__EVENTS__KAFKA__DELIVERY_TIMEOUT".into(), "1".into()));
     let server = start(&env);
     let mut consumer = kafka_topic(&proxy.addr(), &topic);
-    let mut sse = sse(&server).await;
-    let agents = ["flow-a", "flow-b", "flow-c"];
-    let mut flow = Flow::start(&server, &agents);
-
-    flow.wait_cycles(10).await;
-    consumer
-        .until(
-            DEADLINE,
-            |r| r.len() >= 10,
-            |r| format!("{} events", r.len()),
-        )
-        .await;
-    proxy.cut();
-    wait_publisher(&server, "kafka", DEADLINE, "disconnected", |c| {
-        c["connected"] == false
-    })
-    .await;
-    flow.wait_cycles(100).await;
-    let during = wait_publisher(&server, "kafka", DEADLINE, "buffering", |c| {
-        c["buffered"].as_u64().unwrap() > 0
-    })
-    .await;
-    assert_eq!(during["status"], "warning", "{during}");
+    let outage = Outage::begin(&server, "kafka", &mut consumer, || proxy.cut()).await;
     wait_publisher(&server, "kafka", DEADLINE, "restarted", |c| {
         c["restarts"].as_u64().unwrap() >= 1
     })
     .await;
-    proxy.restore();
-    flow.wait_cycles(10).await;
-    let ends = flow.stop().await;
-    wait_cleaned_up(&mut sse, &ends).await;
-
-    let expected = events_of(&sse, &agents);
-    consumer.until_ids(&ids(&expected), DRAIN_DEADLINE).await;
-    assert_same_per_agent(&expected, &consumer.events(), &agents);
-    let after = wait_publisher(&server, "kafka", DEADLINE, "drained", |c| {
-        c["buffered"] == 0 && c["connected"] == true
-    })
-    .await;
-    assert_eq!(after["dropped"], 0, "{after}");
+    let after = outage
+        .end(&server, "kafka", &mut consumer, || proxy.restore())
+        .await;
     assert_eq!(after["status"], "healthy", "{after}");
 }

@@ -12,8 +12,8 @@ use common::brokers::{
     DRAIN_DEADLINE, REDIS,
 };
 use common::lifecycle::{
-    assert_same_per_agent, events_of, ids, scenario, wait_cleaned_up, Flow, SCENARIO_AGENTS,
-    SHORT_HEARTBEAT,
+    assert_same_per_agent, events_of, ids, scenario, wait_cleaned_up, Flow, Outage,
+    SCENARIO_AGENTS, SHORT_HEARTBEAT,
 };
 use common::{TestServer, DEADLINE};
 use serde_json::Value;
@@ -138,46 +138,16 @@ async fn events_published_while_redis_is_down_arrive_after_it_restarts_in_order_
     let stream = unique("tether-outage");
     let server = start(&redis_env(&redis.url(), &stream, &[]));
     let mut consumer = redis_stream(&redis.url(), &stream);
-    let mut sse = sse(&server).await;
-    let agents = ["flow-a", "flow-b", "flow-c"];
-    let mut flow = Flow::start(&server, &agents);
-
-    // Events flow...
-    flow.wait_cycles(10).await;
-    consumer
-        .until(
-            DEADLINE,
-            |r| r.len() >= 10,
-            |r| format!("{} events", r.len()),
-        )
-        .await;
-    // ... Redis dies while they keep coming ...
-    redis.kill();
-    wait_publisher(&server, "redis", DEADLINE, "disconnected", |c| {
-        c["connected"] == false
-    })
-    .await;
-    flow.wait_cycles(100).await;
-    let during = wait_publisher(&server, "redis", DEADLINE, "buffering", |c| {
-        c["buffered"].as_u64().unwrap() > 0
-    })
-    .await;
-    assert_eq!(during["status"], "warning", "{during}");
-    assert!(during["last_error"].as_str().is_some(), "{during}");
+    let outage = Outage::begin(&server, "redis", &mut consumer, || redis.kill()).await;
+    assert!(
+        outage.during["last_error"].as_str().is_some(),
+        "{}",
+        outage.during
+    );
     // ... and comes back on the same port.
-    redis.restart();
-    flow.wait_cycles(10).await;
-    let ends = flow.stop().await;
-    wait_cleaned_up(&mut sse, &ends).await;
-
-    let expected = events_of(&sse, &agents);
-    consumer.until_ids(&ids(&expected), DRAIN_DEADLINE).await;
-    assert_same_per_agent(&expected, &consumer.events(), &agents);
-    let after = wait_publisher(&server, "redis", DEADLINE, "drained", |c| {
-        c["buffered"] == 0 && c["connected"] == true
-    })
-    .await;
-    assert_eq!(after["dropped"], 0, "{after}");
+    let after = outage
+        .end(&server, "redis", &mut consumer, || redis.restart())
+        .await;
     assert!(after["restarts"].as_u64().unwrap() >= 1, "{after}");
     assert_eq!(after["status"], "healthy", "{after}");
 }

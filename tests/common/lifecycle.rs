@@ -265,3 +265,78 @@ pub fn events_of(sse: &Collector, agents: &[&str]) -> Vec<Value> {
         })
         .collect()
 }
+
+/// Agents of the outage scenario.
+pub const OUTAGE_AGENTS: [&str; 3] = ["flow-a", "flow-b", "flow-c"];
+
+/// A broker outage in progress: events keep flowing while the broker is unreachable.
+pub struct Outage {
+    sse: Collector,
+    flow: Flow,
+    /// The publisher's `/health` check once it was buffering during the outage.
+    pub during: Value,
+}
+
+impl Outage {
+    /// Starts the outage scenario every broker test runs: agents cycle, the consumer
+    /// sees the first events, `cut` makes the broker unreachable, and the publisher
+    /// reports it disconnected and buffers (health `warning`) while events keep coming.
+    pub async fn begin(
+        server: &TestServer,
+        publisher: &str,
+        consumer: &mut Collector,
+        cut: impl FnOnce(),
+    ) -> Self {
+        use super::brokers::{sse, wait_publisher};
+        use super::DEADLINE;
+        let sse = sse(server).await;
+        let mut flow = Flow::start(server, &OUTAGE_AGENTS);
+        flow.wait_cycles(10).await;
+        consumer
+            .until(
+                DEADLINE,
+                |r| r.len() >= 10,
+                |r| format!("{} events", r.len()),
+            )
+            .await;
+        cut();
+        wait_publisher(server, publisher, DEADLINE, "disconnected", |c| {
+            c["connected"] == false
+        })
+        .await;
+        flow.wait_cycles(100).await;
+        let during = wait_publisher(server, publisher, DEADLINE, "buffering", |c| {
+            c["buffered"].as_u64().unwrap() > 0
+        })
+        .await;
+        assert_eq!(during["status"], "warning", "{during}");
+        Self { sse, flow, during }
+    }
+
+    /// Ends the outage: `restore` brings the broker back, the agents stop, and every
+    /// event the SSE stream saw must reach the consumer in the same per-agent order
+    /// with nothing dropped. Returns the publisher's `/health` check after the drain.
+    pub async fn end(
+        mut self,
+        server: &TestServer,
+        publisher: &str,
+        consumer: &mut Collector,
+        restore: impl FnOnce(),
+    ) -> Value {
+        use super::brokers::{wait_publisher, DRAIN_DEADLINE};
+        use super::DEADLINE;
+        restore();
+        self.flow.wait_cycles(10).await;
+        let ends = self.flow.stop().await;
+        wait_cleaned_up(&mut self.sse, &ends).await;
+        let expected = events_of(&self.sse, &OUTAGE_AGENTS);
+        consumer.until_ids(&ids(&expected), DRAIN_DEADLINE).await;
+        assert_same_per_agent(&expected, &consumer.events(), &OUTAGE_AGENTS);
+        let after = wait_publisher(server, publisher, DEADLINE, "drained", |c| {
+            c["buffered"] == 0 && c["connected"] == true
+        })
+        .await;
+        assert_eq!(after["dropped"], 0, "{after}");
+        after
+    }
+}
