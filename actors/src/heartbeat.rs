@@ -85,7 +85,7 @@ pub struct HeartbeatStats {
 pub struct GetHeartbeatStats;
 
 struct Tracked {
-    agent_id: Arc<str>,
+    ping: protocol::PingTemplate,
     clock: Arc<ConnectionClock>,
     outbox: Outbox,
     /// When the outstanding ping was sent, if one is.
@@ -177,7 +177,7 @@ impl Heartbeat {
             }
         }
         if agent.pinged_at.is_none() && now.saturating_sub(last_seen) >= t.interval {
-            let ping = ByteString::from(protocol::ping_frame(&agent.agent_id).to_string());
+            let ping = ByteString::from(agent.ping.frame());
             match agent.outbox.push(ping) {
                 Ok(()) => {
                     agent.pinged_at = Some(now);
@@ -245,7 +245,7 @@ impl Handler<Track> for Heartbeat {
         self.agents.insert(
             msg.session_id,
             Tracked {
-                agent_id: msg.agent_id,
+                ping: protocol::PingTemplate::new(&msg.agent_id),
                 clock: msg.clock,
                 outbox: msg.outbox,
                 pinged_at: None,

@@ -223,10 +223,29 @@ pub fn error_frame(error_code: &str, error: &str, message_id: Option<&str>) -> V
     frame
 }
 
-/// The server's heartbeat ping to `agent_id`.
-pub fn ping_frame(agent_id: &str) -> Value {
-    json!({"type": "system_request", "command": "ping_agent",
-           "timestamp": crate::clock::epoch_secs(), "agent_id": agent_id})
+/// The server's heartbeat pings to one agent, with everything but the timestamp
+/// serialized once (the heartbeat sends one per agent per interval).
+#[derive(Debug, Clone)]
+pub struct PingTemplate {
+    /// `{"type":"system_request","command":"ping_agent","agent_id":"<id>","timestamp":`
+    prefix: String,
+}
+
+impl PingTemplate {
+    /// The template for pings to `agent_id`.
+    pub fn new(agent_id: &str) -> Self {
+        let id = Value::String(agent_id.to_owned());
+        Self {
+            prefix: format!(
+                r#"{{"type":"system_request","command":"ping_agent","agent_id":{id},"timestamp":"#
+            ),
+        }
+    }
+
+    /// A ping stamped with the current time (float epoch seconds).
+    pub fn frame(&self) -> String {
+        format!("{}{}}}", self.prefix, crate::clock::epoch_secs())
+    }
 }
 
 /// A `system_notification` with `event` and a human message.
@@ -275,6 +294,15 @@ mod tests {
             };
             assert_eq!(message_kind(&frame), Ok(MessageKind::Mod));
         }
+    }
+
+    #[test]
+    fn a_ping_from_the_template_is_the_protocol_ping() {
+        let ping: Value = serde_json::from_str(&PingTemplate::new("al\"ice").frame()).unwrap();
+        assert_eq!(ping["type"], "system_request");
+        assert_eq!(ping["command"], "ping_agent");
+        assert_eq!(ping["agent_id"], "al\"ice");
+        assert!(ping["timestamp"].as_f64().unwrap() > 1.7e9);
     }
 
     #[test]
