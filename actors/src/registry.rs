@@ -73,6 +73,28 @@ impl AgentEntry {
     }
 }
 
+/// Publishes an event of `entry`'s incarnation, numbering it. A free function so that
+/// it can run while `entry` is borrowed from the registry's table.
+fn publish_event(
+    bus: &Addr<EventBus>,
+    source: &EventSource,
+    agent_id: &Arc<str>,
+    entry: &mut AgentEntry,
+    kind: EventKind,
+    data: Map<String, Value>,
+) {
+    entry.seq += 1;
+    let event = LifecycleEvent::new(
+        source,
+        kind,
+        agent_id.clone(),
+        entry.incarnation,
+        entry.seq,
+        data,
+    );
+    bus.do_send(Publish(Arc::new(event)));
+}
+
 /// What `GET /agents` shows of one agent.
 #[derive(Debug, Clone, Serialize)]
 pub struct AgentInfo {
@@ -329,16 +351,7 @@ impl Registry {
         kind: EventKind,
         data: Map<String, Value>,
     ) {
-        entry.seq += 1;
-        let event = LifecycleEvent::new(
-            &self.source,
-            kind,
-            agent_id.clone(),
-            entry.incarnation,
-            entry.seq,
-            data,
-        );
-        self.bus.do_send(Publish(Arc::new(event)));
+        publish_event(&self.bus, &self.source, agent_id, entry, kind, data);
     }
 
     /// Ends `entry`'s incarnation: `agent.disconnected`, heartbeat untracked,
@@ -466,9 +479,11 @@ impl Registry {
     }
 
     fn declare_stale(&mut self, agent_id: &str, reason: StaleReason, last_seen_ms: u64) {
-        let Some((agent_id, mut entry)) = self.agents.remove_entry(agent_id) else {
+        let Some((agent_id, _)) = self.agents.get_key_value(agent_id) else {
             return;
         };
+        let agent_id = agent_id.clone();
+        let entry = self.agents.get_mut(&agent_id).expect("looked up above");
         self.stats.stale();
         let mut data = entry.event_data();
         data.insert("reason".into(), json!(reason.as_str()));
@@ -476,8 +491,14 @@ impl Registry {
             "last_seen".into(),
             json!(monotonic_to_epoch_secs(last_seen_ms)),
         );
-        self.publish(&agent_id, &mut entry, EventKind::Stale, data);
-        self.agents.insert(agent_id.clone(), entry);
+        publish_event(
+            &self.bus,
+            &self.source,
+            &agent_id,
+            entry,
+            EventKind::Stale,
+            data,
+        );
         self.evict(&agent_id, EndReason::Stale, close_code::STALE, None);
     }
 
@@ -734,14 +755,20 @@ impl Handler<RegisterAgent> for Registry {
         };
         let session_uuid: Arc<str> = uuid::Uuid::new_v4().to_string().into();
         if let Some(proof) = takeover {
-            if let Some((old_id, mut old)) = self.agents.remove_entry(&agent_id) {
+            if let Some(old) = self.agents.get_mut(&agent_id) {
                 self.stats.takeovers += 1;
                 let mut data = old.event_data();
                 data.insert("by_incarnation".into(), json!(incarnation));
                 data.insert("by_session_id".into(), json!(&*session_uuid));
                 data.insert("proof".into(), json!(proof));
-                self.publish(&old_id, &mut old, EventKind::Replaced, data);
-                self.agents.insert(old_id, old);
+                publish_event(
+                    &self.bus,
+                    &self.source,
+                    &agent_id,
+                    old,
+                    EventKind::Replaced,
+                    data,
+                );
                 let notice = protocol::notification(
                     "connection_replaced",
                     Some(&agent_id),
@@ -893,10 +920,7 @@ impl Handler<ActivityResumed> for Registry {
         let Some(agent_id) = self.agent_of(msg.session_id) else {
             return;
         };
-        let (agent_id, mut entry) = self
-            .agents
-            .remove_entry(&agent_id)
-            .expect("agent_of checked it");
+        let entry = self.agents.get_mut(&agent_id).expect("agent_of checked it");
         if entry.inactive {
             entry.inactive = false;
             self.inactive_count -= 1;
@@ -904,11 +928,17 @@ impl Handler<ActivityResumed> for Registry {
             let idle =
                 monotonic_ms().saturating_sub(entry.clock.last_activity_ms()) as f64 / 1000.0;
             data.insert("inactive_secs".into(), json!(idle));
-            self.publish(&agent_id, &mut entry, EventKind::Active, data);
+            publish_event(
+                &self.bus,
+                &self.source,
+                &agent_id,
+                entry,
+                EventKind::Active,
+                data,
+            );
         } else {
             entry.active_before_inactive = true;
         }
-        self.agents.insert(agent_id, entry);
     }
 }
 
@@ -933,23 +963,20 @@ impl Handler<Verdict> for Registry {
                 let Some(agent_id) = self.agent_of(session_id) else {
                     return;
                 };
-                let (agent_id, mut entry) = self
-                    .agents
-                    .remove_entry(&agent_id)
-                    .expect("agent_of checked it");
+                let entry = self.agents.get_mut(&agent_id).expect("agent_of checked it");
+                let (bus, source) = (&self.bus, &self.source);
                 let mut data = entry.event_data();
                 data.insert("inactive_secs".into(), json!(inactive_secs));
-                self.publish(&agent_id, &mut entry, EventKind::Inactive, data);
+                publish_event(bus, source, &agent_id, entry, EventKind::Inactive, data);
                 if entry.active_before_inactive {
                     entry.active_before_inactive = false;
                     let mut data = entry.event_data();
                     data.insert("inactive_secs".into(), json!(inactive_secs));
-                    self.publish(&agent_id, &mut entry, EventKind::Active, data);
+                    publish_event(bus, source, &agent_id, entry, EventKind::Active, data);
                 } else {
                     entry.inactive = true;
                     self.inactive_count += 1;
                 }
-                self.agents.insert(agent_id, entry);
             }
             Verdict::SlowConsumer { session_id } => {
                 if let Some(agent_id) = self.agent_of(session_id) {
