@@ -11,15 +11,15 @@ use common::brokers::{
     free_port, kafka_topic, require, sse, unique, wait_publisher, TansuProcess, KAFKA,
 };
 use common::lifecycle::{
-    assert_same_per_agent, ids, scenario, Outage, SCENARIO_AGENTS, SHORT_HEARTBEAT,
+    assert_same_per_agent, ids, scenario, start_with_short_heartbeat, Outage, SCENARIO_AGENTS,
 };
 use common::proxy::Proxy;
-use common::{TestServer, DEADLINE};
+use common::DEADLINE;
 use serde_json::Value;
 use std::collections::HashMap;
 
 fn kafka_env(bootstrap: &str, topic: &str) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = [
+    [
         ("TETHER__EVENTS__PUBLISHERS", "log,kafka"),
         ("TETHER__EVENTS__KAFKA__BOOTSTRAP_SERVERS", bootstrap),
         ("TETHER__EVENTS__KAFKA__TOPIC", topic),
@@ -32,25 +32,14 @@ fn kafka_env(bootstrap: &str, topic: &str) -> Vec<(String, String)> {
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    env.extend(
-        SHORT_HEARTBEAT
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string())),
-    );
-    env
-}
-
-fn start(env: &[(String, String)]) -> TestServer {
-    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    TestServer::start(&pairs)
+    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_kafka_consumer_receives_every_lifecycle_event_keyed_by_agent_as_on_the_sse_stream() {
     require(KAFKA, "Kafka (tansu)");
     let topic = unique("tether-test");
-    let server = start(&kafka_env(KAFKA, &topic));
+    let server = start_with_short_heartbeat(&kafka_env(KAFKA, &topic));
     let mut consumer = kafka_topic(KAFKA, &topic);
     let mut sse = sse(&server).await;
 
@@ -142,7 +131,7 @@ async fn events_published_while_kafka_is_unreachable_arrive_afterwards_in_order_
     let mut env = kafka_env(&proxy.addr(), &topic);
     env.push(("TETHER__EVENTS__KAFKA__REQUEST_TIMEOUT".into(), "1".into()));
     env.push(("TETHER__EVENTS__KAFKA__DELIVERY_TIMEOUT".into(), "1".into()));
-    let server = start(&env);
+    let server = start_with_short_heartbeat(&env);
     let mut consumer = kafka_topic(&proxy.addr(), &topic);
     let outage = Outage::begin(&server, "kafka", &mut consumer, || proxy.cut()).await;
     wait_publisher(&server, "kafka", DEADLINE, "restarted", |c| {

@@ -11,17 +11,17 @@ use common::brokers::{
     amqp_url, rabbitmq_exchange, require, sse, unique, wait_publisher, RABBITMQ,
 };
 use common::lifecycle::{
-    assert_same_per_agent, ids, scenario, Outage, SCENARIO_AGENTS, SHORT_HEARTBEAT,
+    assert_same_per_agent, ids, scenario, start_with_short_heartbeat, Outage, SCENARIO_AGENTS,
 };
 use common::proxy::Proxy;
-use common::{TestServer, DEADLINE};
+use common::DEADLINE;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 fn rabbitmq_env(url: &str, exchange: &str) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = [
+    [
         ("TETHER__EVENTS__PUBLISHERS", "log,rabbitmq"),
         ("TETHER__EVENTS__RABBITMQ__URL", url),
         ("TETHER__EVENTS__RABBITMQ__EXCHANGE", exchange),
@@ -33,18 +33,7 @@ fn rabbitmq_env(url: &str, exchange: &str) -> Vec<(String, String)> {
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    env.extend(
-        SHORT_HEARTBEAT
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string())),
-    );
-    env
-}
-
-fn start(env: &[(String, String)]) -> TestServer {
-    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    TestServer::start(&pairs)
+    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -54,7 +43,7 @@ async fn a_queue_bound_to_the_exchange_receives_every_lifecycle_event_as_on_the_
     let exchange = unique("tether-test");
     // Bound before the server starts, so even network.started arrives.
     let mut consumer = rabbitmq_exchange(&url, &exchange).await;
-    let server = start(&rabbitmq_env(&url, &exchange));
+    let server = start_with_short_heartbeat(&rabbitmq_env(&url, &exchange));
     let mut sse = sse(&server).await;
 
     // `tether events --from rabbitmq --binding agent.#`, subscribed before the scenario.
@@ -145,7 +134,7 @@ async fn events_published_while_rabbitmq_is_unreachable_arrive_afterwards_in_ord
     let proxy = Proxy::start(RABBITMQ);
     let exchange = unique("tether-outage");
     let mut consumer = rabbitmq_exchange(&amqp_url(RABBITMQ), &exchange).await;
-    let server = start(&rabbitmq_env(&amqp_url(&proxy.addr()), &exchange));
+    let server = start_with_short_heartbeat(&rabbitmq_env(&amqp_url(&proxy.addr()), &exchange));
     let outage = Outage::begin(&server, "rabbitmq", &mut consumer, || proxy.cut()).await;
     let after = outage
         .end(&server, "rabbitmq", &mut consumer, || proxy.restore())

@@ -12,16 +12,16 @@ use common::brokers::{
     DRAIN_DEADLINE, REDIS,
 };
 use common::lifecycle::{
-    assert_same_per_agent, events_of, ids, scenario, wait_cleaned_up, Flow, Outage,
-    SCENARIO_AGENTS, SHORT_HEARTBEAT,
+    assert_same_per_agent, events_of, ids, scenario, start_with_short_heartbeat, wait_cleaned_up,
+    Flow, Outage, SCENARIO_AGENTS,
 };
-use common::{TestServer, DEADLINE};
+use common::DEADLINE;
 use serde_json::Value;
 use std::collections::HashSet;
 
 /// Environment for a server publishing to Redis at `url` on `stream`, retrying fast.
 fn redis_env(url: &str, stream: &str, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = [
+    [
         ("TETHER__EVENTS__PUBLISHERS", "log,redis"),
         ("TETHER__EVENTS__REDIS__URL", url),
         ("TETHER__EVENTS__REDIS__STREAM", stream),
@@ -34,18 +34,7 @@ fn redis_env(url: &str, stream: &str, extra: &[(&str, &str)]) -> Vec<(String, St
     .iter()
     .chain(extra)
     .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    env.extend(
-        SHORT_HEARTBEAT
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string())),
-    );
-    env
-}
-
-fn start(env: &[(String, String)]) -> TestServer {
-    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    TestServer::start(&pairs)
+    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -55,7 +44,7 @@ async fn a_redis_stream_consumer_receives_every_lifecycle_event_as_on_the_sse_st
     let stream = unique("tether-test");
     let channel = unique("tether-channel");
     let mut subscriber = redis_channel(&url, &channel).await;
-    let server = start(&redis_env(
+    let server = start_with_short_heartbeat(&redis_env(
         &url,
         &stream,
         &[("TETHER__EVENTS__REDIS__PUBLISH_CHANNEL", &channel)],
@@ -136,7 +125,7 @@ async fn tether_events(args: &[&str], url: &str, stream: &str, n: usize) -> Vec<
 async fn events_published_while_redis_is_down_arrive_after_it_restarts_in_order_without_gaps() {
     let mut redis = RedisProcess::start();
     let stream = unique("tether-outage");
-    let server = start(&redis_env(&redis.url(), &stream, &[]));
+    let server = start_with_short_heartbeat(&redis_env(&redis.url(), &stream, &[]));
     let mut consumer = redis_stream(&redis.url(), &stream);
     let outage = Outage::begin(&server, "redis", &mut consumer, || redis.kill()).await;
     assert!(
@@ -156,7 +145,7 @@ async fn events_published_while_redis_is_down_arrive_after_it_restarts_in_order_
 async fn an_overflowing_buffer_drops_the_oldest_events_counts_them_and_logs_the_burst_once() {
     let mut redis = RedisProcess::start();
     let stream = unique("tether-overflow");
-    let server = start(&redis_env(
+    let server = start_with_short_heartbeat(&redis_env(
         &redis.url(),
         &stream,
         &[

@@ -266,6 +266,14 @@ pub fn events_of(sse: &Collector, agents: &[&str]) -> Vec<Value> {
         .collect()
 }
 
+/// Starts a server with `env` (owned pairs, as the broker tests build them) plus the
+/// short heartbeat of [`SHORT_HEARTBEAT`].
+pub fn start_with_short_heartbeat(env: &[(String, String)]) -> TestServer {
+    let mut pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    pairs.extend(SHORT_HEARTBEAT);
+    TestServer::start(&pairs)
+}
+
 /// Agents of the outage scenario.
 pub const OUTAGE_AGENTS: [&str; 3] = ["flow-a", "flow-b", "flow-c"];
 
