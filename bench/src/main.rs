@@ -108,6 +108,14 @@ enum Command {
         #[command(flatten)]
         args: workloads::event_publishing::Args,
     },
+    /// Tether's broker publisher alone (no WebSockets): acknowledged events/s and
+    /// drain after an outage, per broker.
+    PublisherThroughput {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: workloads::publisher_throughput::Args,
+    },
     /// Every workload in a tiny configuration (Tether and floor), for CI. Exits
     /// non-zero if a workload could not run at all; never asserts speed.
     Smoke {
@@ -247,6 +255,16 @@ async fn harness(command: Command) -> ExitCode {
             one(&common, |ctx| {
                 Box::pin(async move {
                     workloads::event_publishing::run(&ctx, &args)
+                        .await
+                        .map(|t| (ctx, t))
+                })
+            })
+            .await
+        }
+        Command::PublisherThroughput { common, args } => {
+            one(&common, |ctx| {
+                Box::pin(async move {
+                    workloads::publisher_throughput::run(&ctx, &args)
                         .await
                         .map(|t| (ctx, t))
                 })
@@ -403,6 +421,37 @@ async fn smoke(out: Option<PathBuf>, tether_bin: Option<PathBuf>) -> Result<(), 
             }
         )
     );
+    let mut brokers = Vec::new();
+    for (broker, addr) in [
+        ("redis", "127.0.0.1:6379"),
+        ("kafka", "127.0.0.1:9092"),
+        ("rabbitmq", "127.0.0.1:5672"),
+    ] {
+        if workloads::event_publishing::reachable(addr).await {
+            brokers.push(broker.to_owned());
+        } else {
+            eprintln!("tether-bench smoke: publisher-throughput skips {broker}: nothing listens on {addr}");
+        }
+    }
+    if !brokers.is_empty() {
+        step!(
+            "publisher-throughput",
+            workloads::publisher_throughput::run(
+                &ctx,
+                &workloads::publisher_throughput::Args {
+                    brokers,
+                    events: 2000,
+                    outage: 1.0,
+                    rate: 200,
+                    retry_max: 0.5,
+                    redis: "127.0.0.1:6379".into(),
+                    kafka: "127.0.0.1:9092".into(),
+                    rabbitmq: "127.0.0.1:5672".into(),
+                    tansu: None,
+                }
+            )
+        );
+    }
     failures.extend(ctx.failures.lock().unwrap().drain(..));
     if failures.is_empty() {
         eprintln!("tether-bench smoke: every workload ran");
