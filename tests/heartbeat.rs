@@ -89,6 +89,21 @@ async fn an_agent_that_answers_pings_stays_registered_over_several_intervals() {
         stats["heartbeat"]["pings_sent"].as_u64() >= Some(5),
         "{stats}"
     );
+    // The server measures each answered ping's round trip from the echoed timestamp:
+    // the first four answers were examined before the fifth ping was sent.
+    let heartbeat = &stats["heartbeat"];
+    assert!(
+        heartbeat["ping_rtt_samples"].as_u64() >= Some(4),
+        "{heartbeat}"
+    );
+    let p50 = heartbeat["ping_rtt_p50_ms"]
+        .as_f64()
+        .expect("ping_rtt_p50_ms");
+    let p99 = heartbeat["ping_rtt_p99_ms"]
+        .as_f64()
+        .expect("ping_rtt_p99_ms");
+    assert!(0.0 < p50 && p50 <= p99, "{heartbeat}");
+    assert!(p99 < 500.0, "answered within ping_timeout: {heartbeat}");
 }
 
 #[tokio::test]

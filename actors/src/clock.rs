@@ -5,7 +5,7 @@
 //! their [`ConnectionClock`] on every frame; the heartbeat actor reads it without a
 //! message round trip.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -52,6 +52,9 @@ pub struct ConnectionClock {
     /// Set by the heartbeat actor when the agent is reported inactive; cleared by the
     /// connection actor when activity resumes.
     inactive: AtomicBool,
+    /// Round trip of the last answered ping in microseconds (now − the echoed ping
+    /// timestamp); `u32::MAX` when none was measured since the heartbeat last read it.
+    ping_rtt_us: AtomicU32,
 }
 
 impl ConnectionClock {
@@ -62,12 +65,31 @@ impl ConnectionClock {
             last_seen_ms: AtomicU64::new(now),
             last_activity_ms: AtomicU64::new(now),
             inactive: AtomicBool::new(false),
+            ping_rtt_us: AtomicU32::new(u32::MAX),
         }
     }
 
     /// Records a sign of life. Returns nothing: the heartbeat actor reads it lazily.
     pub fn seen(&self, now_ms: u64) {
         self.last_seen_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Records the round trip of an answered ping, in seconds. Values outside
+    /// 0..1 hour (a wrong echo, a wall-clock step) are ignored.
+    pub fn answered_ping(&self, rtt_secs: f64) {
+        if (0.0..3600.0).contains(&rtt_secs) {
+            self.ping_rtt_us
+                .store((rtt_secs * 1e6) as u32, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes the round trip recorded by [`answered_ping`](Self::answered_ping) since
+    /// the last call, in microseconds.
+    pub fn take_ping_rtt_us(&self) -> Option<u32> {
+        match self.ping_rtt_us.swap(u32::MAX, Ordering::Relaxed) {
+            u32::MAX => None,
+            rtt => Some(rtt),
+        }
     }
 
     /// Records application activity (which is also a sign of life). Returns true when

@@ -173,7 +173,13 @@ impl AgentConnection {
             }
         };
         match &inbound {
-            Inbound::PingAnswer | Inbound::OtherResponse => self.clock.seen(now),
+            Inbound::PingAnswer { timestamp } => {
+                self.clock.seen(now);
+                if let Some(sent) = timestamp {
+                    self.clock.answered_ping(crate::clock::epoch_secs() - sent);
+                }
+            }
+            Inbound::OtherResponse => self.clock.seen(now),
             Inbound::Request(_) | Inbound::Message(_) => {
                 if self.clock.active(now) {
                     self.registry.do_send(ActivityResumed {
@@ -184,7 +190,7 @@ impl AgentConnection {
         }
         self.invalid_in_row = 0;
         match inbound {
-            Inbound::PingAnswer | Inbound::OtherResponse => {}
+            Inbound::PingAnswer { .. } | Inbound::OtherResponse => {}
             Inbound::Request(request) => self.on_request(ctx, request),
             Inbound::Message(frame) => self.on_message(ctx, frame),
         }

@@ -20,6 +20,7 @@ use crate::outbound::{Outbox, PushError};
 use crate::protocol;
 use crate::registry::{Registry, Verdict};
 use crate::settings::{secs, HeartbeatSettings};
+use crate::stats::RttHistogram;
 use actix::prelude::*;
 use bytestring::ByteString;
 use std::collections::{BTreeMap, HashMap};
@@ -69,6 +70,12 @@ pub struct Untrack {
 /// Counters of the heartbeat actor.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, MessageResponse)]
 pub struct HeartbeatStats {
+    /// Answered pings measured over the last one to two minutes.
+    pub ping_rtt_samples: u64,
+    /// Median round trip of those pings (ping sent → answer read), milliseconds.
+    pub ping_rtt_p50_ms: Option<f64>,
+    /// 99th percentile of the same.
+    pub ping_rtt_p99_ms: Option<f64>,
     /// Agents watched now.
     pub tracked: usize,
     /// Pings sent since start.
@@ -113,6 +120,8 @@ pub struct Heartbeat {
     wheel: BTreeMap<u64, Vec<(SessionId, u32)>>,
     next_generation: u32,
     stats: HeartbeatStats,
+    /// Round trips of answered pings.
+    ping_rtt: RttHistogram,
 }
 
 fn millis(seconds: f64) -> u64 {
@@ -135,6 +144,7 @@ impl Heartbeat {
             wheel: BTreeMap::new(),
             next_generation: 0,
             stats: HeartbeatStats::default(),
+            ping_rtt: RttHistogram::default(),
         }
     }
 
@@ -172,6 +182,9 @@ impl Heartbeat {
         if let Some(pinged_at) = agent.pinged_at {
             if last_seen >= pinged_at {
                 agent.pinged_at = None;
+                if let Some(rtt_us) = agent.clock.take_ping_rtt_us() {
+                    self.ping_rtt.record(rtt_us);
+                }
             } else if now >= pinged_at + t.ping_timeout {
                 return self.stale(session_id, StaleReason::PingTimeout, last_seen);
             }
@@ -268,8 +281,12 @@ impl Handler<GetHeartbeatStats> for Heartbeat {
     type Result = HeartbeatStats;
 
     fn handle(&mut self, _msg: GetHeartbeatStats, _ctx: &mut Self::Context) -> HeartbeatStats {
+        let (samples, p50, p99) = self.ping_rtt.summary();
         HeartbeatStats {
             tracked: self.agents.len(),
+            ping_rtt_samples: samples,
+            ping_rtt_p50_ms: p50,
+            ping_rtt_p99_ms: p99,
             ..self.stats
         }
     }

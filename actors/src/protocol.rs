@@ -37,7 +37,10 @@ pub enum Inbound {
     /// `{"type":"system_request","command":...}`.
     Request(Request),
     /// `{"type":"system_response","command":"ping_agent",...}`: an answer to our ping.
-    PingAnswer,
+    PingAnswer {
+        /// The ping's `timestamp` the agent echoed (epoch seconds), if it did.
+        timestamp: Option<f64>,
+    },
     /// Another `system_response` (ignored, but a sign of life).
     OtherResponse,
     /// `{"type":"message","data":{...}}`; the whole frame is kept for forwarding.
@@ -99,7 +102,9 @@ pub fn parse_frame(text: &str) -> Result<Inbound, FrameError> {
         }
         "system_response" => {
             if fields.get("command").and_then(Value::as_str) == Some("ping_agent") {
-                Ok(Inbound::PingAnswer)
+                Ok(Inbound::PingAnswer {
+                    timestamp: fields.get("timestamp").and_then(Value::as_f64),
+                })
             } else {
                 Ok(Inbound::OtherResponse)
             }
@@ -281,7 +286,7 @@ mod tests {
         assert!(parse_frame(r#"{"command":"x"}"#).is_err());
         assert!(matches!(
             parse_frame(r#"{"type":"system_response","command":"ping_agent"}"#),
-            Ok(Inbound::PingAnswer)
+            Ok(Inbound::PingAnswer { timestamp: None })
         ));
     }
 

@@ -229,3 +229,152 @@ mod tests {
         assert_eq!(window.last_minute(200), 0);
     }
 }
+
+/// Buckets of [`RttHistogram`]: 8 per power of two of microseconds.
+const RTT_BUCKETS: usize = 240;
+
+/// Ping round trips of the last one to two minutes, in log-linear buckets (eight per
+/// power of two, so a percentile is within 1/16 of the true value), kept by the
+/// heartbeat actor.
+#[derive(Debug, Clone)]
+pub struct RttHistogram {
+    /// The window being filled.
+    current: Box<[u64; RTT_BUCKETS]>,
+    /// The window before it.
+    previous: Box<[u64; RTT_BUCKETS]>,
+    /// When `current` started.
+    current_since: Instant,
+}
+
+impl Default for RttHistogram {
+    fn default() -> Self {
+        Self {
+            current: Box::new([0; RTT_BUCKETS]),
+            previous: Box::new([0; RTT_BUCKETS]),
+            current_since: Instant::now(),
+        }
+    }
+}
+
+/// How long one window of [`RttHistogram`] lasts.
+const RTT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl RttHistogram {
+    fn bucket(us: u32) -> usize {
+        if us < 8 {
+            return us as usize;
+        }
+        let msb = 31 - us.leading_zeros();
+        let sub = (us >> (msb - 3)) & 7;
+        ((msb - 2) * 8 + sub) as usize
+    }
+
+    /// The smallest value that falls in `bucket`.
+    fn lower_bound(bucket: usize) -> u64 {
+        if bucket < 8 {
+            return bucket as u64;
+        }
+        let msb = bucket as u32 / 8 + 2;
+        let sub = bucket as u64 % 8;
+        (8 + sub) << (msb - 3)
+    }
+
+    fn rotate(&mut self) {
+        let age = self.current_since.elapsed();
+        if age < RTT_WINDOW {
+            return;
+        }
+        if age >= RTT_WINDOW * 2 {
+            self.previous.fill(0);
+        } else {
+            std::mem::swap(&mut self.previous, &mut self.current);
+        }
+        self.current.fill(0);
+        self.current_since = Instant::now();
+    }
+
+    /// Records one round trip.
+    pub fn record(&mut self, rtt_us: u32) {
+        self.rotate();
+        self.current[Self::bucket(rtt_us)] += 1;
+    }
+
+    /// Samples in the window and their p50 and p99 in milliseconds (`None` without
+    /// samples). A percentile is reported as the middle of its bucket.
+    pub fn summary(&mut self) -> (u64, Option<f64>, Option<f64>) {
+        self.rotate();
+        let counts: Vec<u64> = self
+            .current
+            .iter()
+            .zip(self.previous.iter())
+            .map(|(a, b)| a + b)
+            .collect();
+        let total: u64 = counts.iter().sum();
+        let percentile = |p: f64| -> Option<f64> {
+            if total == 0 {
+                return None;
+            }
+            let rank = ((p * total as f64).ceil() as u64).max(1);
+            let mut seen = 0;
+            for (bucket, count) in counts.iter().enumerate() {
+                seen += count;
+                if seen >= rank {
+                    let low = Self::lower_bound(bucket);
+                    let high = Self::lower_bound(bucket + 1);
+                    return Some((low + high) as f64 / 2.0 / 1000.0);
+                }
+            }
+            None
+        };
+        (total, percentile(0.50), percentile(0.99))
+    }
+}
+
+#[cfg(test)]
+mod rtt_tests {
+    use super::RttHistogram;
+
+    #[test]
+    fn buckets_are_ordered_and_contain_their_values() {
+        for us in [
+            0u32,
+            1,
+            7,
+            8,
+            15,
+            16,
+            17,
+            100,
+            999,
+            1000,
+            65_535,
+            3_600_000_000,
+        ] {
+            let bucket = RttHistogram::bucket(us);
+            assert!(RttHistogram::lower_bound(bucket) <= u64::from(us), "{us}");
+            assert!(
+                RttHistogram::lower_bound(bucket + 1) > u64::from(us),
+                "{us}"
+            );
+        }
+        assert!(RttHistogram::bucket(u32::MAX - 1) < 240);
+    }
+
+    #[test]
+    fn percentiles_are_within_a_sixteenth_of_the_samples() {
+        let mut histogram = RttHistogram::default();
+        for us in 1..=1000u32 {
+            histogram.record(us * 10); // 10 µs .. 10 ms
+        }
+        let (samples, p50, p99) = histogram.summary();
+        assert_eq!(samples, 1000);
+        let (p50, p99) = (p50.unwrap(), p99.unwrap());
+        assert!((p50 - 5.0).abs() <= 5.0 / 16.0, "p50 {p50}");
+        assert!((p99 - 9.9).abs() <= 9.9 / 16.0, "p99 {p99}");
+    }
+
+    #[test]
+    fn an_empty_histogram_has_no_percentiles() {
+        assert_eq!(RttHistogram::default().summary(), (0, None, None));
+    }
+}

@@ -47,7 +47,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Vec<Table>, String> {
     ));
     table.rows = rows;
     table.notes.push(format!(
-        "CPU share = server utime+stime over the window / window length (1.0 = one core), everything the server did included (pings, answers, the {} probe registrations per second). Ping lag = client receipt time − the ping's own `timestamp` (server clock = client clock, one machine). False stale = held agents that answered every ping but were closed with 4002. Projection: CPU per ping × the ping rate of 100 000 agents at the default {DEFAULT_INTERVAL} s interval. OpenAgents has no agent heartbeat (its websockets library sends protocol-level pings every 20 s, which are not agent liveness); the floor sends nothing: their CPU column is the cost of holding the idle sockets.",
+        "CPU share = server utime+stime over the window / window length (1.0 = one core), everything the server did included (pings, answers, the {} probe registrations per second). Ping lag = client receipt time − the ping's own `timestamp` (server clock = client clock, one machine). Ping RTT = the server's own round trip of answered pings (ping sent → answer read, from the echoed `timestamp`), p50/p99 from `GET /stats` at the end of the window, which covers the last 60–120 s (8 buckets per power of two). False stale = held agents that answered every ping but were closed with 4002. Projection: CPU per ping × the ping rate of 100 000 agents at the default {DEFAULT_INTERVAL} s interval. OpenAgents has no agent heartbeat (its websockets library sends protocol-level pings every 20 s, which are not agent liveness); the floor sends nothing: their CPU column is the cost of holding the idle sockets.",
         args.probe_rate
     ));
     finish(ctx, &mut table);
@@ -109,6 +109,13 @@ async fn measure(
     let seconds = t0.elapsed().as_secs_f64();
     let reports = pool.all(|_| Cmd::Report).await?;
     let stale_after = stale_declared(server).await;
+    let rtt = server.stats().await.map(|stats| {
+        let heartbeat = &stats["heartbeat"];
+        (
+            heartbeat["ping_rtt_p50_ms"].as_f64(),
+            heartbeat["ping_rtt_p99_ms"].as_f64(),
+        )
+    });
     let (mut pings, mut lags, mut open, mut stale_closes, mut other_closes) =
         (0u64, Vec::new(), 0u64, 0u64, 0u64);
     for reply in reports {
@@ -146,6 +153,9 @@ async fn measure(
         row.push(num("expected pings/s", held.ok as f64 / args.interval, 0));
         row.push(opt("ping lag p50 ms", p50, 2, "no pings"));
         row.push(opt("ping lag p99 ms", p99, 2, "no pings"));
+        let (rtt50, rtt99) = rtt.unwrap_or((None, None));
+        row.push(opt("ping RTT p50 ms", rtt50, 2, "not in /stats"));
+        row.push(opt("ping RTT p99 ms", rtt99, 2, "not in /stats"));
         row.push(num("false stale", stale_closes as f64, 0));
         if let (Some(a), Some(b)) = (stale_before, stale_after) {
             row.push(num("stale_declared (server)", (b - a) as f64, 0));
@@ -161,6 +171,8 @@ async fn measure(
             "pings/s",
             "ping lag p50 ms",
             "ping lag p99 ms",
+            "ping RTT p50 ms",
+            "ping RTT p99 ms",
             "false stale",
         ] {
             row.push(na(column, "no heartbeat"));
