@@ -11,6 +11,7 @@ mod client;
 mod floor;
 mod pool;
 mod procfs;
+mod rabbit;
 mod sse;
 mod stats;
 mod systems;

@@ -7,6 +7,7 @@
 
 use super::{finish, na, num, opt, repeat_matrix, text, Ctx};
 use crate::pool::Pool;
+use crate::rabbit::{BoundQueue, QueueKind};
 use crate::stats::{latency_ms, now_us, Row, Table};
 use crate::systems::{Server, System, TetherVars};
 use crate::wire::{Cmd, Reply};
@@ -375,52 +376,14 @@ async fn spawn_rabbit(
     exchange: &str,
     seen: Arc<Mutex<HashMap<String, u64>>>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
-    use lapin::options::*;
+    use lapin::options::BasicConsumeOptions;
     use lapin::types::FieldTable;
-    let conn = lapin::Connection::connect(
-        &format!("amqp://guest:guest@{addr}/%2f"),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
-    channel
-        .exchange_declare(
-            exchange,
-            lapin::ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let queue = channel
-        .queue_declare(
-            "",
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    channel
-        .queue_bind(
-            queue.name().as_str(),
-            exchange,
-            "agent.disconnected",
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut consumer = channel
+    let queue =
+        BoundQueue::bind(addr, exchange, QueueKind::Exclusive, "agent.disconnected").await?;
+    let mut consumer = queue
+        .channel
         .basic_consume(
-            queue.name().as_str(),
+            &queue.queue,
             "tether-bench",
             BasicConsumeOptions {
                 no_ack: true,
@@ -431,7 +394,7 @@ async fn spawn_rabbit(
         .await
         .map_err(|e| e.to_string())?;
     Ok(tokio::spawn(async move {
-        let _keep = (conn, channel);
+        let _keep = queue;
         while let Some(Ok(delivery)) = consumer.next().await {
             record_latency(&seen, &String::from_utf8_lossy(&delivery.data));
         }

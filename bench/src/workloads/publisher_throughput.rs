@@ -16,6 +16,7 @@
 //! throughput run's events) and `retry_max` (`--retry-max`).
 
 use super::{finish, na, num, text, Ctx};
+use crate::rabbit::{BoundQueue, QueueKind};
 use crate::stats::{merge_repeats, Cell, Row, Table};
 use actix::prelude::*;
 use serde_json::{json, Map};
@@ -204,7 +205,7 @@ async fn measure(target: Target, args: Args) -> Result<Row, String> {
         }
         Target::RabbitMqTransient | Target::RabbitMqDurable => {
             let durable = target == Target::RabbitMqDurable;
-            let subscriber = RabbitQueue::bind(&args.rabbitmq, &name, durable).await?;
+            let subscriber = BoundQueue::bind(&args.rabbitmq, &name, kind(durable), "#").await?;
             let (rate, _) = throughput(
                 rabbitmq(&args.rabbitmq, &name, capacity, &args),
                 args.events,
@@ -251,7 +252,8 @@ async fn measure(target: Target, args: Args) -> Result<Row, String> {
         }
         Target::RabbitMqTransient | Target::RabbitMqDurable => {
             let durable = target == Target::RabbitMqDurable;
-            let subscriber = RabbitQueue::bind(&args.rabbitmq, &drain_name, durable).await?;
+            let subscriber =
+                BoundQueue::bind(&args.rabbitmq, &drain_name, kind(durable), "#").await?;
             let proxy = Proxy::start(args.rabbitmq.clone());
             let addr = format!("127.0.0.1:{}", proxy.port);
             let result = drain(
@@ -268,6 +270,15 @@ async fn measure(target: Target, args: Args) -> Result<Row, String> {
     row.push(num("outage backlog", backlog as f64, 0));
     row.push(num("drained in s", took.as_secs_f64(), 2));
     Ok(row)
+}
+
+/// The queue a RabbitMQ row binds: named after the exchange, durable or not.
+fn kind(durable: bool) -> QueueKind {
+    if durable {
+        QueueKind::Durable
+    } else {
+        QueueKind::Transient
+    }
 }
 
 /// `n` distinct `agent.disconnected` events over 1 000 agents.
@@ -549,100 +560,6 @@ async fn kafka_delete(addr: &str, topic: &str) {
         .create();
     if let Ok(admin) = admin {
         let _ = admin.delete_topics(&[topic], &AdminOptions::new()).await;
-    }
-}
-
-/// A queue bound with `#` to the exchange the publisher will declare.
-struct RabbitQueue {
-    connection: lapin::Connection,
-    channel: lapin::Channel,
-    queue: String,
-    exchange: String,
-}
-
-impl RabbitQueue {
-    async fn bind(addr: &str, exchange: &str, durable: bool) -> Result<Self, String> {
-        use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-        use lapin::types::FieldTable;
-        let connection = lapin::Connection::connect(
-            &format!("amqp://guest:guest@{addr}/%2f"),
-            lapin::ConnectionProperties::default(),
-        )
-        .await
-        .map_err(|e| format!("cannot connect to RabbitMQ at {addr}: {e}"))?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| e.to_string())?;
-        channel
-            .exchange_declare(
-                exchange,
-                lapin::ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let queue = format!("{exchange}.queue");
-        channel
-            .queue_declare(
-                &queue,
-                QueueDeclareOptions {
-                    durable,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        channel
-            .queue_bind(
-                &queue,
-                exchange,
-                "#",
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(Self {
-            connection,
-            channel,
-            queue,
-            exchange: exchange.to_owned(),
-        })
-    }
-
-    /// Messages in the queue; then the queue and the exchange are deleted.
-    async fn count_and_delete(self) -> Result<u64, String> {
-        use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
-        use lapin::types::FieldTable;
-        let declared = self
-            .channel
-            .queue_declare(
-                &self.queue,
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let count = u64::from(declared.message_count());
-        let _ = self
-            .channel
-            .queue_delete(&self.queue, QueueDeleteOptions::default())
-            .await;
-        let _ = self
-            .channel
-            .exchange_delete(&self.exchange, ExchangeDeleteOptions::default())
-            .await;
-        let _ = self.connection.close(200, "bye").await;
-        Ok(count)
     }
 }
 
