@@ -416,18 +416,14 @@ async fn smoke(out: Option<PathBuf>, tether_bin: Option<PathBuf>) -> Result<(), 
                 duration: 2.0,
                 lifetime_ms: 100,
                 workers: 1,
-                redis: "127.0.0.1:6379".into(),
-                kafka: "127.0.0.1:9092".into(),
-                rabbitmq: "127.0.0.1:5672".into(),
+                at: Default::default(),
             }
         )
     );
     let mut brokers = Vec::new();
-    for (broker, addr) in [
-        ("redis", "127.0.0.1:6379"),
-        ("kafka", "127.0.0.1:9092"),
-        ("rabbitmq", "127.0.0.1:5672"),
-    ] {
+    let at = workloads::BrokerAddrs::default();
+    for broker in ["redis", "kafka", "rabbitmq"] {
+        let addr = at.addr(broker);
         if workloads::event_publishing::reachable(addr).await {
             brokers.push(broker.to_owned());
         } else {
@@ -445,9 +441,7 @@ async fn smoke(out: Option<PathBuf>, tether_bin: Option<PathBuf>) -> Result<(), 
                     outage: 1.0,
                     rate: 200,
                     retry_max: 0.5,
-                    redis: "127.0.0.1:6379".into(),
-                    kafka: "127.0.0.1:9092".into(),
-                    rabbitmq: "127.0.0.1:5672".into(),
+                    at: Default::default(),
                     tansu: None,
                 }
             )

@@ -5,7 +5,7 @@
 //!
 //! Only Tether publishes lifecycle events; OpenAgents and the floor have none.
 
-use super::{finish, na, num, opt, repeat_matrix, text, Ctx};
+use super::{finish, na, num, opt, repeat_matrix, text, BrokerAddrs, Ctx};
 use crate::pool::Pool;
 use crate::rabbit::{BoundQueue, QueueKind};
 use crate::stats::{latency_ms, now_us, Row, Table};
@@ -35,15 +35,9 @@ pub struct Args {
     /// Client worker processes.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
-    /// Redis address.
-    #[arg(long, default_value = "127.0.0.1:6379")]
-    pub redis: String,
-    /// Kafka bootstrap address.
-    #[arg(long, default_value = "127.0.0.1:9092")]
-    pub kafka: String,
-    /// RabbitMQ address.
-    #[arg(long, default_value = "127.0.0.1:5672")]
-    pub rabbitmq: String,
+    /// Where the brokers listen.
+    #[command(flatten)]
+    pub at: BrokerAddrs,
 }
 
 /// Whether something listens on `addr`.
@@ -52,16 +46,6 @@ pub async fn reachable(addr: &str) -> bool {
         tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await,
         Ok(Ok(_))
     )
-}
-
-impl Args {
-    fn addr(&self, broker: &str) -> &str {
-        match broker {
-            "redis" => &self.redis,
-            "kafka" => &self.kafka,
-            _ => &self.rabbitmq,
-        }
-    }
 }
 
 /// Runs the workload and returns its table; `Err` when no broker could be measured
@@ -74,12 +58,12 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Vec<Table>, String> {
     let mut any_reachable = false;
     let mut any_ok = false;
     for broker in &args.brokers {
-        if !reachable(args.addr(broker)).await {
+        if !reachable(args.at.addr(broker)).await {
             table.rows.push(vec![
                 text("broker", broker.clone()),
                 na(
                     "acked events/s",
-                    &format!("not measured: nothing listens on {}", args.addr(broker)),
+                    &format!("not measured: nothing listens on {}", args.at.addr(broker)),
                 ),
             ]);
             continue;
@@ -138,19 +122,19 @@ async fn once(ctx: &Ctx, args: &Args, broker: String) -> Result<Row, String> {
     match broker.as_str() {
         "redis" => {
             vars = vars
-                .set("EVENTS__REDIS__URL", format!("redis://{}", args.redis))
+                .set("EVENTS__REDIS__URL", format!("redis://{}", args.at.redis))
                 .set("EVENTS__REDIS__STREAM", &stream)
         }
         "kafka" => {
             vars = vars
-                .set("EVENTS__KAFKA__BOOTSTRAP_SERVERS", &args.kafka)
+                .set("EVENTS__KAFKA__BOOTSTRAP_SERVERS", &args.at.kafka)
                 .set("EVENTS__KAFKA__TOPIC", &topic)
         }
         _ => {
             vars = vars
                 .set(
                     "EVENTS__RABBITMQ__URL",
-                    format!("amqp://guest:guest@{}/%2f", args.rabbitmq),
+                    format!("amqp://guest:guest@{}/%2f", args.at.rabbitmq),
                 )
                 .set("EVENTS__RABBITMQ__EXCHANGE", &exchange)
         }
@@ -168,9 +152,9 @@ async fn once(ctx: &Ctx, args: &Args, broker: String) -> Result<Row, String> {
     // Close times by agent id, from the consumer's side of the comparison.
     let seen: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     let consumer = match broker.as_str() {
-        "redis" => spawn_redis(&args.redis, &stream, seen.clone()).await,
-        "rabbitmq" => spawn_rabbit(&args.rabbitmq, &exchange, seen.clone()).await,
-        "kafka" => spawn_kafka(&args.kafka, &topic, seen.clone()).await,
+        "redis" => spawn_redis(&args.at.redis, &stream, seen.clone()).await,
+        "rabbitmq" => spawn_rabbit(&args.at.rabbitmq, &exchange, seen.clone()).await,
+        "kafka" => spawn_kafka(&args.at.kafka, &topic, seen.clone()).await,
         other => Err(format!("unknown broker {other}")),
     };
     let consumer = match consumer {

@@ -34,6 +34,41 @@ pub struct Ctx {
     pub failures: std::sync::Mutex<Vec<String>>,
 }
 
+/// Where the brokers of the event workloads listen.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BrokerAddrs {
+    /// Redis address.
+    #[arg(long, default_value = "127.0.0.1:6379")]
+    pub redis: String,
+    /// Kafka bootstrap address.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    pub kafka: String,
+    /// RabbitMQ address.
+    #[arg(long, default_value = "127.0.0.1:5672")]
+    pub rabbitmq: String,
+}
+
+impl Default for BrokerAddrs {
+    fn default() -> Self {
+        Self {
+            redis: "127.0.0.1:6379".into(),
+            kafka: "127.0.0.1:9092".into(),
+            rabbitmq: "127.0.0.1:5672".into(),
+        }
+    }
+}
+
+impl BrokerAddrs {
+    /// The address of `broker` (`redis`, `kafka` or `rabbitmq`).
+    pub fn addr(&self, broker: &str) -> &str {
+        match broker {
+            "redis" => &self.redis,
+            "kafka" => &self.kafka,
+            _ => &self.rabbitmq,
+        }
+    }
+}
+
 /// Workers needed for `agents` sockets.
 pub fn workers_for(agents: u64, per_worker: u64) -> usize {
     agents.div_ceil(per_worker.max(1)).max(1) as usize

@@ -15,7 +15,7 @@
 //! Settings are `config/default.toml`'s except the buffer (large enough to hold the
 //! throughput run's events) and `retry_max` (`--retry-max`).
 
-use super::{finish, na, num, text, Ctx};
+use super::{finish, na, num, text, BrokerAddrs, Ctx};
 use crate::rabbit::{BoundQueue, QueueKind};
 use crate::stats::{merge_repeats, Cell, Row, Table};
 use actix::prelude::*;
@@ -52,15 +52,9 @@ pub struct Args {
     /// Longest reconnect backoff, seconds (default.toml has 5).
     #[arg(long, default_value_t = 1.0)]
     pub retry_max: f64,
-    /// Redis address.
-    #[arg(long, default_value = "127.0.0.1:6379")]
-    pub redis: String,
-    /// Kafka bootstrap address.
-    #[arg(long, default_value = "127.0.0.1:9092")]
-    pub kafka: String,
-    /// RabbitMQ address.
-    #[arg(long, default_value = "127.0.0.1:5672")]
-    pub rabbitmq: String,
+    /// Where the brokers listen.
+    #[command(flatten)]
+    pub at: BrokerAddrs,
     /// The tansu binary, for the Kafka drain run (default: `$TETHER_TEST_TANSU`,
     /// else `tansu` on the PATH, else `~/.cargo/bin/tansu`).
     #[arg(long)]
@@ -191,13 +185,13 @@ async fn measure(target: Target, args: Args) -> Result<Row, String> {
     let mut row = vec![text("broker", target.label())];
     let (rate, stored) = match target {
         Target::Redis => {
-            let addr = args.redis.clone();
+            let addr = args.at.redis.clone();
             let (rate, _) = throughput(redis(&addr, &name, capacity, &args), args.events).await?;
             let stored = redis_len(&addr, &name).await?;
             (rate, stored)
         }
         Target::Kafka => {
-            let addr = args.kafka.clone();
+            let addr = args.at.kafka.clone();
             let (rate, _) = throughput(kafka(&addr, &name, capacity, &args), args.events).await?;
             let stored = kafka_len(&addr, &name, args.events as u64 + 1);
             kafka_delete(&addr, &name).await;
@@ -205,9 +199,9 @@ async fn measure(target: Target, args: Args) -> Result<Row, String> {
         }
         Target::RabbitMqTransient | Target::RabbitMqDurable => {
             let durable = target == Target::RabbitMqDurable;
-            let subscriber = BoundQueue::bind(&args.rabbitmq, &name, kind(durable), "#").await?;
+            let subscriber = BoundQueue::bind(&args.at.rabbitmq, &name, kind(durable), "#").await?;
             let (rate, _) = throughput(
-                rabbitmq(&args.rabbitmq, &name, capacity, &args),
+                rabbitmq(&args.at.rabbitmq, &name, capacity, &args),
                 args.events,
             )
             .await?;
@@ -226,7 +220,7 @@ async fn measure(target: Target, args: Args) -> Result<Row, String> {
     let drain_name = format!("{name}-drain");
     let (backlog, took) = match target {
         Target::Redis => {
-            let proxy = Proxy::start(args.redis.clone());
+            let proxy = Proxy::start(args.at.redis.clone());
             let addr = format!("127.0.0.1:{}", proxy.port);
             let result = drain(
                 redis(&addr, &drain_name, 100_000, &args),
@@ -235,7 +229,7 @@ async fn measure(target: Target, args: Args) -> Result<Row, String> {
                 args.rate,
             )
             .await;
-            let _ = redis_del(&args.redis, &[&name, &drain_name]).await;
+            let _ = redis_del(&args.at.redis, &[&name, &drain_name]).await;
             result?
         }
         Target::Kafka => {
@@ -253,8 +247,8 @@ async fn measure(target: Target, args: Args) -> Result<Row, String> {
         Target::RabbitMqTransient | Target::RabbitMqDurable => {
             let durable = target == Target::RabbitMqDurable;
             let subscriber =
-                BoundQueue::bind(&args.rabbitmq, &drain_name, kind(durable), "#").await?;
-            let proxy = Proxy::start(args.rabbitmq.clone());
+                BoundQueue::bind(&args.at.rabbitmq, &drain_name, kind(durable), "#").await?;
+            let proxy = Proxy::start(args.at.rabbitmq.clone());
             let addr = format!("127.0.0.1:{}", proxy.port);
             let result = drain(
                 rabbitmq(&addr, &drain_name, 100_000, &args),
