@@ -96,15 +96,6 @@ async fn once(ctx: &Ctx, args: &Args, system: System, n: u64) -> Result<crate::s
         ),
         opt("server fds", fds.map(|f| f as f64), 0, "unreadable"),
     ];
-    if held.failed > 0 {
-        row.push(text(
-            "failed",
-            format!(
-                "{} ({})",
-                held.failed,
-                held.errors.first().map(String::as_str).unwrap_or("")
-            ),
-        ));
-    }
+    held.note_failures(&mut row);
     Ok(row)
 }

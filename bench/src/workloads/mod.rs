@@ -89,6 +89,22 @@ pub struct Held {
     pub wall_s: f64,
 }
 
+impl Held {
+    /// Adds a `failed` column (count and first error) to `row` when agents failed.
+    pub fn note_failures(&self, row: &mut Row) {
+        if self.failed > 0 {
+            row.push(text(
+                "failed",
+                format!(
+                    "{} ({})",
+                    self.failed,
+                    self.errors.first().map(String::as_str).unwrap_or("")
+                ),
+            ));
+        }
+    }
+}
+
 /// Registers `agents` agents `{prefix}N` spread over the pool's workers with
 /// `dialers` concurrent dialers in total, and leaves them held.
 pub async fn hold(

@@ -86,15 +86,6 @@ async fn once(ctx: &Ctx, args: &Args, system: System, n: u64) -> Result<Row, Str
     if let (Some(a), Some(b)) = (cpu0, cpu1) {
         row.push(num("server CPU s", b - a, 2));
     }
-    if held.failed > 0 {
-        row.push(text(
-            "failed",
-            format!(
-                "{} ({})",
-                held.failed,
-                held.errors.first().map(String::as_str).unwrap_or("")
-            ),
-        ));
-    }
+    held.note_failures(&mut row);
     Ok(row)
 }
