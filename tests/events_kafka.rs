@@ -8,14 +8,14 @@
 mod common;
 
 use common::brokers::{
-    free_port, kafka_topic, require, sse, unique, wait_publisher, TansuProcess, KAFKA,
+    free_port, kafka_topic, require, sse, tether_events, unique, wait_publisher, TansuProcess,
+    KAFKA,
 };
 use common::lifecycle::{
     assert_same_per_agent, ids, scenario, start_with_short_heartbeat, Outage, SCENARIO_AGENTS,
 };
 use common::proxy::Proxy;
 use common::DEADLINE;
-use serde_json::Value;
 use std::collections::HashMap;
 
 fn kafka_env(bootstrap: &str, topic: &str) -> Vec<(String, String)> {
@@ -79,33 +79,18 @@ async fn a_kafka_consumer_receives_every_lifecycle_event_keyed_by_agent_as_on_th
     assert_eq!(check["dropped"], 0, "{check}");
 
     // `tether events --from kafka --since beginning` prints the same events.
-    let output = tokio::time::timeout(
-        DEADLINE,
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(["events", "--from", "kafka", "--since", "beginning"])
-            .args(["--count", &consumer.received.len().to_string()])
-            .env("TETHER__EVENTS__KAFKA__BOOTSTRAP_SERVERS", KAFKA)
-            .env("TETHER__EVENTS__KAFKA__TOPIC", &topic)
-            .output(),
+    let mut printed: Vec<String> = tether_events(
+        &["--from", "kafka", "--since", "beginning"],
+        &[
+            ("TETHER__EVENTS__KAFKA__BOOTSTRAP_SERVERS", KAFKA),
+            ("TETHER__EVENTS__KAFKA__TOPIC", &topic),
+        ],
+        consumer.received.len(),
     )
     .await
-    .expect("tether events did not stop after --count events")
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "tether events failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let mut printed: Vec<String> = String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    .iter()
+    .map(|e| e["id"].as_str().unwrap().to_owned())
+    .collect();
     let mut consumed: Vec<String> = consumer
         .received
         .iter()

@@ -8,8 +8,8 @@
 mod common;
 
 use common::brokers::{
-    health, redis_channel, redis_stream, require, sse, unique, wait_publisher, RedisProcess,
-    DRAIN_DEADLINE, REDIS,
+    health, redis_channel, redis_stream, require, sse, tether_events, unique, wait_publisher,
+    RedisProcess, DRAIN_DEADLINE, REDIS,
 };
 use common::lifecycle::{
     assert_same_per_agent, events_of, ids, scenario, start_with_short_heartbeat, wait_cleaned_up,
@@ -74,8 +74,10 @@ async fn a_redis_stream_consumer_receives_every_lifecycle_event_as_on_the_sse_st
     // `tether events --from redis --since beginning` prints the same events.
     let printed = tether_events(
         &["--from", "redis", "--since", "beginning"],
-        &url,
-        &stream,
+        &[
+            ("TETHER__EVENTS__REDIS__URL", &url),
+            ("TETHER__EVENTS__REDIS__STREAM", &stream),
+        ],
         consumer.received.len(),
     )
     .await;
@@ -92,33 +94,6 @@ async fn a_redis_stream_consumer_receives_every_lifecycle_event_as_on_the_sse_st
         printed, consumed,
         "tether events --from redis printed other events"
     );
-}
-
-/// Runs `tether events ... --count n` against the stream and returns what it printed.
-async fn tether_events(args: &[&str], url: &str, stream: &str, n: usize) -> Vec<Value> {
-    let output = tokio::time::timeout(
-        DEADLINE,
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
-            .arg("events")
-            .args(args)
-            .args(["--count", &n.to_string()])
-            .env("TETHER__EVENTS__REDIS__URL", url)
-            .env("TETHER__EVENTS__REDIS__STREAM", stream)
-            .output(),
-    )
-    .await
-    .expect("tether events did not stop after --count events")
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "tether events failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("tether events printed a line that is not JSON"))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -666,3 +666,30 @@ pub async fn wait_publisher(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Runs `tether events <args> --count n` with `env` set and returns the events it
+/// printed (one JSON object per line); fails the test if it did not stop by itself.
+pub async fn tether_events(args: &[&str], env: &[(&str, &str)], n: usize) -> Vec<Value> {
+    let output = tokio::time::timeout(
+        DEADLINE,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+            .arg("events")
+            .args(args)
+            .args(["--count", &n.to_string()])
+            .envs(env.iter().copied())
+            .output(),
+    )
+    .await
+    .expect("tether events did not stop after --count events")
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "tether events failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("tether events printed a line that is not JSON"))
+        .collect()
+}
