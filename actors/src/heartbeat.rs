@@ -159,6 +159,7 @@ impl Heartbeat {
     fn on_tick(&mut self) {
         let now = monotonic_ms();
         let now_tick = now / self.timeouts.tick;
+        self.ping_rtt.rotate();
         let later = self.wheel.split_off(&(now_tick + 1));
         let due = std::mem::replace(&mut self.wheel, later);
         for (session_id, generation) in due.into_values().flatten() {

@@ -279,7 +279,9 @@ impl RttHistogram {
         (8 + sub) << (msb - 3)
     }
 
-    fn rotate(&mut self) {
+    /// Starts a new window when the current one is a minute old. Called by the owner
+    /// once per sweep (and by [`summary`](Self::summary)), not per sample.
+    pub fn rotate(&mut self) {
         let age = self.current_since.elapsed();
         if age < RTT_WINDOW {
             return;
@@ -293,9 +295,8 @@ impl RttHistogram {
         self.current_since = Instant::now();
     }
 
-    /// Records one round trip.
+    /// Records one round trip in the current window.
     pub fn record(&mut self, rtt_us: u32) {
-        self.rotate();
         self.current[Self::bucket(rtt_us)] += 1;
     }
 
