@@ -177,7 +177,10 @@ async fn a_mod_message_is_answered_with_unsupported_mod() {
     assert_eq!(pong["timestamp"], 3.0);
 }
 
-#[tokio::test]
+// Multi-threaded, and the flood yields after each pair: the reader (whose queue holds
+// only 4 frames here) must get to run while the flood goes on, or it would be the
+// one cut off as slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_is_closed_4003_while_the_others_keep_receiving() {
     let server = TestServer::start(&[("TETHER__LIMITS__MAX_MESSAGE_QUEUE_SIZE", "4")]);
     let url = server.ws_url();
@@ -206,6 +209,7 @@ async fn a_slow_consumer_is_closed_4003_while_the_others_keep_receiving() {
                 sender.send(broadcast(&["reader"], json!(big))).await;
                 sender.send(direct("reader", json!(sent))).await;
                 sent += 1;
+                tokio::task::yield_now().await;
             }
             (sender, sent)
         })
