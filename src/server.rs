@@ -6,17 +6,15 @@ use crate::{admin, publishers, sse, ws};
 use actix::prelude::*;
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
-use serde_json::{json, Map};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_actors::bus::{CloseSubscribers, EventBus, FlushAll, GetBusStatus, Publish};
 use tether_actors::connection::ConnectionSettings;
-use tether_actors::event::{EventKind, EventSource, LifecycleEvent};
+use tether_actors::event::{EventSource, LifecycleEvent, NetworkEvent};
 use tether_actors::heartbeat::Heartbeat;
-use tether_actors::registry::{
-    AttachHeartbeat, BeginShutdown, CloseAll, Drained, Registry, WaitFor,
-};
+use tether_actors::liveness::Liveness;
+use tether_actors::registry::{BeginShutdown, CloseAll, Drained, Registry, WaitFor};
 use tether_actors::settings::{secs, Settings};
 
 /// What the shutdown did, logged at exit.
@@ -36,12 +34,8 @@ pub struct ShutdownSummary {
     pub duration: Duration,
 }
 
-fn network_event(source: &EventSource, kind: EventKind, data: serde_json::Value) -> Publish {
-    let data = match data {
-        serde_json::Value::Object(map) => map,
-        _ => Map::new(),
-    };
-    Publish(Arc::new(LifecycleEvent::network(source, kind, data)))
+fn network_event(source: &EventSource, payload: NetworkEvent<'_>) -> Publish {
+    Publish(Arc::new(LifecycleEvent::network(source, &payload)))
 }
 
 /// Runs the server until it is told to stop; returns what the shutdown did.
@@ -56,24 +50,32 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
     let buffer = settings.events.sse_buffer;
     let bus = EventBus::start_in_arbiter(&bus_arbiter.handle(), move |_| EventBus::new(buffer));
     let _publisher_arbiters = publishers::start(&settings, &bus).map_err(std::io::Error::other)?;
+    // The heartbeat is started from the registry's constructor, so each is built with
+    // the recipient of what it sends the other: no second wiring step.
+    let rules = Liveness::new(&settings.heartbeat);
+    let (heartbeat_tx, heartbeat_rx) = tokio::sync::oneshot::channel();
     let registry = {
-        let (settings, source, bus) = (settings.clone(), source.clone(), bus.clone());
-        Registry::start_in_arbiter(&registry_arbiter.handle(), move |_| {
-            Registry::new(settings, source, bus, secret)
+        let (settings, source, events) = (settings.clone(), source.clone(), bus.clone());
+        let heartbeat_arbiter = heartbeat_arbiter.handle();
+        Registry::start_in_arbiter(&registry_arbiter.handle(), move |ctx| {
+            let verdicts = ctx.address().recipient();
+            let heartbeat = Heartbeat::start_in_arbiter(&heartbeat_arbiter, move |_| {
+                Heartbeat::new(rules, verdicts)
+            });
+            let _ = heartbeat_tx.send(heartbeat.clone());
+            let watch = heartbeat.recipient();
+            Registry::new(settings, source, events.recipient(), watch, secret)
         })
     };
-    let heartbeat = {
-        let (hb, registry) = (settings.heartbeat.clone(), registry.clone());
-        Heartbeat::start_in_arbiter(&heartbeat_arbiter.handle(), move |_| {
-            Heartbeat::new(&hb, registry)
-        })
-    };
-    registry.do_send(AttachHeartbeat(heartbeat.clone()));
+    let heartbeat = heartbeat_rx
+        .await
+        .map_err(|_| std::io::Error::other("the registry's arbiter stopped at start-up"))?;
 
     let state = AppState {
         connection_settings: Arc::new(ConnectionSettings {
             limits: settings.limits.clone(),
             registration_timeout: settings.network.registration_timeout,
+            liveness: rules,
         }),
         settings: settings.clone(),
         registry: registry.clone(),
@@ -125,8 +127,10 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
     let server_task = actix_web::rt::spawn(server);
     bus.do_send(network_event(
         &source,
-        EventKind::NetworkStarted,
-        json!({"name": settings.network.name, "max_connections": settings.network.max_connections}),
+        NetworkEvent::Started {
+            name: &settings.network.name,
+            max_connections: settings.network.max_connections,
+        },
     ));
 
     wait_for_signal().await;
@@ -163,9 +167,12 @@ async fn shutdown(state: &AppState, settings: &Settings) -> ShutdownSummary {
     let duration = started.elapsed();
     state.bus.do_send(network_event(
         &state.source,
-        EventKind::NetworkStopped,
-        json!({"agents_at_start": agents_at_start, "left_gracefully": left_gracefully,
-               "forced": forced, "duration_secs": duration.as_secs_f64()}),
+        NetworkEvent::Stopped {
+            agents_at_start,
+            left_gracefully,
+            forced,
+            duration_secs: duration.as_secs_f64(),
+        },
     ));
     let flush_time = secs(timeout)
         .saturating_sub(started.elapsed())

@@ -1,30 +1,30 @@
 //! The agent connection actor: one per WebSocket.
 //!
-//! It is fed by the actix-ws message stream, parses frames into protocol messages,
-//! enforces frame and metadata limits, keeps the connection's liveness clock, answers
-//! what it can answer alone (pings, `list_mods`, `list_protocols`, `unregister_agent`)
-//! and forwards the rest to the registry. It writes only through its bounded
-//! [`Outbox`], and it always reports its end to the registry, whatever the cause: in
-//! `stopped()`, or from `Drop` when a panic skipped `stopped()`.
+//! It is fed by the actix-ws message stream, parses frames into protocol messages
+//! (system requests into a [`Command`] once), enforces frame and metadata limits, keeps
+//! the connection's liveness clock, answers what it can answer alone (pings,
+//! `list_mods`, `list_protocols`, `unregister_agent`) and forwards the rest to the
+//! registry. It writes only through its bounded [`Outbox`], and it always reports its
+//! end to the registry, whatever the cause: in `stopped()`, or from `Drop` when a panic
+//! skipped `stopped()`.
 
-use crate::clock::{monotonic_ms, ConnectionClock};
-use crate::event::EndReason;
+use crate::clock::{epoch_secs, monotonic_ms};
+use crate::disconnect::Disconnect;
+use crate::liveness::{ConnectionClock, Liveness, SessionId};
 use crate::outbound::{spawn_writer, CloseOrder, OutFrame, Outbox, PushError};
-use crate::protocol::{self, close_code, Inbound, MessageKind, Request};
+use crate::protocol::command::{Command, Refusal, Registration, Request};
+use crate::protocol::{self, ErrorCode, Inbound, MessageKind, ProtocolError};
 use crate::registry::{
-    ActivityResumed, Connected, ConnectionEnded, RegisterAgent, RegistrationRefused, Registry,
-    Route, SystemRequest,
+    ActivityResumed, Connected, ConnectionEnded, ConnectionOrder, RegisterAgent,
+    RegistrationRefused, Registry, Route, SystemRequest,
 };
 use crate::settings::{secs, LimitsSettings};
 use actix::prelude::*;
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, ProtocolError, Session};
+use actix_ws::{AggregatedMessage, AggregatedMessageStream, Session};
 use bytestring::ByteString;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tokio::sync::oneshot;
-
-/// Identifies one WebSocket connection for the lifetime of the process.
-pub type SessionId = u64;
 
 /// Registration state of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,29 +44,8 @@ pub struct ConnectionSettings {
     pub limits: LimitsSettings,
     /// Seconds a socket may stay unregistered.
     pub registration_timeout: f64,
-}
-
-/// Tells a connection to close. Sent by the registry (takeover, stale, admin, shutdown,
-/// slow consumer); the registry has already ended the incarnation's lifecycle.
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "()")]
-pub struct Close {
-    /// Close code for the agent.
-    pub code: u16,
-    /// Reason reported in `agent.disconnected`.
-    pub reason: EndReason,
-    /// A notification written before the close frame (takeover notice).
-    pub notice: Option<ByteString>,
-}
-
-/// Tells a connection how its `register_agent` ended.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub enum RegistrationOutcome {
-    /// Registered as this agent id; the response is already in the outbox.
-    Accepted(Arc<str>),
-    /// Refused; the response is already in the outbox. Close with this code if set.
-    Refused(Option<u16>),
+    /// The liveness rules (when activity ends an inactive period).
+    pub liveness: Liveness,
 }
 
 /// One agent's WebSocket, as an actor.
@@ -83,7 +62,7 @@ pub struct AgentConnection {
     /// Invalid frames received in a row.
     invalid_in_row: u32,
     /// How the connection ended, once known.
-    end: Option<(EndReason, u16)>,
+    end: Option<Disconnect>,
     /// Set once the end has been reported to the registry.
     reported: bool,
 }
@@ -113,7 +92,7 @@ impl AgentConnection {
             outbox,
             close_tx: Some(close_tx),
             stream: Some(stream),
-            clock: Arc::new(ConnectionClock::new()),
+            clock: Arc::new(ConnectionClock::starting_at(monotonic_ms())),
             state: RegistrationState::Unregistered,
             invalid_in_row: 0,
             end: None,
@@ -121,16 +100,14 @@ impl AgentConnection {
         }
     }
 
-    /// Ends the connection: remembers why, tells the writer to close, stops the actor.
-    fn close(&mut self, ctx: &mut Context<Self>, code: u16, reason: EndReason, drain: bool) {
-        if self.end.is_none() {
-            self.end = Some((reason, code));
-        }
+    /// Ends the connection: remembers how, tells the writer to close (after writing
+    /// what is queued if `drain`), stops the actor.
+    fn close(&mut self, ctx: &mut Context<Self>, disconnect: Disconnect, drain: bool) {
+        let disconnect = *self.end.get_or_insert(disconnect);
         if let Some(close_tx) = self.close_tx.take() {
-            let description = reason.as_str().to_owned();
             let _ = close_tx.send(CloseOrder {
-                code,
-                description,
+                code: disconnect.code,
+                description: disconnect.reason.as_str().to_owned(),
                 drain,
             });
         }
@@ -141,13 +118,8 @@ impl AgentConnection {
     fn send(&mut self, ctx: &mut Context<Self>, frame: OutFrame) {
         match self.outbox.push_frame(frame) {
             Ok(()) => {}
-            Err(PushError::Full) => self.close(
-                ctx,
-                close_code::SLOW_CONSUMER,
-                EndReason::SlowConsumer,
-                false,
-            ),
-            Err(PushError::Closed) => self.close(ctx, close_code::NORMAL, EndReason::Error, false),
+            Err(PushError::Full) => self.close(ctx, Disconnect::SLOW_CONSUMER, false),
+            Err(PushError::Closed) => self.close(ctx, Disconnect::INTERNAL_ERROR, false),
         }
     }
 
@@ -155,11 +127,26 @@ impl AgentConnection {
         self.send(ctx, OutFrame::Text(ByteString::from(frame.to_string())));
     }
 
+    /// Answers `request` with `error`.
+    fn refuse_request(&mut self, ctx: &mut Context<Self>, request: &Request, error: ProtocolError) {
+        let frame =
+            protocol::response_error(request.command.name(), request.request_id.as_ref(), &error);
+        self.send_json(ctx, &frame);
+    }
+
+    /// Answers `request` with success and `fields`.
+    fn answer(&mut self, ctx: &mut Context<Self>, request: &Request, fields: Value) {
+        let frame =
+            protocol::response_ok(request.command.name(), request.request_id.as_ref(), fields);
+        self.send_json(ctx, &frame);
+    }
+
     fn invalid_frame(&mut self, ctx: &mut Context<Self>, error: String) {
         self.invalid_in_row += 1;
-        self.send_json(ctx, &protocol::error_frame("invalid_frame", &error, None));
+        let error = ProtocolError::new(ErrorCode::InvalidFrame, error);
+        self.send_json(ctx, &protocol::error_frame(&error, None));
         if self.invalid_in_row >= self.settings.limits.max_invalid_frames {
-            self.close(ctx, close_code::POLICY, EndReason::ProtocolError, true);
+            self.close(ctx, Disconnect::POLICY_VIOLATION, true);
         }
     }
 
@@ -176,12 +163,13 @@ impl AgentConnection {
             Inbound::PingAnswer { timestamp } => {
                 self.clock.seen(now);
                 if let Some(sent) = timestamp {
-                    self.clock.answered_ping(crate::clock::epoch_secs() - sent);
+                    self.clock.answered_ping(epoch_secs() - sent);
                 }
             }
             Inbound::OtherResponse => self.clock.seen(now),
             Inbound::Request(_) | Inbound::Message(_) => {
-                if self.clock.active(now) {
+                let previous = self.clock.active(now);
+                if self.settings.liveness.is_idle(previous, now) {
                     self.registry.do_send(ActivityResumed {
                         session_id: self.session_id,
                     });
@@ -197,152 +185,99 @@ impl AgentConnection {
     }
 
     fn on_request(&mut self, ctx: &mut Context<Self>, request: Request) {
-        let command = request.command.as_str();
         let registered = matches!(self.state, RegistrationState::Registered(_));
-        match command {
-            "register_agent" => self.on_register(ctx, request),
-            "ping_agent" => {
-                let timestamp = request
-                    .fields
-                    .get("timestamp")
-                    .cloned()
-                    .unwrap_or_else(|| json!(crate::clock::epoch_secs()));
-                let frame = protocol::response_ok(
-                    command,
-                    request.request_id(),
-                    json!({ "timestamp": timestamp }),
-                );
-                self.send_json(ctx, &frame);
+        if !registered && !request.command.allowed_unregistered() {
+            let mut frame = protocol::error_frame(&ErrorCode::NotRegistered.into(), None);
+            frame["command"] = json!(request.command.name());
+            if let Some(id) = &request.request_id {
+                frame["request_id"] = id.clone();
             }
-            "claim_agent_id" | "validate_certificate" | "get_network_info" => {
-                self.forward_request(request)
+            return self.send_json(ctx, &frame);
+        }
+        match &request.command {
+            Command::RegisterAgent(registration) => {
+                let registration = registration.clone();
+                self.on_register(ctx, &request, registration)
             }
-            _ if !registered => {
-                let mut frame = protocol::error_frame(
-                    "not_registered",
-                    "Register with register_agent before sending other requests",
-                    None,
-                );
-                frame["command"] = json!(command);
-                if let Some(id) = request.request_id() {
-                    frame["request_id"] = id.clone();
-                }
-                self.send_json(ctx, &frame);
+            Command::PingAgent { timestamp } => {
+                let timestamp = timestamp.clone().unwrap_or_else(|| json!(epoch_secs()));
+                self.answer(ctx, &request, json!({ "timestamp": timestamp }));
             }
-            "list_agents" => self.forward_request(request),
-            "list_mods" => {
-                let frame =
-                    protocol::response_ok(command, request.request_id(), json!({"mods": []}));
-                self.send_json(ctx, &frame);
+            Command::ClaimAgentId(_)
+            | Command::ValidateCertificate { .. }
+            | Command::GetNetworkInfo
+            | Command::ListAgents => self.registry.do_send(SystemRequest {
+                session_id: self.session_id,
+                request,
+            }),
+            Command::ListMods => self.answer(ctx, &request, json!({"mods": []})),
+            Command::ListProtocols => self.answer(ctx, &request, json!({"protocols": []})),
+            Command::UnregisterAgent => {
+                self.answer(ctx, &request, json!({}));
+                self.close(ctx, Disconnect::UNREGISTERED, true);
             }
-            "list_protocols" => {
-                let frame =
-                    protocol::response_ok(command, request.request_id(), json!({"protocols": []}));
-                self.send_json(ctx, &frame);
-            }
-            "unregister_agent" => {
-                let frame = protocol::response_ok(command, request.request_id(), json!({}));
-                self.send_json(ctx, &frame);
-                self.close(ctx, close_code::NORMAL, EndReason::Unregistered, true);
-            }
-            _ => {
-                let frame = protocol::response_error(
-                    command,
-                    request.request_id(),
-                    "unknown_command",
-                    "Unknown command",
-                );
-                self.send_json(ctx, &frame);
+            Command::Unknown(_) => {
+                self.refuse_request(ctx, &request, ErrorCode::UnknownCommand.into())
             }
         }
     }
 
-    fn forward_request(&self, request: Request) {
-        self.registry.do_send(SystemRequest {
-            session_id: self.session_id,
-            request,
+    fn on_register(
+        &mut self,
+        ctx: &mut Context<Self>,
+        request: &Request,
+        registration: Result<Registration, Refusal>,
+    ) {
+        let checked = if self.state != RegistrationState::Unregistered {
+            let agent_id = match registration {
+                Ok(registration) => Some(registration.agent_id),
+                Err(refusal) => refusal.agent_id,
+            };
+            Err(Refusal {
+                agent_id,
+                error: ErrorCode::AlreadyRegistered.into(),
+            })
+        } else {
+            registration
+        };
+        let checked = checked.and_then(|registration| {
+            let size = registration.metadata.to_string().len();
+            let max = self.settings.limits.max_metadata_bytes;
+            if size > max {
+                let error = format!("metadata is {size} bytes serialized; the limit is {max}");
+                return Err(Refusal {
+                    agent_id: Some(registration.agent_id),
+                    error: ProtocolError::new(ErrorCode::InvalidMetadata, error),
+                });
+            }
+            Ok(registration)
         });
-    }
-
-    fn on_register(&mut self, ctx: &mut Context<Self>, request: Request) {
-        let refuse = |this: &mut Self,
-                      ctx: &mut Context<Self>,
-                      agent_id: Option<&str>,
-                      code: &str,
-                      error: &str| {
-            let frame =
-                protocol::response_error("register_agent", request.request_id(), code, error);
-            this.send_json(ctx, &frame);
-            this.registry.do_send(RegistrationRefused {
-                agent_id: agent_id.map(str::to_owned),
-                error_code: code.to_owned(),
-            });
-        };
-        if self.state != RegistrationState::Unregistered {
-            let error = "This connection is already registered";
-            return refuse(
-                self,
-                ctx,
-                request.str_field("agent_id"),
-                "already_registered",
-                error,
-            );
-        }
-        let agent_id = match request.fields.get("agent_id") {
-            None | Some(Value::Null) => {
-                return refuse(self, ctx, None, "missing_agent_id", "agent_id is required")
-            }
-            Some(Value::String(id)) if id.is_empty() => {
-                return refuse(self, ctx, None, "missing_agent_id", "agent_id is required")
-            }
-            Some(Value::String(id)) if protocol::valid_agent_id(id) => id.clone(),
-            Some(_) => {
-                let error = "agent_id must be 1-128 characters of A-Z a-z 0-9 . _ : @ -";
-                return refuse(
-                    self,
-                    ctx,
-                    request.str_field("agent_id"),
-                    "invalid_agent_id",
-                    error,
-                );
-            }
-        };
-        let metadata = match request.fields.get("metadata") {
-            None | Some(Value::Null) => json!({}),
-            Some(meta @ Value::Object(_)) => {
-                let size = meta.to_string().len();
-                let max = self.settings.limits.max_metadata_bytes;
-                if size > max {
-                    let error = format!("metadata is {size} bytes serialized; the limit is {max}");
-                    return refuse(self, ctx, Some(&agent_id), "invalid_metadata", &error);
-                }
-                meta.clone()
-            }
-            Some(_) => {
-                let error = "metadata must be an object or null";
-                return refuse(self, ctx, Some(&agent_id), "invalid_metadata", error);
+        let registration = match checked {
+            Ok(registration) => registration,
+            Err(refusal) => {
+                self.refuse_request(ctx, request, refusal.error.clone());
+                return self.registry.do_send(RegistrationRefused {
+                    agent_id: refusal.agent_id,
+                    error_code: refusal.error.code,
+                });
             }
         };
         self.state = RegistrationState::Pending;
         self.registry.do_send(RegisterAgent {
             session_id: self.session_id,
-            agent_id,
-            metadata,
-            certificate: request
-                .fields
-                .get("certificate")
-                .filter(|c| !c.is_null())
-                .cloned(),
-            force_reconnect: request.bool_field("force_reconnect"),
-            request_id: request.request_id().cloned(),
+            registration,
+            request_id: request.request_id.clone(),
             clock: self.clock.clone(),
         });
     }
 
     fn on_message(&mut self, ctx: &mut Context<Self>, mut frame: serde_json::Map<String, Value>) {
         let RegistrationState::Registered(agent_id) = &self.state else {
-            let error = "Register with register_agent before sending messages";
-            return self.send_json(ctx, &protocol::error_frame("not_registered", error, None));
+            let error = ProtocolError::new(
+                ErrorCode::NotRegistered,
+                "Register with register_agent before sending messages",
+            );
+            return self.send_json(ctx, &protocol::error_frame(&error, None));
         };
         let agent_id = agent_id.clone();
         let kind = match protocol::message_kind(&frame) {
@@ -351,8 +286,8 @@ impl AgentConnection {
         };
         let message_id = protocol::stamp_message(&mut frame, &agent_id);
         if kind == MessageKind::Mod {
-            let error = "This network has no mods loaded";
-            let frame = protocol::error_frame("unsupported_mod", error, Some(&message_id));
+            let error = ErrorCode::UnsupportedMod.into();
+            let frame = protocol::error_frame(&error, Some(&message_id));
             return self.send_json(ctx, &frame);
         }
         let encoded = ByteString::from(Value::Object(frame).to_string());
@@ -370,7 +305,6 @@ impl AgentConnection {
             return;
         }
         self.reported = true;
-        let (reason, close_code) = self.end.unwrap_or((EndReason::Error, close_code::INTERNAL));
         let agent_id = match &self.state {
             RegistrationState::Registered(id) => Some(id.clone()),
             _ => None,
@@ -378,8 +312,7 @@ impl AgentConnection {
         self.registry.do_send(ConnectionEnded {
             session_id: self.session_id,
             agent_id,
-            reason,
-            close_code,
+            disconnect: self.end.unwrap_or(Disconnect::INTERNAL_ERROR),
         });
     }
 }
@@ -393,27 +326,24 @@ impl Actor for AgentConnection {
         }
         self.registry.do_send(Connected {
             session_id: self.session_id,
-            addr: ctx.address(),
+            orders: ctx.address().recipient(),
             outbox: self.outbox.clone(),
             remote_addr: self.remote_addr.clone(),
         });
         let timeout = secs(self.settings.registration_timeout);
         ctx.run_later(timeout, |act, ctx| {
             if !matches!(act.state, RegistrationState::Registered(_)) {
-                let code = close_code::REGISTRATION_TIMEOUT;
-                act.close(ctx, code, EndReason::ProtocolError, true);
+                act.close(ctx, Disconnect::REGISTRATION_TIMEOUT, true);
             }
         });
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         if let Some(close_tx) = self.close_tx.take() {
-            let (reason, code) = self
-                .end
-                .unwrap_or((EndReason::ClientClosed, close_code::NORMAL));
+            let disconnect = self.end.unwrap_or(Disconnect::CLIENT_CLOSED);
             let _ = close_tx.send(CloseOrder {
-                code,
-                description: reason.as_str().to_owned(),
+                code: disconnect.code,
+                description: disconnect.reason.as_str().to_owned(),
                 drain: true,
             });
         }
@@ -425,15 +355,19 @@ impl Drop for AgentConnection {
     fn drop(&mut self) {
         // Reached without `stopped()` only when the actor panicked.
         if !self.reported {
-            self.end
-                .get_or_insert((EndReason::Error, close_code::INTERNAL));
+            self.end.get_or_insert(Disconnect::INTERNAL_ERROR);
             self.report_end();
         }
     }
 }
 
-impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for AgentConnection {
-    fn handle(&mut self, item: Result<AggregatedMessage, ProtocolError>, ctx: &mut Self::Context) {
+impl StreamHandler<Result<AggregatedMessage, actix_ws::ProtocolError>> for AgentConnection {
+    fn handle(
+        &mut self,
+        item: Result<AggregatedMessage, actix_ws::ProtocolError>,
+        ctx: &mut Self::Context,
+    ) {
+        use actix_ws::ProtocolError as WsError;
         if self.end.is_some() {
             return;
         }
@@ -441,80 +375,60 @@ impl StreamHandler<Result<AggregatedMessage, ProtocolError>> for AgentConnection
             Ok(AggregatedMessage::Text(text)) => self.on_text(ctx, &text),
             Ok(AggregatedMessage::Binary(_)) => {
                 self.clock.seen(monotonic_ms());
-                let error = "Binary frames are not supported; send JSON in text frames";
-                self.send_json(
-                    ctx,
-                    &protocol::error_frame("unsupported_frame", error, None),
-                );
+                let error = ErrorCode::UnsupportedFrame.into();
+                self.send_json(ctx, &protocol::error_frame(&error, None));
             }
             Ok(AggregatedMessage::Ping(bytes)) => {
                 self.clock.seen(monotonic_ms());
                 self.send(ctx, OutFrame::Pong(bytes));
             }
             Ok(AggregatedMessage::Pong(_)) => self.clock.seen(monotonic_ms()),
-            Ok(AggregatedMessage::Close(_)) => {
-                self.close(ctx, close_code::NORMAL, EndReason::ClientClosed, false)
-            }
-            Err(ProtocolError::Overflow) => {
-                self.close(ctx, close_code::TOO_BIG, EndReason::ProtocolError, false)
-            }
+            Ok(AggregatedMessage::Close(_)) => self.close(ctx, Disconnect::CLIENT_CLOSED, false),
+            Err(WsError::Overflow) => self.close(ctx, Disconnect::MESSAGE_TOO_BIG, false),
             // actix-ws reports reassembled continuations over the limit as this I/O error.
-            Err(ProtocolError::Io(error))
+            Err(WsError::Io(error))
                 if error.to_string() == "Exceeded maximum continuation size" =>
             {
-                self.close(ctx, close_code::TOO_BIG, EndReason::ProtocolError, false)
+                self.close(ctx, Disconnect::MESSAGE_TOO_BIG, false)
             }
             // The transport failed (actix-ws wraps payload errors as `Other`): the client
-            // vanished without a close frame (crash, reset, cut cable). 1006 = abnormal.
-            Err(ProtocolError::Io(error)) if error.kind() == std::io::ErrorKind::Other => {
+            // vanished without a close frame (crash, reset, cut cable).
+            Err(WsError::Io(error)) if error.kind() == std::io::ErrorKind::Other => {
                 log::debug!("session {}: connection lost: {error}", self.session_id);
-                self.close(ctx, 1006, EndReason::ClientClosed, false)
+                self.close(ctx, Disconnect::CONNECTION_LOST, false)
             }
             Err(error) => {
                 log::debug!("session {}: protocol error: {error}", self.session_id);
-                self.close(ctx, 1002, EndReason::ProtocolError, false)
+                self.close(ctx, Disconnect::BAD_FRAMING, false)
             }
         }
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
-        if self.end.is_none() {
-            self.end = Some((EndReason::ClientClosed, close_code::NORMAL));
-        }
+        self.end.get_or_insert(Disconnect::CLIENT_CLOSED);
         ctx.stop();
     }
 }
 
-impl Handler<Close> for AgentConnection {
+impl Handler<ConnectionOrder> for AgentConnection {
     type Result = ();
 
-    fn handle(&mut self, msg: Close, ctx: &mut Self::Context) {
-        if let Some(notice) = msg.notice {
-            let _ = self.outbox.push(notice);
-        }
-        let drain = msg.reason != EndReason::SlowConsumer;
-        self.close(ctx, msg.code, msg.reason, drain);
-    }
-}
-
-impl Handler<RegistrationOutcome> for AgentConnection {
-    type Result = ();
-
-    fn handle(&mut self, msg: RegistrationOutcome, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: ConnectionOrder, ctx: &mut Self::Context) {
         match msg {
-            RegistrationOutcome::Accepted(agent_id) => {
+            ConnectionOrder::Registered(agent_id) => {
                 self.state = RegistrationState::Registered(agent_id)
             }
-            RegistrationOutcome::Refused(close) => {
+            ConnectionOrder::Refused(close) => {
                 self.state = RegistrationState::Unregistered;
-                if let Some(code) = close {
-                    let reason = if code == close_code::GOING_AWAY {
-                        EndReason::Shutdown
-                    } else {
-                        EndReason::ProtocolError
-                    };
-                    self.close(ctx, code, reason, true);
+                if let Some(disconnect) = close {
+                    self.close(ctx, disconnect, true);
                 }
+            }
+            ConnectionOrder::Close { disconnect, notice } => {
+                if let Some(notice) = notice {
+                    let _ = self.outbox.push(notice);
+                }
+                self.close(ctx, disconnect, disconnect.drains_queue());
             }
         }
     }

@@ -1,12 +1,17 @@
 //! The lifecycle event type (PROTOCOL.md §8): CloudEvents 1.0 in JSON structured mode.
 //!
+//! Each event's `data` is a typed payload ([`AgentEvent`], [`NetworkEvent`]) whose
+//! variant decides the event `type`, so a type and its fields can never disagree.
 //! Events are created by the registry (the one owner of per-agent sequence numbers) and
 //! by the server's start-up and shutdown code, serialized once, and shared between
 //! publishers as `Arc<LifecycleEvent>`.
 
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::SystemTime;
+
+pub use crate::disconnect::EndReason;
 
 /// The `type` of a lifecycle event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,6 +59,150 @@ impl EventKind {
     }
 }
 
+/// The steps of a cleanup, listed in `agent.cleaned_up`.
+pub const CLEANUP_STEPS: [&str; 3] = [
+    "registry_entry_removed",
+    "heartbeat_untracked",
+    "connection_closed",
+];
+
+/// The payload of an `agent.*` event (its `data`, less the fields every agent event
+/// carries: `agent_id`, `incarnation`, `seq`, `node_id`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum AgentEvent<'a> {
+    /// `agent.registered`.
+    Registered {
+        /// The connection's unique id.
+        session_id: &'a str,
+        /// Registration metadata.
+        metadata: &'a Value,
+        /// Peer address of the socket.
+        remote_addr: &'a str,
+        /// `certificate` or `force_reconnect` when this registration took the id over.
+        takeover: Option<&'static str>,
+    },
+    /// `agent.registration_failed`.
+    RegistrationFailed {
+        /// Why it was refused.
+        error_code: &'static str,
+    },
+    /// `agent.inactive`.
+    Inactive {
+        /// The connection's unique id.
+        session_id: &'a str,
+        /// Seconds since its last application frame.
+        inactive_secs: f64,
+    },
+    /// `agent.active`.
+    Active {
+        /// The connection's unique id.
+        session_id: &'a str,
+        /// Seconds it had been inactive.
+        inactive_secs: f64,
+    },
+    /// `agent.stale`.
+    Stale {
+        /// The connection's unique id.
+        session_id: &'a str,
+        /// `ping_timeout` or `agent_timeout`.
+        reason: &'static str,
+        /// Epoch seconds of its last frame.
+        last_seen: f64,
+    },
+    /// `agent.replaced`.
+    Replaced {
+        /// The replaced connection's unique id.
+        session_id: &'a str,
+        /// Incarnation of the registration that took over.
+        by_incarnation: u64,
+        /// Its connection's unique id.
+        by_session_id: &'a str,
+        /// `certificate` or `force_reconnect`.
+        proof: &'static str,
+    },
+    /// `agent.disconnected`.
+    Disconnected {
+        /// The connection's unique id.
+        session_id: &'a str,
+        /// Why the incarnation ended.
+        reason: &'static str,
+        /// The close code sent to the agent.
+        close_code: u16,
+        /// Registration metadata.
+        metadata: &'a Value,
+    },
+    /// `agent.cleaned_up`.
+    CleanedUp {
+        /// The connection's unique id.
+        session_id: &'a str,
+        /// Seconds the incarnation lasted.
+        connected_secs: f64,
+        /// What the cleanup did ([`CLEANUP_STEPS`]).
+        steps: [&'static str; 3],
+    },
+}
+
+impl AgentEvent<'_> {
+    /// The event type this payload belongs to.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Self::Registered { .. } => EventKind::Registered,
+            Self::RegistrationFailed { .. } => EventKind::RegistrationFailed,
+            Self::Inactive { .. } => EventKind::Inactive,
+            Self::Active { .. } => EventKind::Active,
+            Self::Stale { .. } => EventKind::Stale,
+            Self::Replaced { .. } => EventKind::Replaced,
+            Self::Disconnected { .. } => EventKind::Disconnected,
+            Self::CleanedUp { .. } => EventKind::CleanedUp,
+        }
+    }
+}
+
+/// The payload of a `network.*` event (its `data`, less `node_id`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum NetworkEvent<'a> {
+    /// `network.started`.
+    Started {
+        /// `network.name`.
+        name: &'a str,
+        /// `network.max_connections`.
+        max_connections: usize,
+    },
+    /// `network.stopping`.
+    Stopping {
+        /// Agents registered when shutdown began.
+        agents: usize,
+        /// Sockets open then.
+        open_sockets: usize,
+        /// Seconds the agents are given to leave.
+        timeout: f64,
+    },
+    /// `network.stopped`.
+    Stopped {
+        /// Agents registered when shutdown began.
+        agents_at_start: usize,
+        /// Agents that left before the timeout.
+        left_gracefully: usize,
+        /// Agents closed at the timeout.
+        forced: usize,
+        /// Seconds the shutdown took.
+        duration_secs: f64,
+    },
+}
+
+impl NetworkEvent<'_> {
+    /// The event type this payload belongs to.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Self::Started { .. } => EventKind::NetworkStarted,
+            Self::Stopping { .. } => EventKind::NetworkStopping,
+            Self::Stopped { .. } => EventKind::NetworkStopped,
+        }
+    }
+}
+
 /// Where events come from: the network id and this process's node id.
 #[derive(Debug, Clone)]
 pub struct EventSource {
@@ -94,41 +243,94 @@ pub struct LifecycleEvent {
     pub json: String,
 }
 
+/// An event's `data`: the payload and the fields every event of its family carries.
+#[derive(Serialize)]
+struct Data<'a, P: Serialize> {
+    #[serde(flatten)]
+    payload: &'a P,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    incarnation: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    node_id: &'a str,
+}
+
+/// The CloudEvents envelope.
+#[derive(Serialize)]
+struct Envelope<'a, P: Serialize> {
+    specversion: &'static str,
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    time: String,
+    subject: &'a str,
+    datacontenttype: &'static str,
+    data: Data<'a, P>,
+}
+
 impl LifecycleEvent {
-    /// Builds an event; `data` gets `node_id` added (and, for agent events, the
-    /// `agent_id`, `incarnation` and `seq` passed here).
-    pub fn new(
+    /// An event of incarnation `incarnation` of agent `agent_id`, numbered `seq`
+    /// (both 0 for a refused registration, which belongs to no incarnation).
+    pub fn agent(
+        source: &EventSource,
+        agent_id: Arc<str>,
+        incarnation: u64,
+        seq: u64,
+        payload: &AgentEvent<'_>,
+    ) -> Self {
+        let numbered = incarnation > 0;
+        let data = Data {
+            payload,
+            agent_id: Some(&agent_id),
+            incarnation: numbered.then_some(incarnation),
+            seq: numbered.then_some(seq),
+            node_id: &source.node_id,
+        };
+        Self::build(
+            source,
+            payload.kind(),
+            agent_id.clone(),
+            incarnation,
+            seq,
+            data,
+        )
+    }
+
+    /// A `network.*` event of this node.
+    pub fn network(source: &EventSource, payload: &NetworkEvent<'_>) -> Self {
+        let data = Data {
+            payload,
+            agent_id: None,
+            incarnation: None,
+            seq: None,
+            node_id: &source.node_id,
+        };
+        Self::build(source, payload.kind(), source.node_id.clone(), 0, 0, data)
+    }
+
+    fn build<P: Serialize>(
         source: &EventSource,
         kind: EventKind,
         key: Arc<str>,
         incarnation: u64,
         seq: u64,
-        mut data: Map<String, Value>,
+        data: Data<'_, P>,
     ) -> Self {
         let id = uuid::Uuid::new_v4().to_string();
-        if !matches!(
-            kind,
-            EventKind::NetworkStarted | EventKind::NetworkStopping | EventKind::NetworkStopped
-        ) {
-            data.insert("agent_id".into(), json!(&*key));
-            if incarnation > 0 {
-                data.insert("incarnation".into(), json!(incarnation));
-                data.insert("seq".into(), json!(seq));
-            }
-        }
-        data.insert("node_id".into(), json!(&*source.node_id));
-        let time = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-        let json = json!({
-            "specversion": "1.0",
-            "id": id,
-            "source": &*source.uri,
-            "type": kind.as_str(),
-            "time": time,
-            "subject": &*key,
-            "datacontenttype": "application/json",
-            "data": data,
-        })
-        .to_string();
+        let envelope = Envelope {
+            specversion: "1.0",
+            id: &id,
+            source: &source.uri,
+            kind: kind.as_str(),
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            subject: &key,
+            datacontenttype: "application/json",
+            data,
+        };
+        let json = serde_json::to_string(&envelope).expect("an event always serializes");
         Self {
             id,
             kind,
@@ -138,11 +340,6 @@ impl LifecycleEvent {
             json,
         }
     }
-
-    /// A `network.*` event with `data`.
-    pub fn network(source: &EventSource, kind: EventKind, data: Map<String, Value>) -> Self {
-        Self::new(source, kind, source.node_id.clone(), 0, 0, data)
-    }
 }
 
 /// A shared, immutable event.
@@ -151,63 +348,59 @@ pub type SharedEvent = Arc<LifecycleEvent>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn agent_events_are_cloudevents_with_sequence_data() {
         let source = EventSource::new("tether-1", "node-a");
-        let mut data = Map::new();
-        data.insert("reason".into(), json!("stale"));
-        let event =
-            LifecycleEvent::new(&source, EventKind::Disconnected, "alice".into(), 3, 4, data);
+        let metadata = json!({"name": "Alice"});
+        let payload = AgentEvent::Disconnected {
+            session_id: "s-1",
+            reason: EndReason::Stale.as_str(),
+            close_code: 4002,
+            metadata: &metadata,
+        };
+        let event = LifecycleEvent::agent(&source, "alice".into(), 3, 4, &payload);
         let doc: Value = serde_json::from_str(&event.json).unwrap();
         assert_eq!(doc["specversion"], "1.0");
         assert_eq!(doc["type"], "agent.disconnected");
         assert_eq!(doc["source"], "tether://tether-1/node-a");
         assert_eq!(doc["subject"], "alice");
-        assert_eq!(doc["data"]["incarnation"], 3);
-        assert_eq!(doc["data"]["seq"], 4);
-        assert_eq!(doc["data"]["reason"], "stale");
+        assert_eq!(doc["datacontenttype"], "application/json");
+        let data = &doc["data"];
+        assert_eq!(data["agent_id"], "alice");
+        assert_eq!(data["incarnation"], 3);
+        assert_eq!(data["seq"], 4);
+        assert_eq!(data["node_id"], "node-a");
+        assert_eq!(data["reason"], "stale");
+        assert_eq!(data["close_code"], 4002);
+        assert_eq!(data["metadata"]["name"], "Alice");
         assert_eq!(doc["id"], event.id.as_str());
         assert!(doc["time"].as_str().unwrap().ends_with('Z'));
     }
-}
 
-/// Why an incarnation ended: the `reason` of `agent.disconnected`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EndReason {
-    /// The agent closed its socket (or the socket dropped).
-    ClientClosed,
-    /// The agent sent `unregister_agent`.
-    Unregistered,
-    /// The heartbeat declared it stale.
-    Stale,
-    /// A takeover replaced it.
-    Replaced,
-    /// The server shut down.
-    Shutdown,
-    /// An administrator removed it.
-    Admin,
-    /// Its outbound queue overflowed.
-    SlowConsumer,
-    /// It broke the protocol (oversized frame, repeated invalid frames).
-    ProtocolError,
-    /// Its connection failed (I/O error, internal fault).
-    Error,
-}
+    #[test]
+    fn a_refused_registration_has_no_incarnation_and_a_network_event_no_agent() {
+        let source = EventSource::new("n", "node-a");
+        let payload = AgentEvent::RegistrationFailed {
+            error_code: "agent_id_in_use",
+        };
+        let event = LifecycleEvent::agent(&source, "bob".into(), 0, 0, &payload);
+        let doc: Value = serde_json::from_str(&event.json).unwrap();
+        assert_eq!(doc["type"], "agent.registration_failed");
+        assert!(doc["data"].get("incarnation").is_none());
+        assert!(doc["data"].get("seq").is_none());
+        assert_eq!(doc["data"]["error_code"], "agent_id_in_use");
 
-impl EndReason {
-    /// The `reason` string of `agent.disconnected`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ClientClosed => "client_closed",
-            Self::Unregistered => "unregistered",
-            Self::Stale => "stale",
-            Self::Replaced => "replaced",
-            Self::Shutdown => "shutdown",
-            Self::Admin => "admin",
-            Self::SlowConsumer => "slow_consumer",
-            Self::ProtocolError => "protocol_error",
-            Self::Error => "error",
-        }
+        let payload = NetworkEvent::Started {
+            name: "net",
+            max_connections: 5,
+        };
+        let event = LifecycleEvent::network(&source, &payload);
+        let doc: Value = serde_json::from_str(&event.json).unwrap();
+        assert_eq!(doc["type"], "network.started");
+        assert_eq!(doc["subject"], "node-a");
+        assert!(doc["data"].get("agent_id").is_none());
+        assert_eq!(doc["data"]["max_connections"], 5);
     }
 }

@@ -35,6 +35,13 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// A queue of `capacity` frames and its receiving end, for a writer of the caller's
+    /// (or a test that reads what an agent would receive).
+    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<OutFrame>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (Self { tx }, rx)
+    }
+
     /// Queues a text frame without waiting.
     pub fn push(&self, frame: ByteString) -> Result<(), PushError> {
         self.push_frame(OutFrame::Text(frame))
@@ -82,10 +89,10 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// Creates a queue of `capacity` frames and spawns its writer on the current arbiter.
 /// The returned sender closes the WebSocket when sent to (or dropped).
 pub fn spawn_writer(session: Session, capacity: usize) -> (Outbox, oneshot::Sender<CloseOrder>) {
-    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let (outbox, rx) = Outbox::channel(capacity);
     let (close_tx, close_rx) = oneshot::channel();
     actix::spawn(write_loop(session, rx, close_rx));
-    (Outbox { tx }, close_tx)
+    (outbox, close_tx)
 }
 
 async fn write_loop(
@@ -108,7 +115,7 @@ async fn write_loop(
         }
     };
     let order = order.unwrap_or(CloseOrder {
-        code: crate::protocol::close_code::NORMAL,
+        code: crate::disconnect::Disconnect::CLIENT_CLOSED.code,
         description: String::new(),
         drain: true,
     });

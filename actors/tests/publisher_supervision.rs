@@ -10,7 +10,7 @@ use futures_util::FutureExt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_actors::event::{EventKind, EventSource, LifecycleEvent, SharedEvent};
+use tether_actors::event::{AgentEvent, EventSource, LifecycleEvent, SharedEvent};
 use tether_actors::publisher::backoff::RestartPolicy;
 use tether_actors::publisher::broker::{Broker, BrokerError, LossReporter, SendError, Timeouts};
 use tether_actors::publisher::redis::RedisBroker;
@@ -52,13 +52,16 @@ fn unique_stream() -> String {
 
 fn event(seq: u64) -> SharedEvent {
     let source = EventSource::new("test", "node");
-    Arc::new(LifecycleEvent::new(
+    let payload = AgentEvent::Active {
+        session_id: "s-1",
+        inactive_secs: 0.0,
+    };
+    Arc::new(LifecycleEvent::agent(
         &source,
-        EventKind::Registered,
         "alice".into(),
         1,
         seq,
-        Default::default(),
+        &payload,
     ))
 }
 

@@ -133,19 +133,16 @@ impl EventBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{EventKind, EventSource, LifecycleEvent};
+    use crate::event::{AgentEvent, EventSource, LifecycleEvent};
     use std::sync::Arc;
 
     fn event(seq: u64) -> SharedEvent {
         let source = EventSource::new("net", "node");
-        Arc::new(LifecycleEvent::new(
-            &source,
-            EventKind::Registered,
-            "a".into(),
-            1,
-            seq,
-            Default::default(),
-        ))
+        let payload = AgentEvent::Active {
+            session_id: "s-1",
+            inactive_secs: 0.0,
+        };
+        Arc::new(LifecycleEvent::agent(&source, "a".into(), 1, seq, &payload))
     }
 
     fn seqs(events: &[SharedEvent]) -> Vec<u64> {

@@ -19,10 +19,10 @@ use super::{finish, na, num, text, BrokerAddrs, Ctx};
 use crate::rabbit::{BoundQueue, QueueKind};
 use crate::stats::{merge_repeats, Cell, Row, Table};
 use actix::prelude::*;
-use serde_json::{json, Map};
+use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_actors::event::{EventKind, EventSource, LifecycleEvent, SharedEvent};
+use tether_actors::event::{AgentEvent, EventSource, LifecycleEvent, SharedEvent};
 use tether_actors::publisher::backoff::RestartPolicy;
 use tether_actors::publisher::broker::Broker;
 use tether_actors::publisher::kafka::KafkaBroker;
@@ -278,23 +278,19 @@ fn kind(durable: bool) -> QueueKind {
 /// `n` distinct `agent.disconnected` events over 1 000 agents.
 fn events(n: usize) -> Vec<SharedEvent> {
     let source = EventSource::new("bench", "node-bench");
+    let metadata = json!({"name": "bench agent", "version": "1.0"});
     (0..n)
         .map(|i| {
-            let mut data = Map::new();
-            data.insert("session_id".into(), json!(format!("s-{i}")));
-            data.insert("reason".into(), json!("client_closed"));
-            data.insert(
-                "metadata".into(),
-                json!({"name": "bench agent", "version": "1.0"}),
-            );
-            Arc::new(LifecycleEvent::new(
-                &source,
-                EventKind::Disconnected,
-                format!("agent-{}", i % 1000).into(),
-                1,
-                (i / 1000 + 1) as u64,
-                data,
-            ))
+            let session_id = format!("s-{i}");
+            let payload = AgentEvent::Disconnected {
+                session_id: &session_id,
+                reason: "client_closed",
+                close_code: 1000,
+                metadata: &metadata,
+            };
+            let agent_id = format!("agent-{}", i % 1000).into();
+            let seq = (i / 1000 + 1) as u64;
+            Arc::new(LifecycleEvent::agent(&source, agent_id, 1, seq, &payload))
         })
         .collect()
 }

@@ -13,21 +13,62 @@
 //! `ping_timeout`: within `interval + ping_timeout + 2 ticks`, under the contract's
 //! `+ 1 s` for any tick up to 0.5 s. An answer (any frame) before the ping expires
 //! clears it, so an agent that answers in time is never declared stale.
+//!
+//! It knows nothing of the registry: it is built with the [`Recipient`] of its
+//! [`Verdict`]s. Time comes from a [`Clock`]; with a manual clock it sweeps only when
+//! sent [`Tick`], so tests reach deadlines without waiting.
 
-use crate::clock::{monotonic_ms, ConnectionClock};
-use crate::connection::SessionId;
+use crate::clock::{Clock, ManualClock};
+use crate::liveness::{ConnectionClock, Liveness, SessionId};
 use crate::outbound::{Outbox, PushError};
 use crate::protocol;
-use crate::registry::{Registry, Verdict};
-use crate::settings::{secs, HeartbeatSettings};
 use crate::stats::RttHistogram;
 use actix::prelude::*;
 use bytestring::ByteString;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+/// The heartbeat's findings about one tracked agent, sent to the recipient it was
+/// built with (the registry).
+#[derive(Message, Debug, Clone, PartialEq)]
+#[rtype(result = "()")]
+pub enum Verdict {
+    /// The agent is stale (it is no longer tracked).
+    Stale {
+        /// The connection.
+        session_id: SessionId,
+        /// Ping unanswered, or silent past `agent_timeout`.
+        reason: StaleReason,
+        /// Last frame received, on the heartbeat's clock.
+        last_seen_ms: u64,
+    },
+    /// The agent has had no application frame for `activity_timeout`.
+    Inactive {
+        /// The connection.
+        session_id: SessionId,
+        /// Its last application frame, on the heartbeat's clock: if the connection's
+        /// clock shows a later one when the verdict arrives, activity has resumed and
+        /// the verdict is void.
+        last_activity_ms: u64,
+        /// Seconds since that frame.
+        inactive_secs: f64,
+    },
+    /// The agent's queue was full when the heartbeat tried to ping it (it is no longer
+    /// tracked).
+    SlowConsumer {
+        /// The connection.
+        session_id: SessionId,
+    },
+}
+
+/// Sweeps the due agents now (sent by the heartbeat's own timer, or by a test that
+/// drives a manual clock).
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Tick;
+
 /// Why the heartbeat declared an agent stale.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StaleReason {
     /// A ping went unanswered for `ping_timeout`.
     PingTimeout,
@@ -45,26 +86,26 @@ impl StaleReason {
     }
 }
 
-/// Starts watching a registered agent.
+/// Starts or stops watching a registered agent (sent by the registry).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Track {
-    /// Its connection.
-    pub session_id: SessionId,
-    /// Its id (written into pings).
-    pub agent_id: Arc<str>,
-    /// Its liveness clock.
-    pub clock: Arc<ConnectionClock>,
-    /// Where pings go.
-    pub outbox: Outbox,
-}
-
-/// Stops watching an agent (its incarnation ended).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Untrack {
-    /// Its connection.
-    pub session_id: SessionId,
+pub enum Watch {
+    /// Starts watching an agent that just registered.
+    Track {
+        /// Its connection.
+        session_id: SessionId,
+        /// Its id (written into pings).
+        agent_id: Arc<str>,
+        /// Its liveness clock.
+        clock: Arc<ConnectionClock>,
+        /// Where pings go.
+        outbox: Outbox,
+    },
+    /// Stops watching an agent (its incarnation ended).
+    Untrack {
+        /// Its connection.
+        session_id: SessionId,
+    },
 }
 
 /// Counters of the heartbeat actor.
@@ -97,24 +138,18 @@ struct Tracked {
     outbox: Outbox,
     /// When the outstanding ping was sent, if one is.
     pinged_at: Option<u64>,
+    /// The last-activity time of the inactive verdict sent, if one was and no activity
+    /// came since.
+    reported_idle_at: Option<u64>,
     /// Distinguishes this tracking from an earlier one of the same session in the wheel.
     generation: u32,
 }
 
-/// Timeouts in milliseconds.
-#[derive(Debug, Clone, Copy)]
-struct Timeouts {
-    interval: u64,
-    ping_timeout: u64,
-    agent_timeout: u64,
-    activity_timeout: u64,
-    tick: u64,
-}
-
 /// The heartbeat actor.
 pub struct Heartbeat {
-    timeouts: Timeouts,
-    registry: Addr<Registry>,
+    rules: Liveness,
+    verdicts: Recipient<Verdict>,
+    clock: Clock,
     agents: HashMap<SessionId, Tracked>,
     /// Due tick → sessions (with generation) to look at then.
     wheel: BTreeMap<u64, Vec<(SessionId, u32)>>,
@@ -124,22 +159,14 @@ pub struct Heartbeat {
     ping_rtt: RttHistogram,
 }
 
-fn millis(seconds: f64) -> u64 {
-    secs(seconds).as_millis() as u64
-}
-
 impl Heartbeat {
-    /// A heartbeat reporting to `registry`.
-    pub fn new(settings: &HeartbeatSettings, registry: Addr<Registry>) -> Self {
+    /// A heartbeat applying `rules` on the process's monotonic clock, sweeping every
+    /// `rules.tick`, and sending its verdicts to `verdicts`.
+    pub fn new(rules: Liveness, verdicts: Recipient<Verdict>) -> Self {
         Self {
-            timeouts: Timeouts {
-                interval: millis(settings.interval),
-                ping_timeout: millis(settings.ping_timeout),
-                agent_timeout: millis(settings.agent_timeout),
-                activity_timeout: millis(settings.activity_timeout),
-                tick: millis(settings.tick).max(1),
-            },
-            registry,
+            rules,
+            verdicts,
+            clock: Clock::Monotonic,
             agents: HashMap::new(),
             wheel: BTreeMap::new(),
             next_generation: 0,
@@ -148,8 +175,14 @@ impl Heartbeat {
         }
     }
 
+    /// The same heartbeat on a manual clock: it sweeps only when sent [`Tick`].
+    pub fn with_manual_clock(mut self, clock: ManualClock) -> Self {
+        self.clock = Clock::Manual(clock);
+        self
+    }
+
     fn schedule(&mut self, session_id: SessionId, generation: u32, at_ms: u64) {
-        let tick = at_ms.div_ceil(self.timeouts.tick);
+        let tick = at_ms.div_ceil(self.rules.tick);
         self.wheel
             .entry(tick)
             .or_default()
@@ -157,8 +190,8 @@ impl Heartbeat {
     }
 
     fn on_tick(&mut self) {
-        let now = monotonic_ms();
-        let now_tick = now / self.timeouts.tick;
+        let now = self.clock.now_ms();
+        let now_tick = now / self.rules.tick;
         self.ping_rtt.rotate();
         let later = self.wheel.split_off(&(now_tick + 1));
         let due = std::mem::replace(&mut self.wheel, later);
@@ -169,7 +202,7 @@ impl Heartbeat {
 
     /// Looks at one due agent: ping, stale, inactive, and its next deadline.
     fn examine(&mut self, session_id: SessionId, generation: u32, now: u64) {
-        let t = self.timeouts;
+        let t = self.rules;
         let Some(agent) = self.agents.get_mut(&session_id) else {
             return;
         };
@@ -199,20 +232,20 @@ impl Heartbeat {
                 }
                 Err(PushError::Full) => {
                     self.agents.remove(&session_id);
-                    self.registry.do_send(Verdict::SlowConsumer { session_id });
+                    self.verdicts.do_send(Verdict::SlowConsumer { session_id });
                     return;
                 }
                 Err(PushError::Closed) => {} // The connection is ending; the registry hears of it.
             }
         }
         let last_activity = agent.clock.last_activity_ms();
-        if !agent.clock.is_inactive()
-            && now.saturating_sub(last_activity) >= t.activity_timeout
-            && agent.clock.mark_inactive()
-        {
+        let reported = agent.reported_idle_at == Some(last_activity);
+        if !reported && t.is_idle(last_activity, now) {
+            agent.reported_idle_at = Some(last_activity);
             self.stats.inactive_reported += 1;
-            self.registry.do_send(Verdict::Inactive {
+            self.verdicts.do_send(Verdict::Inactive {
                 session_id,
+                last_activity_ms: last_activity,
                 inactive_secs: now.saturating_sub(last_activity) as f64 / 1000.0,
             });
         }
@@ -221,7 +254,7 @@ impl Heartbeat {
             Some(pinged_at) => pinged_at + t.ping_timeout,
             None => last_seen + t.interval,
         });
-        if !agent.clock.is_inactive() {
+        if agent.reported_idle_at != Some(last_activity) {
             next = next.min(last_activity + t.activity_timeout);
         }
         self.schedule(session_id, generation, next.max(now + 1));
@@ -230,7 +263,7 @@ impl Heartbeat {
     fn stale(&mut self, session_id: SessionId, reason: StaleReason, last_seen_ms: u64) {
         self.agents.remove(&session_id);
         self.stats.stale_declared += 1;
-        self.registry.do_send(Verdict::Stale {
+        self.verdicts.do_send(Verdict::Stale {
             session_id,
             reason,
             last_seen_ms,
@@ -242,39 +275,54 @@ impl Actor for Heartbeat {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let tick = std::time::Duration::from_millis(self.timeouts.tick);
-        ctx.run_interval(tick, |act, _ctx| act.on_tick());
+        if let Clock::Monotonic = self.clock {
+            let tick = std::time::Duration::from_millis(self.rules.tick);
+            ctx.run_interval(tick, |act, _ctx| act.on_tick());
+        }
     }
 }
 
-impl Handler<Track> for Heartbeat {
+impl Handler<Tick> for Heartbeat {
     type Result = ();
 
-    fn handle(&mut self, msg: Track, _ctx: &mut Self::Context) {
-        self.next_generation = self.next_generation.wrapping_add(1);
-        let generation = self.next_generation;
-        let t = self.timeouts;
-        let first =
-            msg.clock.last_seen_ms() + t.interval.min(t.agent_timeout).min(t.activity_timeout);
-        self.agents.insert(
-            msg.session_id,
-            Tracked {
-                ping: protocol::PingTemplate::new(&msg.agent_id),
-                clock: msg.clock,
-                outbox: msg.outbox,
-                pinged_at: None,
-                generation,
-            },
-        );
-        self.schedule(msg.session_id, generation, first);
+    fn handle(&mut self, _msg: Tick, _ctx: &mut Self::Context) {
+        self.on_tick();
     }
 }
 
-impl Handler<Untrack> for Heartbeat {
+impl Handler<Watch> for Heartbeat {
     type Result = ();
 
-    fn handle(&mut self, msg: Untrack, _ctx: &mut Self::Context) {
-        self.agents.remove(&msg.session_id);
+    fn handle(&mut self, msg: Watch, _ctx: &mut Self::Context) {
+        match msg {
+            Watch::Track {
+                session_id,
+                agent_id,
+                clock,
+                outbox,
+            } => {
+                self.next_generation = self.next_generation.wrapping_add(1);
+                let generation = self.next_generation;
+                let t = self.rules;
+                let first =
+                    clock.last_seen_ms() + t.interval.min(t.agent_timeout).min(t.activity_timeout);
+                self.agents.insert(
+                    session_id,
+                    Tracked {
+                        ping: protocol::PingTemplate::new(&agent_id),
+                        clock,
+                        outbox,
+                        pinged_at: None,
+                        reported_idle_at: None,
+                        generation,
+                    },
+                );
+                self.schedule(session_id, generation, first);
+            }
+            Watch::Untrack { session_id } => {
+                self.agents.remove(&session_id);
+            }
+        }
     }
 }
 
@@ -292,3 +340,6 @@ impl Handler<GetHeartbeatStats> for Heartbeat {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

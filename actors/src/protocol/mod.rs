@@ -1,35 +1,18 @@
 //! The agent wire protocol (PROTOCOL.md §1–7): parsing incoming frames into typed
 //! messages and building the frames the server sends.
 //!
-//! Frames are JSON objects. Messages between agents are kept as JSON maps so that every
-//! field a client sends, known or not, is forwarded unchanged.
+//! Frames are JSON objects. System requests are parsed once into a [`Command`]
+//! ([`command`]); error codes are [`ErrorCode`] values ([`error`]). Messages between
+//! agents are kept as JSON maps so that every field a client sends, known or not, is
+//! forwarded unchanged.
+
+pub mod command;
+pub mod error;
+
+pub use command::{valid_agent_id, Command, Request};
+pub use error::{ErrorCode, ProtocolError};
 
 use serde_json::{json, Map, Value};
-use std::sync::Arc;
-
-/// Close codes of PROTOCOL.md §7.
-pub mod close_code {
-    /// Normal closure (unregister, admin cleanup).
-    pub const NORMAL: u16 = 1000;
-    /// Server shutting down.
-    pub const GOING_AWAY: u16 = 1001;
-    /// Policy violation (repeated invalid frames).
-    pub const POLICY: u16 = 1008;
-    /// Frame too big.
-    pub const TOO_BIG: u16 = 1009;
-    /// Internal error.
-    pub const INTERNAL: u16 = 1011;
-    /// Server full.
-    pub const TRY_AGAIN_LATER: u16 = 1013;
-    /// Replaced by a takeover.
-    pub const REPLACED: u16 = 4001;
-    /// Heartbeat timeout.
-    pub const STALE: u16 = 4002;
-    /// Outbound queue full.
-    pub const SLOW_CONSUMER: u16 = 4003;
-    /// Not registered in time.
-    pub const REGISTRATION_TIMEOUT: u16 = 4008;
-}
 
 /// A frame received from an agent, parsed.
 #[derive(Debug)]
@@ -45,35 +28,6 @@ pub enum Inbound {
     OtherResponse,
     /// `{"type":"message","data":{...}}`; the whole frame is kept for forwarding.
     Message(Map<String, Value>),
-}
-
-/// A system request with its command and the rest of its fields.
-#[derive(Debug)]
-pub struct Request {
-    /// The `command` field.
-    pub command: String,
-    /// The whole frame, for command-specific fields.
-    pub fields: Map<String, Value>,
-}
-
-impl Request {
-    /// A string field of the request, if present and a string.
-    pub fn str_field(&self, name: &str) -> Option<&str> {
-        self.fields.get(name).and_then(Value::as_str)
-    }
-
-    /// A boolean field of the request; absent or not a boolean is false.
-    pub fn bool_field(&self, name: &str) -> bool {
-        self.fields
-            .get(name)
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
-    }
-
-    /// The request's `request_id`, echoed in every answer.
-    pub fn request_id(&self) -> Option<&Value> {
-        self.fields.get("request_id")
-    }
 }
 
 /// Why a text frame could not be understood (sent back as `invalid_frame`).
@@ -94,11 +48,16 @@ pub fn parse_frame(text: &str) -> Result<Inbound, FrameError> {
     };
     match kind {
         "system_request" => {
-            let command = match fields.get("command") {
-                Some(Value::String(c)) if !c.is_empty() => c.clone(),
+            let name = match fields.remove("command") {
+                Some(Value::String(name)) if !name.is_empty() => name,
                 _ => return Err(FrameError("system_request has no `command` string".into())),
             };
-            Ok(Inbound::Request(Request { command, fields }))
+            let request_id = fields.remove("request_id");
+            let command = Command::parse(&name, &mut fields);
+            Ok(Inbound::Request(Request {
+                command,
+                request_id,
+            }))
         }
         "system_response" => {
             if fields.get("command").and_then(Value::as_str) == Some("ping_agent") {
@@ -183,19 +142,6 @@ pub fn stamp_message(frame: &mut Map<String, Value>, sender_id: &str) -> String 
     message_id
 }
 
-/// Whether `id` is a valid agent id: 1–128 characters of `A-Z a-z 0-9 . _ : @ -`.
-pub fn valid_agent_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
-}
-
-/// Serializes a frame once for sending (possibly to many agents).
-pub fn encode(frame: &Value) -> Arc<str> {
-    Arc::from(frame.to_string())
-}
-
 /// A successful answer to `command`, with `extra` fields merged in.
 pub fn response_ok(command: &str, request_id: Option<&Value>, extra: Value) -> Value {
     let mut frame = json!({"type": "system_response", "command": command, "success": true});
@@ -205,23 +151,19 @@ pub fn response_ok(command: &str, request_id: Option<&Value>, extra: Value) -> V
 }
 
 /// A failed answer to `command`, in the OpenAgents shape plus `error_code`.
-pub fn response_error(
-    command: &str,
-    request_id: Option<&Value>,
-    error_code: &str,
-    error: &str,
-) -> Value {
+pub fn response_error(command: &str, request_id: Option<&Value>, error: &ProtocolError) -> Value {
     let mut frame = json!({
         "type": "system_response", "command": command, "success": false,
-        "error": error, "error_code": error_code,
+        "error": error.message, "error_code": error.code.as_str(),
     });
     echo_request_id(&mut frame, request_id);
     frame
 }
 
 /// An `error` frame (for invalid frames and undeliverable messages).
-pub fn error_frame(error_code: &str, error: &str, message_id: Option<&str>) -> Value {
-    let mut frame = json!({"type": "error", "error_code": error_code, "error": error});
+pub fn error_frame(error: &ProtocolError, message_id: Option<&str>) -> Value {
+    let mut frame =
+        json!({"type": "error", "error_code": error.code.as_str(), "error": error.message});
     if let Some(id) = message_id {
         frame["message_id"] = Value::String(id.to_owned());
     }
@@ -308,15 +250,6 @@ mod tests {
         assert_eq!(ping["command"], "ping_agent");
         assert_eq!(ping["agent_id"], "al\"ice");
         assert!(ping["timestamp"].as_f64().unwrap() > 1.7e9);
-    }
-
-    #[test]
-    fn validates_agent_ids() {
-        assert!(valid_agent_id("alice.bob_1:x@y-z"));
-        assert!(!valid_agent_id(""));
-        assert!(!valid_agent_id("has space"));
-        assert!(!valid_agent_id(&"a".repeat(129)));
-        assert!(valid_agent_id(&"a".repeat(128)));
     }
 
     #[test]

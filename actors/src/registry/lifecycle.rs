@@ -1,0 +1,237 @@
+//! Publishing an incarnation's events and ending incarnations: the registry's side of
+//! connections starting and ending, of the heartbeat's verdicts, and of activity.
+
+use super::{ActivityResumed, Connected, ConnectionEnded, ConnectionOrder};
+use super::{AgentEntry, Registry, Socket};
+use crate::bus::Publish;
+use crate::clock::epoch_secs;
+use crate::disconnect::Disconnect;
+use crate::event::{AgentEvent, EventSource, LifecycleEvent, CLEANUP_STEPS};
+use crate::heartbeat::{StaleReason, Verdict, Watch};
+use crate::protocol::{self, ErrorCode};
+use actix::prelude::*;
+use bytestring::ByteString;
+use std::sync::Arc;
+
+/// Publishes an event of `entry`'s incarnation, numbering it. A free function so that
+/// it can run while `entry` is borrowed from the registry's table.
+pub(super) fn publish(
+    events: &Recipient<Publish>,
+    source: &EventSource,
+    agent_id: &Arc<str>,
+    entry: &mut AgentEntry,
+    payload: AgentEvent<'_>,
+) {
+    entry.seq += 1;
+    let event = LifecycleEvent::agent(
+        source,
+        agent_id.clone(),
+        entry.incarnation,
+        entry.seq,
+        &payload,
+    );
+    events.do_send(Publish(Arc::new(event)));
+}
+
+impl Registry {
+    /// Ends `entry`'s incarnation: `agent.disconnected`, heartbeat untracked,
+    /// `agent.cleaned_up`. The entry must already be out of the table.
+    pub(super) fn end_incarnation(
+        &mut self,
+        agent_id: &Arc<str>,
+        mut entry: AgentEntry,
+        disconnect: Disconnect,
+    ) {
+        if entry.inactive {
+            self.inactive_count -= 1;
+        }
+        let session_uuid = entry.session_uuid.clone();
+        let metadata = std::mem::take(&mut entry.metadata);
+        let payload = AgentEvent::Disconnected {
+            session_id: &session_uuid,
+            reason: disconnect.reason.as_str(),
+            close_code: disconnect.code,
+            metadata: &metadata,
+        };
+        publish(&self.events, &self.source, agent_id, &mut entry, payload);
+        self.heartbeat.do_send(Watch::Untrack {
+            session_id: entry.session_id,
+        });
+        if let Some(socket) = self.sockets.get_mut(&entry.session_id) {
+            socket.agent = None;
+        }
+        let lasted_ms = self.clock.now_ms().saturating_sub(entry.connected_mono_ms);
+        let payload = AgentEvent::CleanedUp {
+            session_id: &session_uuid,
+            connected_secs: lasted_ms as f64 / 1000.0,
+            steps: CLEANUP_STEPS,
+        };
+        publish(&self.events, &self.source, agent_id, &mut entry, payload);
+        self.stats.ended(disconnect.reason.as_str());
+        self.check_waiters();
+    }
+
+    /// Removes `agent_id` and ends its incarnation now, then tells its connection to
+    /// close (after `notice`, if any).
+    pub(super) fn evict(
+        &mut self,
+        agent_id: &str,
+        disconnect: Disconnect,
+        notice: Option<ByteString>,
+    ) {
+        let Some((agent_id, entry)) = self.agents.remove_entry(agent_id) else {
+            return;
+        };
+        let orders = entry.orders.clone();
+        self.end_incarnation(&agent_id, entry, disconnect);
+        orders.do_send(ConnectionOrder::Close { disconnect, notice });
+    }
+
+    /// Publishes `agent.stale` for `agent_id` and evicts it (close 4002).
+    pub(super) fn declare_stale(&mut self, agent_id: &str, reason: StaleReason, last_seen_ms: u64) {
+        let Some((agent_id, entry)) = self.agents.get_key_value(agent_id) else {
+            return;
+        };
+        let agent_id = agent_id.clone();
+        let session_uuid = entry.session_uuid.clone();
+        let now = self.clock.now_ms();
+        let entry = self.agents.get_mut(&agent_id).expect("looked up above");
+        self.stats.stale();
+        // `last_seen_ms` is on the registry's clock: its epoch time is now minus its age.
+        let age_secs = now.saturating_sub(last_seen_ms) as f64 / 1000.0;
+        let payload = AgentEvent::Stale {
+            session_id: &session_uuid,
+            reason: reason.as_str(),
+            last_seen: epoch_secs() - age_secs,
+        };
+        publish(&self.events, &self.source, &agent_id, entry, payload);
+        self.evict(&agent_id, Disconnect::STALE, None);
+    }
+
+    /// Counts a refused registration and publishes `agent.registration_failed`.
+    pub(super) fn registration_failed(&mut self, agent_id: Option<&str>, code: ErrorCode) {
+        self.stats.refused();
+        let payload = AgentEvent::RegistrationFailed {
+            error_code: code.as_str(),
+        };
+        let key: Arc<str> = agent_id.unwrap_or("").into();
+        let event = LifecycleEvent::agent(&self.source, key, 0, 0, &payload);
+        self.events.do_send(Publish(Arc::new(event)));
+    }
+}
+
+impl Handler<Connected> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Connected, _ctx: &mut Self::Context) {
+        self.stats.sockets_opened += 1;
+        if self.shutting_down {
+            let notice =
+                protocol::notification("network_shutdown", None, "The network is shutting down");
+            let _ = msg.outbox.push_json(&notice);
+        }
+        self.sockets.insert(
+            msg.session_id,
+            Socket {
+                orders: msg.orders,
+                outbox: msg.outbox,
+                remote_addr: msg.remote_addr,
+                agent: None,
+            },
+        );
+    }
+}
+
+impl Handler<ConnectionEnded> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConnectionEnded, _ctx: &mut Self::Context) {
+        let socket = self.sockets.remove(&msg.session_id);
+        let agent_id = socket.and_then(|s| s.agent).or(msg.agent_id);
+        if let Some(agent_id) = agent_id {
+            let current = self
+                .agents
+                .get(&agent_id)
+                .is_some_and(|e| e.session_id == msg.session_id);
+            if current {
+                let (agent_id, entry) = self
+                    .agents
+                    .remove_entry(&agent_id)
+                    .expect("entry checked above");
+                self.end_incarnation(&agent_id, entry, msg.disconnect);
+            }
+        }
+        self.check_waiters();
+    }
+}
+
+impl Handler<ActivityResumed> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: ActivityResumed, _ctx: &mut Self::Context) {
+        let Some(agent_id) = self.agent_of(msg.session_id) else {
+            return;
+        };
+        let now = self.clock.now_ms();
+        let entry = self.agents.get_mut(&agent_id).expect("agent_of checked it");
+        // Not published inactive (the heartbeat's verdict has not come, and will find
+        // the activity and be void): nothing to tell.
+        if !entry.inactive {
+            return;
+        }
+        entry.inactive = false;
+        self.inactive_count -= 1;
+        let session_uuid = entry.session_uuid.clone();
+        let idle_ms = now.saturating_sub(entry.clock.last_activity_ms());
+        let payload = AgentEvent::Active {
+            session_id: &session_uuid,
+            inactive_secs: idle_ms as f64 / 1000.0,
+        };
+        publish(&self.events, &self.source, &agent_id, entry, payload);
+    }
+}
+
+impl Handler<Verdict> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Verdict, _ctx: &mut Self::Context) {
+        match msg {
+            Verdict::Stale {
+                session_id,
+                reason,
+                last_seen_ms,
+            } => {
+                if let Some(agent_id) = self.agent_of(session_id) {
+                    self.declare_stale(&agent_id, reason, last_seen_ms);
+                }
+            }
+            Verdict::Inactive {
+                session_id,
+                last_activity_ms,
+                inactive_secs,
+            } => {
+                let Some(agent_id) = self.agent_of(session_id) else {
+                    return;
+                };
+                let entry = self.agents.get_mut(&agent_id).expect("agent_of checked it");
+                // Activity since the verdict was made voids it.
+                if entry.inactive || entry.clock.last_activity_ms() != last_activity_ms {
+                    return;
+                }
+                entry.inactive = true;
+                self.inactive_count += 1;
+                let session_uuid = entry.session_uuid.clone();
+                let payload = AgentEvent::Inactive {
+                    session_id: &session_uuid,
+                    inactive_secs,
+                };
+                publish(&self.events, &self.source, &agent_id, entry, payload);
+            }
+            Verdict::SlowConsumer { session_id } => {
+                if let Some(agent_id) = self.agent_of(session_id) {
+                    self.evict(&agent_id, Disconnect::SLOW_CONSUMER, None);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The registry actor: the table of agent id → connection, and the one owner of every
+//! agent's lifecycle.
+//!
+//! It validates registrations and takeovers ([`registration`]), numbers incarnations
+//! and events and ends incarnations ([`lifecycle`]), routes messages and answers the
+//! requests that need the table ([`routing`]), and serves the admin API and the
+//! shutdown sequence ([`admin`]). Whenever a connection ends, for any reason, the
+//! registry ends its incarnation with exactly one `agent.disconnected` and one
+//! `agent.cleaned_up`. Ends the registry decides itself (takeover, stale, admin, slow
+//! consumer, shutdown) are published at once, before the connection is told to close,
+//! so a dead or slow connection can never hold an agent id or delay the next
+//! incarnation.
+//!
+//! It talks to the rest only through [`Recipient`]s: each connection's
+//! [`ConnectionOrder`]s, the heartbeat's [`Watch`], the bus's [`Publish`].
+
+mod admin;
+mod lifecycle;
+pub mod messages;
+mod registration;
+mod routing;
+#[cfg(test)]
+mod tests;
+
+pub use messages::*;
+
+use crate::bus::Publish;
+use crate::clock::Clock;
+use crate::event::EventSource;
+use crate::heartbeat::Watch;
+use crate::identity::CertificateAuthority;
+use crate::liveness::{ConnectionClock, Liveness, SessionId};
+use crate::outbound::Outbox;
+use crate::settings::Settings;
+use crate::stats::Stats;
+use actix::prelude::*;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::sync::oneshot;
+
+/// A live WebSocket, registered or not.
+struct Socket {
+    orders: Recipient<ConnectionOrder>,
+    outbox: Outbox,
+    remote_addr: Arc<str>,
+    /// The agent id this socket is currently registered as.
+    agent: Option<Arc<str>>,
+}
+
+/// One registered incarnation of an agent.
+struct AgentEntry {
+    session_id: SessionId,
+    /// The protocol's `session_id`: unique per connection.
+    session_uuid: Arc<str>,
+    incarnation: u64,
+    /// Sequence number of the last event published for this incarnation.
+    seq: u64,
+    metadata: Value,
+    remote_addr: Arc<str>,
+    connected_at: SystemTime,
+    connected_mono_ms: u64,
+    clock: Arc<ConnectionClock>,
+    outbox: Outbox,
+    orders: Recipient<ConnectionOrder>,
+    /// Whether consumers were last told `agent.inactive` (the published state).
+    inactive: bool,
+}
+
+impl AgentEntry {
+    fn name(&self, agent_id: &str) -> String {
+        self.metadata
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or(agent_id)
+            .to_owned()
+    }
+}
+
+/// The registry actor.
+pub struct Registry {
+    settings: Arc<Settings>,
+    rules: Liveness,
+    clock: Clock,
+    source: EventSource,
+    events: Recipient<Publish>,
+    heartbeat: Recipient<Watch>,
+    sockets: HashMap<SessionId, Socket>,
+    agents: HashMap<Arc<str>, AgentEntry>,
+    /// Registrations per agent id ever seen: incarnations only grow.
+    incarnations: HashMap<Arc<str>, u64>,
+    certificates: CertificateAuthority,
+    stats: Stats,
+    inactive_count: usize,
+    shutting_down: bool,
+    waiters: Vec<(Drained, oneshot::Sender<()>)>,
+}
+
+impl Registry {
+    /// A registry publishing to `events` as `source`, having agents watched by
+    /// `heartbeat`, signing certificates with `secret`.
+    pub fn new(
+        settings: Arc<Settings>,
+        source: EventSource,
+        events: Recipient<Publish>,
+        heartbeat: Recipient<Watch>,
+        secret: Vec<u8>,
+    ) -> Self {
+        let ttl = settings.identity.certificate_ttl;
+        Self {
+            rules: Liveness::new(&settings.heartbeat),
+            settings,
+            clock: Clock::Monotonic,
+            source,
+            events,
+            heartbeat,
+            sockets: HashMap::new(),
+            agents: HashMap::new(),
+            incarnations: HashMap::new(),
+            certificates: CertificateAuthority::new(secret, ttl),
+            stats: Stats::new(),
+            inactive_count: 0,
+            shutting_down: false,
+            waiters: Vec::new(),
+        }
+    }
+
+    /// The same registry deciding liveness on `clock` (the heartbeat's, in tests).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The agent id currently registered by `session_id`, if that session still holds it.
+    fn agent_of(&self, session_id: SessionId) -> Option<Arc<str>> {
+        let agent_id = self.sockets.get(&session_id)?.agent.clone()?;
+        let entry = self.agents.get(&agent_id)?;
+        (entry.session_id == session_id).then_some(agent_id)
+    }
+
+    /// Resolves the [`WaitFor`]s whose condition now holds.
+    fn check_waiters(&mut self) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let (no_agents, no_sockets) = (self.agents.is_empty(), self.sockets.is_empty());
+        self.waiters.retain(|(condition, _)| match condition {
+            Drained::NoAgents => !no_agents,
+            Drained::NoSockets => !no_sockets,
+        });
+        // Dropping the senders that were removed resolves their waiters.
+    }
+}
+
+impl Actor for Registry {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(usize::MAX >> 4);
+    }
+}

@@ -1,0 +1,253 @@
+//! Registration and takeover: who may hold an agent id, numbering incarnations, and
+//! ending the old incarnation before the new one is published.
+
+use super::lifecycle::publish;
+use super::{AgentEntry, ConnectionOrder, RegisterAgent, RegistrationRefused, Registry};
+use crate::clock::epoch_secs;
+use crate::disconnect::Disconnect;
+use crate::event::AgentEvent;
+use crate::heartbeat::{StaleReason, Watch};
+use crate::liveness::SessionId;
+use crate::protocol::{self, ErrorCode, ProtocolError};
+use actix::prelude::*;
+use bytestring::ByteString;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// How a registration proved its right to take a live id over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Takeover {
+    Certificate,
+    ForceReconnect,
+}
+
+impl Takeover {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Certificate => "certificate",
+            Self::ForceReconnect => "force_reconnect",
+        }
+    }
+}
+
+impl Registry {
+    /// Answers `register_agent` with an error, and closes the connection if `close`.
+    fn refuse(
+        &mut self,
+        session_id: SessionId,
+        msg: &RegisterAgent,
+        error: ProtocolError,
+        close: Option<Disconnect>,
+    ) {
+        if let Some(socket) = self.sockets.get(&session_id) {
+            let frame = protocol::response_error("register_agent", msg.request_id.as_ref(), &error);
+            if close.is_some() {
+                // Queued before the close order, so that it is written before the close.
+                let _ = socket.outbox.push_json(&frame);
+                socket.orders.do_send(ConnectionOrder::Refused(close));
+            } else {
+                // The connection is unregistered again before the agent can read the
+                // answer and retry (see the `Registered` case).
+                socket.orders.do_send(ConnectionOrder::Refused(close));
+                let _ = socket.outbox.push_json(&frame);
+            }
+        }
+        self.registration_failed(Some(&msg.registration.agent_id), error.code);
+    }
+
+    /// Whether the holder of an agent id is certainly gone: its actor stopped, or it
+    /// has been silent past the stale bound (so the heartbeat is about to declare it
+    /// stale anyway; a reconnect need not wait for that).
+    fn holder_is_dead(&self, entry: &AgentEntry) -> Option<StaleReason> {
+        if !entry.orders.connected() {
+            return Some(StaleReason::AgentTimeout);
+        }
+        let last_seen = entry.clock.last_seen_ms();
+        self.rules
+            .is_past_stale_bound(last_seen, self.clock.now_ms())
+            .then_some(StaleReason::PingTimeout)
+    }
+
+    /// Decides whether `msg` may take `agent_id`: `Ok(None)` when the id is free (or
+    /// its holder was found dead and evicted), `Ok(Some(proof))` for a takeover.
+    fn may_take(&mut self, msg: &RegisterAgent) -> Result<Option<Takeover>, ProtocolError> {
+        let registration = &msg.registration;
+        let certificate_ok = match &registration.certificate {
+            Some(certificate) => {
+                let agent_id = &registration.agent_id;
+                match self
+                    .certificates
+                    .validate_for(certificate, agent_id, epoch_secs())
+                {
+                    Ok(()) => true,
+                    Err(error) => {
+                        return Err(ProtocolError::new(
+                            ErrorCode::InvalidCertificate,
+                            format!("Invalid certificate: {error}"),
+                        ))
+                    }
+                }
+            }
+            None => false,
+        };
+        let Some(existing) = self.agents.get(registration.agent_id.as_str()) else {
+            return Ok(None);
+        };
+        if let Some(reason) = self.holder_is_dead(existing) {
+            let last_seen = existing.clock.last_seen_ms();
+            self.declare_stale(&registration.agent_id, reason, last_seen);
+            Ok(None)
+        } else if certificate_ok {
+            Ok(Some(Takeover::Certificate))
+        } else if registration.force_reconnect && self.settings.identity.allow_force_reconnect {
+            Ok(Some(Takeover::ForceReconnect))
+        } else {
+            Err(ErrorCode::AgentIdInUse.into())
+        }
+    }
+
+    /// Publishes `agent.replaced` for the holder of `agent_id` and evicts it (close
+    /// 4001 after a `connection_replaced` notice).
+    fn replace(&mut self, agent_id: &Arc<str>, by_incarnation: u64, by: &str, proof: Takeover) {
+        let Some(old) = self.agents.get_mut(agent_id) else {
+            return;
+        };
+        self.stats.takeovers += 1;
+        let session_uuid = old.session_uuid.clone();
+        let payload = AgentEvent::Replaced {
+            session_id: &session_uuid,
+            by_incarnation,
+            by_session_id: by,
+            proof: proof.as_str(),
+        };
+        publish(&self.events, &self.source, agent_id, old, payload);
+        let notice = protocol::notification(
+            "connection_replaced",
+            Some(agent_id),
+            "Another connection registered as this agent; this connection is closed",
+        );
+        let notice = ByteString::from(notice.to_string());
+        self.evict(agent_id, Disconnect::REPLACED, Some(notice));
+    }
+
+    /// The next incarnation of `agent_id`: incarnations of an id only grow.
+    fn next_incarnation(&mut self, agent_id: &Arc<str>) -> u64 {
+        let count = self.incarnations.entry(agent_id.clone()).or_insert(0);
+        *count += 1;
+        *count
+    }
+
+    /// The `register_agent` success answer.
+    fn welcome(
+        &self,
+        msg: &RegisterAgent,
+        agent_id: &str,
+        session: &str,
+        incarnation: u64,
+    ) -> Value {
+        let hb = &self.settings.heartbeat;
+        protocol::response_ok(
+            "register_agent",
+            msg.request_id.as_ref(),
+            json!({
+                "network_name": self.settings.network.name,
+                "network_id": self.settings.network.id,
+                "metadata": {},
+                "agent_id": agent_id,
+                "session_id": session,
+                "incarnation": incarnation,
+                "heartbeat_interval": hb.interval,
+                "ping_timeout": hb.ping_timeout,
+                "agent_timeout": hb.agent_timeout,
+            }),
+        )
+    }
+}
+
+impl Handler<RegisterAgent> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: RegisterAgent, _ctx: &mut Self::Context) {
+        let session_id = msg.session_id;
+        let Some(socket) = self.sockets.get(&session_id) else {
+            return; // The socket closed while the request was in flight.
+        };
+        let remote_addr = socket.remote_addr.clone();
+        if self.shutting_down {
+            let error = ErrorCode::ShuttingDown.into();
+            return self.refuse(session_id, &msg, error, Some(Disconnect::SHUTDOWN));
+        }
+        let takeover = match self.may_take(&msg) {
+            Ok(takeover) => takeover,
+            Err(error) => return self.refuse(session_id, &msg, error, None),
+        };
+        let max = self.settings.network.max_connections;
+        if takeover.is_none() && self.agents.len() >= max {
+            let error = ProtocolError::new(
+                ErrorCode::ServerFull,
+                format!("The network is full ({max} agents registered); try again later"),
+            );
+            return self.refuse(session_id, &msg, error, Some(Disconnect::SERVER_FULL));
+        }
+
+        let agent_id: Arc<str> = Arc::from(msg.registration.agent_id.as_str());
+        let incarnation = self.next_incarnation(&agent_id);
+        let session_uuid: Arc<str> = uuid::Uuid::new_v4().to_string().into();
+        if let Some(proof) = takeover {
+            self.replace(&agent_id, incarnation, &session_uuid, proof);
+        }
+
+        let response = self.welcome(&msg, &agent_id, &session_uuid, incarnation);
+        let socket = self
+            .sockets
+            .get_mut(&session_id)
+            .expect("socket checked above");
+        socket.agent = Some(agent_id.clone());
+        // Tell the connection first: it then handles `Registered` (its mailbox comes
+        // before its socket) before any frame the agent sends after reading the response.
+        socket
+            .orders
+            .do_send(ConnectionOrder::Registered(agent_id.clone()));
+        let _ = socket.outbox.push_json(&response);
+        let mut entry = AgentEntry {
+            session_id,
+            session_uuid: session_uuid.clone(),
+            incarnation,
+            seq: 0,
+            metadata: msg.registration.metadata,
+            remote_addr: remote_addr.clone(),
+            connected_at: SystemTime::now(),
+            connected_mono_ms: self.clock.now_ms(),
+            clock: msg.clock,
+            outbox: socket.outbox.clone(),
+            orders: socket.orders.clone(),
+            inactive: false,
+        };
+        self.heartbeat.do_send(Watch::Track {
+            session_id,
+            agent_id: agent_id.clone(),
+            clock: entry.clock.clone(),
+            outbox: entry.outbox.clone(),
+        });
+        let metadata = std::mem::take(&mut entry.metadata);
+        let payload = AgentEvent::Registered {
+            session_id: &session_uuid,
+            metadata: &metadata,
+            remote_addr: &remote_addr,
+            takeover: takeover.map(Takeover::as_str),
+        };
+        publish(&self.events, &self.source, &agent_id, &mut entry, payload);
+        entry.metadata = metadata;
+        self.agents.insert(agent_id, entry);
+        self.stats.registered(self.agents.len());
+    }
+}
+
+impl Handler<RegistrationRefused> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: RegistrationRefused, _ctx: &mut Self::Context) {
+        self.registration_failed(msg.agent_id.as_deref(), msg.error_code);
+    }
+}

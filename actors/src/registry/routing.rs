@@ -1,0 +1,138 @@
+//! Routing messages between agents, and answering the system requests that need the
+//! table or the certificate authority.
+
+use super::{Registry, Route, SystemRequest};
+use crate::clock::epoch_secs;
+use crate::disconnect::Disconnect;
+use crate::liveness::SessionId;
+use crate::outbound::PushError;
+use crate::protocol::command::{Claim, Command, Request};
+use crate::protocol::{self, ErrorCode, MessageKind, ProtocolError};
+use actix::prelude::*;
+use bytestring::ByteString;
+use serde_json::{json, Value};
+
+impl Registry {
+    /// Delivers a frame to one agent; a full queue evicts it as a slow consumer.
+    /// False if the agent is not registered.
+    fn deliver(&mut self, agent_id: &str, frame: ByteString) -> bool {
+        let Some(entry) = self.agents.get(agent_id) else {
+            return false;
+        };
+        if entry.outbox.push(frame) == Err(PushError::Full) {
+            self.evict(agent_id, Disconnect::SLOW_CONSUMER, None);
+        }
+        true
+    }
+
+    /// The answer to a request the connection forwarded.
+    fn answer(&mut self, session_id: SessionId, request: &Request) -> Value {
+        let command = &request.command;
+        let (name, request_id) = (command.name(), request.request_id.as_ref());
+        let result = match command {
+            Command::ClaimAgentId(claim) => claim.clone().and_then(|claim| self.claim(claim)),
+            Command::ValidateCertificate { certificate } => Ok(
+                match self.certificates.validate(certificate, epoch_secs()) {
+                    Ok(agent_id) => json!({"valid": true, "agent_id": agent_id}),
+                    Err(error) => json!({
+                        "valid": false,
+                        "error": error.to_string(),
+                        "error_code": ErrorCode::InvalidCertificate.as_str(),
+                    }),
+                },
+            ),
+            Command::GetNetworkInfo => Ok(json!({"network_info": {
+                "name": self.settings.network.name,
+                "network_id": self.settings.network.id,
+                "node_id": &*self.source.node_id,
+                "mode": "centralized",
+                "mods": [],
+                "agent_count": self.agents.len(),
+            }})),
+            Command::ListAgents if self.agent_of(session_id).is_none() => {
+                Err(ErrorCode::NotRegistered.into())
+            }
+            Command::ListAgents => {
+                let agents: Vec<Value> = self
+                    .agents
+                    .iter()
+                    .map(|(id, entry)| {
+                        json!({"agent_id": &**id, "name": entry.name(id), "connected": true,
+                               "metadata": entry.metadata})
+                    })
+                    .collect();
+                Ok(json!({ "agents": agents }))
+            }
+            _ => Err(ErrorCode::UnknownCommand.into()),
+        };
+        match result {
+            Ok(fields) => protocol::response_ok(name, request_id, fields),
+            Err(error) => protocol::response_error(name, request_id, &error),
+        }
+    }
+
+    /// `claim_agent_id`: a certificate for the id.
+    fn claim(&mut self, claim: Claim) -> Result<Value, ProtocolError> {
+        let Claim { agent_id, force } = claim;
+        match self.certificates.claim(&agent_id, force, epoch_secs()) {
+            Ok(certificate) => Ok(json!({"agent_id": agent_id, "certificate": certificate})),
+            Err(error) => Err(ProtocolError::new(
+                ErrorCode::AlreadyClaimed,
+                error.to_string(),
+            )),
+        }
+    }
+}
+
+impl Handler<SystemRequest> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: SystemRequest, _ctx: &mut Self::Context) {
+        let answer = self.answer(msg.session_id, &msg.request);
+        if let Some(socket) = self.sockets.get(&msg.session_id) {
+            if socket.outbox.push_json(&answer) == Err(PushError::Full) {
+                if let Some(agent_id) = self.agent_of(msg.session_id) {
+                    self.evict(&agent_id, Disconnect::SLOW_CONSUMER, None);
+                }
+            }
+        }
+    }
+}
+
+impl Handler<Route> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Route, _ctx: &mut Self::Context) {
+        if self.agent_of(msg.session_id).as_deref() != Some(&*msg.sender_id) {
+            return; // The sender was replaced or ended while the message was in flight.
+        }
+        match msg.kind {
+            MessageKind::Direct(target) => {
+                if !self.deliver(&target, msg.frame) {
+                    let error = ProtocolError::new(
+                        ErrorCode::UnknownAgent,
+                        format!("Agent {target} is not connected"),
+                    );
+                    let frame = protocol::error_frame(&error, Some(&msg.message_id));
+                    let frame = ByteString::from(frame.to_string());
+                    self.deliver(&msg.sender_id, frame);
+                }
+            }
+            MessageKind::Broadcast(exclude) => {
+                let mut slow = Vec::new();
+                for (agent_id, entry) in &self.agents {
+                    if *agent_id == msg.sender_id || exclude.iter().any(|e| **e == **agent_id) {
+                        continue;
+                    }
+                    if entry.outbox.push(msg.frame.clone()) == Err(PushError::Full) {
+                        slow.push(agent_id.clone());
+                    }
+                }
+                for agent_id in slow {
+                    self.evict(&agent_id, Disconnect::SLOW_CONSUMER, None);
+                }
+            }
+            MessageKind::Mod => {}
+        }
+    }
+}
