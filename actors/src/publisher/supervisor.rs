@@ -232,7 +232,8 @@ impl<B: Broker> BrokerPublisher<B> {
         self.run_op(ctx, timeout, future, move |act, outcome, ctx| {
             act.op = Op::Idle;
             match outcome {
-                Outcome::Done(Ok(client)) if generation == act.generation => {
+                // A connection made after close is not kept: nothing will use it.
+                Outcome::Done(Ok(client)) if generation == act.generation && !act.is_closed() => {
                     act.on_connected(client);
                     act.pump(ctx);
                 }
