@@ -10,11 +10,11 @@
 mod admin;
 mod config;
 mod events_cmd;
+mod listener;
 mod publishers;
 mod server;
 mod sse;
 mod state;
-mod ws;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

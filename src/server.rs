@@ -2,11 +2,11 @@
 //! listener, and the shutdown sequence run on SIGINT or SIGTERM.
 
 use crate::state::AppState;
-use crate::{admin, publishers, sse, ws};
+use crate::{admin, listener, publishers, sse};
 use actix::prelude::*;
 use actix_web::middleware::from_fn;
-use actix_web::{web, App, HttpServer};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use actix_web::{web, App};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_actors::bus::{CloseSubscribers, EventBus, FlushAll, GetBusStatus, Publish};
@@ -84,13 +84,14 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
         source: source.clone(),
         next_session: Arc::new(AtomicU64::new(1)),
         accepting: Arc::new(AtomicBool::new(true)),
+        open_sockets: Arc::new(AtomicUsize::new(0)),
     };
     let app_state = web::Data::new(state.clone());
-    let mut server = HttpServer::new(move || {
+    let app = move || {
         App::new()
             .app_data(app_state.clone())
-            .route("/", web::get().to(ws::upgrade))
-            .route("/ws", web::get().to(ws::upgrade))
+            .route("/", web::get().to(listener::not_an_upgrade))
+            .route("/ws", web::get().to(listener::not_an_upgrade))
             .route("/health", web::get().to(admin::health))
             .service(
                 web::scope("")
@@ -101,19 +102,12 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
                     .route("/agents/{id}", web::delete().to(admin::remove_agent))
                     .route("/events", web::get().to(sse::events)),
             )
-    })
-    .disable_signals()
-    .shutdown_timeout(5)
-    .max_connection_rate(1024)
-    .backlog(4096);
-    if settings.network.workers > 0 {
-        server = server.workers(settings.network.workers);
-    }
-    let server = server.bind((settings.network.host.as_str(), settings.network.port))?;
-    for addr in server.addrs() {
-        // Tests and scripts read this line to learn the port (network.port may be 0).
-        println!("tether listening on http://{addr}");
-    }
+    };
+    let tcp = std::net::TcpListener::bind((settings.network.host.as_str(), settings.network.port))?;
+    tcp.set_nonblocking(true)?;
+    // Tests and scripts read this line to learn the port (network.port may be 0).
+    println!("tether listening on http://{}", tcp.local_addr()?);
+    let server = listener::serve(state.clone(), tcp, settings.network.workers, app)?;
     log::info!(
         "network {} ({}) node {node_id}: heartbeat every {} s, ping timeout {} s, publishers {:?}",
         settings.network.name,
@@ -122,7 +116,6 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
         settings.heartbeat.ping_timeout,
         settings.events.publishers
     );
-    let server = server.run();
     let handle = server.handle();
     let server_task = actix_web::rt::spawn(server);
     bus.do_send(network_event(

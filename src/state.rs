@@ -1,7 +1,7 @@
 //! What every HTTP handler can reach: the actors' addresses and the settings.
 
 use actix::Addr;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use tether_actors::bus::EventBus;
 use tether_actors::connection::ConnectionSettings;
@@ -29,4 +29,16 @@ pub struct AppState {
     pub next_session: Arc<AtomicU64>,
     /// False once shutdown began: new WebSocket upgrades are refused.
     pub accepting: Arc<AtomicBool>,
+    /// WebSocket connections open now (registered or not).
+    pub open_sockets: Arc<AtomicUsize>,
+}
+
+impl AppState {
+    /// Most WebSocket connections open at once: `network.max_connections` plus room
+    /// for sockets that are registering, taking over or being refused (a tenth more,
+    /// at least 1 024). Past it, upgrades are answered 503.
+    pub fn socket_limit(&self) -> usize {
+        let agents = self.settings.network.max_connections;
+        agents + (agents / 10).max(1024)
+    }
 }

@@ -71,6 +71,8 @@ impl Disconnect {
     pub const BAD_FRAMING: Self = Self::new(1002, EndReason::ProtocolError);
     /// 1006: the transport failed without a close frame (crash, reset, cut cable).
     pub const CONNECTION_LOST: Self = Self::new(1006, EndReason::ClientClosed);
+    /// 1007: a text message that is not UTF-8.
+    pub const INVALID_PAYLOAD: Self = Self::new(1007, EndReason::ProtocolError);
     /// 1008: too many invalid frames in a row.
     pub const POLICY_VIOLATION: Self = Self::new(1008, EndReason::ProtocolError);
     /// 1009: a frame or message over `limits.max_frame_bytes`.

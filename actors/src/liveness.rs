@@ -24,6 +24,8 @@ pub struct ConnectionClock {
     /// Round trip of the last answered ping in microseconds (now − the echoed ping
     /// timestamp); `u32::MAX` when none was measured since the heartbeat last read it.
     ping_rtt_us: AtomicU32,
+    /// Outbound frames the kernel has not accepted yet (shown as `queue_length`).
+    queued_frames: AtomicU32,
 }
 
 impl ConnectionClock {
@@ -33,6 +35,7 @@ impl ConnectionClock {
             last_seen_ms: AtomicU64::new(now_ms),
             last_activity_ms: AtomicU64::new(now_ms),
             ping_rtt_us: AtomicU32::new(u32::MAX),
+            queued_frames: AtomicU32::new(0),
         }
     }
 
@@ -65,6 +68,17 @@ impl ConnectionClock {
             u32::MAX => None,
             rtt => Some(rtt),
         }
+    }
+
+    /// Records how many outbound frames the kernel has not accepted.
+    pub fn set_queued_frames(&self, frames: usize) {
+        let frames = u32::try_from(frames).unwrap_or(u32::MAX);
+        self.queued_frames.store(frames, Ordering::Relaxed);
+    }
+
+    /// Outbound frames the kernel has not accepted.
+    pub fn queued_frames(&self) -> usize {
+        self.queued_frames.load(Ordering::Relaxed) as usize
     }
 
     /// Last frame of any kind.

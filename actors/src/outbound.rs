@@ -1,145 +1,131 @@
-//! The bounded outbound queue of one connection, and the task that writes it to the
-//! WebSocket.
+//! What other actors send an agent: WebSocket frames encoded once, delivered to the
+//! connection actor's mailbox through its [`Outbox`].
 //!
-//! Every frame for an agent (registration answer, routed messages, pings, notices)
-//! goes through its [`Outbox`]. Producers never wait: a full queue means the agent
-//! does not read fast enough, and the producer reports it as a slow consumer.
+//! Server frames are unmasked, so one encoded frame (a [`Bytes`]) serves every
+//! recipient of a broadcast without a copy. Producers never wait and never see a full
+//! queue: the connection writes each frame straight to its socket and queues only what
+//! the kernel refused; whether the agent reads too slowly is the connection's decision
+//! (PROTOCOL.md §6), not the producer's.
 
-use actix_ws::{CloseCode, CloseReason, Session};
-use bytestring::ByteString;
-use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use actix::prelude::*;
+use actix_http::ws::{CloseCode, CloseReason, OpCode, Parser};
+use bytes::{Bytes, BytesMut};
 
-/// A frame waiting to be written.
-#[derive(Debug)]
-pub enum OutFrame {
-    /// A text frame (JSON).
-    Text(ByteString),
-    /// A control pong answering a client ping.
-    Pong(bytes::Bytes),
+/// One encoded WebSocket frame for an agent.
+#[derive(Message, Debug, Clone, PartialEq, Eq)]
+#[rtype(result = "()")]
+pub struct OutFrame(pub Bytes);
+
+impl OutFrame {
+    /// A text frame carrying `text`.
+    pub fn text(text: &str) -> Self {
+        Self(encode(text.as_bytes(), OpCode::Text))
+    }
+
+    /// A text frame carrying `value` serialized.
+    pub fn json(value: &serde_json::Value) -> Self {
+        Self::text(&value.to_string())
+    }
+
+    /// A pong answering a client ping with `payload`.
+    pub fn pong(payload: &[u8]) -> Self {
+        Self(encode(payload, OpCode::Pong))
+    }
+
+    /// A close frame with `code` and `reason`.
+    pub fn close(code: u16, reason: &str) -> Self {
+        let mut buf = BytesMut::with_capacity(4 + reason.len());
+        let reason = CloseReason {
+            code: CloseCode::from(code),
+            description: (!reason.is_empty()).then(|| reason.to_owned()),
+        };
+        Parser::write_close(&mut buf, Some(reason), false);
+        Self(buf.freeze())
+    }
+
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it has no bytes (never, for a real frame).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
-/// Why a frame could not be queued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PushError {
-    /// The queue is full: the agent is a slow consumer.
-    Full,
-    /// The connection's writer is gone.
-    Closed,
+fn encode(payload: &[u8], opcode: OpCode) -> Bytes {
+    let mut buf = BytesMut::with_capacity(payload.len() + 10);
+    Parser::write_message(&mut buf, payload, opcode, true, false);
+    buf.freeze()
 }
 
-/// The sending side of a connection's outbound queue. Cheap to clone.
-#[derive(Clone, Debug)]
+/// Where an agent's frames go: its connection actor. Cheap to clone.
+#[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<OutFrame>,
+    recipient: Recipient<OutFrame>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("connected", &self.recipient.connected())
+            .finish()
+    }
 }
 
 impl Outbox {
-    /// A queue of `capacity` frames and its receiving end, for a writer of the caller's
-    /// (or a test that reads what an agent would receive).
-    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<OutFrame>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        (Self { tx }, rx)
+    /// The outbox of the actor behind `recipient`.
+    pub fn new(recipient: Recipient<OutFrame>) -> Self {
+        Self { recipient }
     }
 
-    /// Queues a text frame without waiting.
-    pub fn push(&self, frame: ByteString) -> Result<(), PushError> {
-        self.push_frame(OutFrame::Text(frame))
+    /// Sends a frame without waiting; dropped if the connection has ended.
+    pub fn push(&self, frame: OutFrame) {
+        self.recipient.do_send(frame);
     }
 
-    /// Queues a JSON value as a text frame.
-    pub fn push_json(&self, frame: &serde_json::Value) -> Result<(), PushError> {
-        self.push(ByteString::from(frame.to_string()))
+    /// Sends `value` as a text frame.
+    pub fn push_json(&self, value: &serde_json::Value) {
+        self.push(OutFrame::json(value));
     }
 
-    /// Queues any frame without waiting.
-    pub fn push_frame(&self, frame: OutFrame) -> Result<(), PushError> {
-        self.tx.try_send(frame).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => PushError::Full,
-            mpsc::error::TrySendError::Closed(_) => PushError::Closed,
-        })
-    }
-
-    /// Frames waiting in the queue.
-    pub fn len(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
-    }
-
-    /// Whether the queue is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Whether the connection is still there.
+    pub fn is_connected(&self) -> bool {
+        self.recipient.connected()
     }
 }
 
-/// How the writer should end the WebSocket.
-#[derive(Debug, Clone)]
-pub struct CloseOrder {
-    /// Close code sent to the agent.
-    pub code: u16,
-    /// Close reason text.
-    pub description: String,
-    /// Write the frames already queued before closing (false for slow consumers,
-    /// whose backlog is the problem).
-    pub drain: bool,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_codec::Decoder;
+    use actix_http::ws::{Codec, Frame};
 
-/// Longest the writer spends draining and sending the close frame once told to close.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
+    fn decode(frame: &OutFrame) -> Frame {
+        let mut buf = BytesMut::from(&frame.0[..]);
+        let frame = Codec::new()
+            .max_size(1 << 24)
+            .client_mode()
+            .decode(&mut buf)
+            .unwrap()
+            .unwrap();
+        assert!(buf.is_empty());
+        frame
+    }
 
-/// Creates a queue of `capacity` frames and spawns its writer on the current arbiter.
-/// The returned sender closes the WebSocket when sent to (or dropped).
-pub fn spawn_writer(session: Session, capacity: usize) -> (Outbox, oneshot::Sender<CloseOrder>) {
-    let (outbox, rx) = Outbox::channel(capacity);
-    let (close_tx, close_rx) = oneshot::channel();
-    actix::spawn(write_loop(session, rx, close_rx));
-    (outbox, close_tx)
-}
-
-async fn write_loop(
-    mut session: Session,
-    mut rx: mpsc::Receiver<OutFrame>,
-    mut close_rx: oneshot::Receiver<CloseOrder>,
-) {
-    let order = loop {
-        tokio::select! {
-            biased;
-            order = &mut close_rx => break order.ok(),
-            frame = rx.recv() => {
-                let Some(frame) = frame else { break None };
-                tokio::select! {
-                    biased;
-                    order = &mut close_rx => break order.ok(),
-                    sent = send(&mut session, frame) => if sent.is_err() { return },
-                }
-            }
-        }
-    };
-    let order = order.unwrap_or(CloseOrder {
-        code: crate::disconnect::Disconnect::CLIENT_CLOSED.code,
-        description: String::new(),
-        drain: true,
-    });
-    let _ = tokio::time::timeout(CLOSE_GRACE, async move {
-        if order.drain {
-            while let Ok(frame) = rx.try_recv() {
-                if send(&mut session, frame).await.is_err() {
-                    return;
-                }
-            }
-        }
-        drop(rx);
-        let reason = CloseReason {
-            code: CloseCode::from(order.code),
-            description: (!order.description.is_empty()).then_some(order.description),
+    #[test]
+    fn frames_decode_as_what_they_were_built_from() {
+        let text = OutFrame::text(&"x".repeat(70_000));
+        assert_eq!(decode(&text), Frame::Text(Bytes::from("x".repeat(70_000))));
+        assert_eq!(
+            decode(&OutFrame::pong(b"hi")),
+            Frame::Pong(Bytes::from("hi"))
+        );
+        let Frame::Close(Some(reason)) = decode(&OutFrame::close(4003, "slow_consumer")) else {
+            panic!("not a close frame")
         };
-        let _ = session.close(Some(reason)).await;
-    })
-    .await;
-}
-
-async fn send(session: &mut Session, frame: OutFrame) -> Result<(), actix_ws::Closed> {
-    match frame {
-        OutFrame::Text(text) => session.text(text).await,
-        OutFrame::Pong(bytes) => session.pong(&bytes).await,
+        assert_eq!(u16::from(reason.code), 4003);
+        assert_eq!(reason.description.as_deref(), Some("slow_consumer"));
     }
 }

@@ -71,8 +71,14 @@ pub struct LimitsSettings {
     pub max_frame_bytes: usize,
     /// Largest accepted registration metadata, serialized, in bytes.
     pub max_metadata_bytes: usize,
-    /// Capacity of each agent's outbound queue, in frames.
+    /// Outbound frames the kernel has not accepted that an agent may have queued;
+    /// one more closes it 4003.
     pub max_message_queue_size: usize,
+    /// Outbound bytes the kernel has not accepted that an agent may have queued for
+    /// longer than `slow_consumer_grace` before it is closed 4003.
+    pub max_pending_bytes: usize,
+    /// Seconds an agent's queued bytes may stay over `max_pending_bytes`.
+    pub slow_consumer_grace: f64,
     /// Invalid frames in a row that close a connection with 1008.
     pub max_invalid_frames: u32,
 }

@@ -97,3 +97,18 @@ pub fn default_settings() -> Settings {
         .and_then(|c| c.try_deserialize())
         .expect("config/default.toml is valid")
 }
+
+/// The JSON a text frame for an agent carries.
+pub fn json_of(frame: &crate::outbound::OutFrame) -> serde_json::Value {
+    use actix_codec::Decoder;
+    use actix_http::ws::{Codec, Frame};
+    let mut buf = bytes::BytesMut::from(&frame.0[..]);
+    match Codec::new()
+        .max_size(1 << 24)
+        .client_mode()
+        .decode(&mut buf)
+    {
+        Ok(Some(Frame::Text(text))) => serde_json::from_slice(&text).expect("JSON text"),
+        other => panic!("not a text frame: {other:?}"),
+    }
+}

@@ -20,11 +20,10 @@
 
 use crate::clock::{Clock, ManualClock};
 use crate::liveness::{ConnectionClock, Liveness, SessionId};
-use crate::outbound::{Outbox, PushError};
+use crate::outbound::{OutFrame, Outbox};
 use crate::protocol;
 use crate::stats::RttHistogram;
 use actix::prelude::*;
-use bytestring::ByteString;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -52,12 +51,6 @@ pub enum Verdict {
         last_activity_ms: u64,
         /// Seconds since that frame.
         inactive_secs: f64,
-    },
-    /// The agent's queue was full when the heartbeat tried to ping it (it is no longer
-    /// tracked).
-    SlowConsumer {
-        /// The connection.
-        session_id: SessionId,
     },
 }
 
@@ -224,19 +217,9 @@ impl Heartbeat {
             }
         }
         if agent.pinged_at.is_none() && now.saturating_sub(last_seen) >= t.interval {
-            let ping = ByteString::from(agent.ping.frame());
-            match agent.outbox.push(ping) {
-                Ok(()) => {
-                    agent.pinged_at = Some(now);
-                    self.stats.pings_sent += 1;
-                }
-                Err(PushError::Full) => {
-                    self.agents.remove(&session_id);
-                    self.verdicts.do_send(Verdict::SlowConsumer { session_id });
-                    return;
-                }
-                Err(PushError::Closed) => {} // The connection is ending; the registry hears of it.
-            }
+            agent.outbox.push(OutFrame::text(&agent.ping.frame()));
+            agent.pinged_at = Some(now);
+            self.stats.pings_sent += 1;
         }
         let last_activity = agent.clock.last_activity_ms();
         let reported = agent.reported_idle_at == Some(last_activity);

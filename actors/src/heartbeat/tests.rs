@@ -3,9 +3,8 @@
 
 use super::*;
 use crate::outbound::OutFrame;
-use crate::testing::{take, Collector};
+use crate::testing::{json_of, take, Collector};
 use serde_json::Value;
-use tokio::sync::mpsc;
 
 const START: u64 = 1_000_000;
 
@@ -27,17 +26,13 @@ struct Harness {
 
 struct Watched {
     clock: Arc<ConnectionClock>,
-    frames: mpsc::Receiver<OutFrame>,
+    frames: Addr<Collector<OutFrame>>,
 }
 
 impl Watched {
     /// The pings received so far.
-    fn pings(&mut self) -> Vec<Value> {
-        let mut pings = Vec::new();
-        while let Ok(OutFrame::Text(text)) = self.frames.try_recv() {
-            pings.push(serde_json::from_str(&text).unwrap());
-        }
-        pings
+    async fn pings(&self) -> Vec<Value> {
+        take(&self.frames).await.iter().map(json_of).collect()
     }
 }
 
@@ -55,9 +50,10 @@ impl Harness {
         }
     }
 
-    async fn track(&self, session_id: SessionId, queue: usize) -> Watched {
+    async fn track(&self, session_id: SessionId) -> Watched {
         let clock = Arc::new(ConnectionClock::starting_at(self.clock.now_ms()));
-        let (outbox, frames) = Outbox::channel(queue);
+        let frames = Collector::start_new();
+        let outbox = Outbox::new(frames.clone().recipient());
         let watch = Watch::Track {
             session_id,
             agent_id: format!("agent-{session_id}").into(),
@@ -83,11 +79,11 @@ impl Harness {
 #[actix::test]
 async fn a_silent_agent_is_pinged_one_interval_after_its_last_frame() {
     let h = Harness::new(rules());
-    let mut agent = h.track(1, 10).await;
+    let agent = h.track(1).await;
     assert!(h.run_for(4_900).await.is_empty());
-    assert!(agent.pings().is_empty());
+    assert!(agent.pings().await.is_empty());
     h.run_for(100).await;
-    let pings = agent.pings();
+    let pings = agent.pings().await;
     assert_eq!(pings.len(), 1);
     assert_eq!(pings[0]["command"], "ping_agent");
     assert_eq!(pings[0]["agent_id"], "agent-1");
@@ -96,7 +92,7 @@ async fn a_silent_agent_is_pinged_one_interval_after_its_last_frame() {
 #[actix::test]
 async fn an_unanswered_ping_makes_the_agent_stale_after_ping_timeout() {
     let h = Harness::new(rules());
-    let _agent = h.track(1, 10).await;
+    let _agent = h.track(1).await;
     assert!(h.run_for(5_000 + 2_900).await.is_empty());
     let verdicts = h.run_for(100).await;
     let expected = Verdict::Stale {
@@ -114,11 +110,11 @@ async fn an_unanswered_ping_makes_the_agent_stale_after_ping_timeout() {
 #[actix::test]
 async fn an_agent_that_answers_its_pings_is_never_stale() {
     let h = Harness::new(rules());
-    let mut agent = h.track(1, 10).await;
+    let agent = h.track(1).await;
     let mut verdicts = Vec::new();
     for _ in 0..10 {
         verdicts.extend(h.run_for(5_000).await);
-        assert_eq!(agent.pings().len(), 1);
+        assert_eq!(agent.pings().await.len(), 1);
         verdicts.extend(h.run_for(1_000).await); // The answer takes a second.
         agent.clock.seen(h.clock.now_ms());
     }
@@ -133,7 +129,7 @@ async fn an_agent_silent_past_agent_timeout_is_stale_without_a_ping() {
         ..rules()
     };
     let h = Harness::new(quick);
-    let mut agent = h.track(1, 10).await;
+    let agent = h.track(1).await;
     let verdicts = h.run_for(2_000).await;
     assert!(matches!(
         &verdicts[..],
@@ -142,13 +138,13 @@ async fn an_agent_silent_past_agent_timeout_is_stale_without_a_ping() {
             ..
         }]
     ));
-    assert!(agent.pings().is_empty());
+    assert!(agent.pings().await.is_empty());
 }
 
 #[actix::test]
 async fn inactivity_is_reported_once_per_idle_period() {
     let h = Harness::new(rules());
-    let agent = h.track(1, 100).await;
+    let agent = h.track(1).await;
     let mut reports = Vec::new();
     // Pings are answered; no application frame comes.
     for _ in 0..10 {
@@ -178,21 +174,9 @@ async fn inactivity_is_reported_once_per_idle_period() {
 }
 
 #[actix::test]
-async fn a_full_queue_at_ping_time_is_a_slow_consumer_verdict() {
-    let h = Harness::new(rules());
-    let agent = h.track(1, 1).await;
-    // The agent answers its first ping but never reads it from its one-frame queue.
-    assert!(h.run_for(5_000).await.is_empty());
-    assert_eq!(agent.frames.len(), 1);
-    agent.clock.seen(h.clock.now_ms());
-    let verdicts = h.run_for(5_000).await;
-    assert_eq!(verdicts, [Verdict::SlowConsumer { session_id: 1 }]);
-}
-
-#[actix::test]
 async fn an_untracked_agent_gets_no_verdict() {
     let h = Harness::new(rules());
-    let _agent = h.track(1, 10).await;
+    let _agent = h.track(1).await;
     let untrack = Watch::Untrack { session_id: 1 };
     h.heartbeat.send(untrack).await.unwrap();
     assert!(h.run_for(70_000).await.is_empty());
@@ -201,9 +185,9 @@ async fn an_untracked_agent_gets_no_verdict() {
 #[actix::test]
 async fn a_retracked_session_is_judged_by_its_new_clock_only() {
     let h = Harness::new(rules());
-    let _old = h.track(1, 10).await;
+    let _old = h.track(1).await;
     h.run_for(4_000).await;
-    let _new = h.track(1, 10).await;
+    let _new = h.track(1).await;
     // The old tracking's deadlines (ping at 5 s, stale at 8 s) must not apply: the new
     // one is pinged at 9 s and stale at 12 s.
     assert!(h.run_for(7_900).await.is_empty());

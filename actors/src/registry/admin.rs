@@ -9,9 +9,9 @@ use crate::bus::Publish;
 use crate::clock::monotonic_to_epoch_secs;
 use crate::disconnect::Disconnect;
 use crate::event::{LifecycleEvent, NetworkEvent};
+use crate::outbound::OutFrame;
 use crate::protocol;
 use actix::prelude::*;
-use bytestring::ByteString;
 use serde_json::json;
 use std::sync::Arc;
 
@@ -28,7 +28,7 @@ impl Registry {
             last_activity: monotonic_to_epoch_secs(entry.clock.last_activity_ms()),
             metadata: entry.metadata.clone(),
             remote_addr: entry.remote_addr.to_string(),
-            queue_length: entry.outbox.len(),
+            queue_length: entry.clock.queued_frames(),
         }
     }
 }
@@ -88,9 +88,9 @@ impl Handler<BeginShutdown> for Registry {
             "The network is shutting down; disconnect now",
         );
         notice["timeout"] = json!(msg.timeout_secs);
-        let notice = ByteString::from(notice.to_string());
+        let notice = OutFrame::json(&notice);
         for socket in self.sockets.values() {
-            let _ = socket.outbox.push(notice.clone());
+            socket.outbox.push(notice.clone());
         }
         let payload = NetworkEvent::Stopping {
             agents: self.agents.len(),

@@ -128,7 +128,7 @@ impl Handler<Connected> for Registry {
         if self.shutting_down {
             let notice =
                 protocol::notification("network_shutdown", None, "The network is shutting down");
-            let _ = msg.outbox.push_json(&notice);
+            msg.outbox.push_json(&notice);
         }
         self.sockets.insert(
             msg.session_id,
@@ -226,11 +226,6 @@ impl Handler<Verdict> for Registry {
                     inactive_secs,
                 };
                 publish(&self.events, &self.source, &agent_id, entry, payload);
-            }
-            Verdict::SlowConsumer { session_id } => {
-                if let Some(agent_id) = self.agent_of(session_id) {
-                    self.evict(&agent_id, Disconnect::SLOW_CONSUMER, None);
-                }
             }
         }
     }

@@ -6,7 +6,7 @@
 
 use crate::disconnect::Disconnect;
 use crate::liveness::{ConnectionClock, SessionId};
-use crate::outbound::Outbox;
+use crate::outbound::{OutFrame, Outbox};
 use crate::protocol::command::{Registration, Request};
 use crate::protocol::{ErrorCode, MessageKind};
 use crate::stats::StatsSnapshot;
@@ -106,8 +106,8 @@ pub struct Route {
     pub sender_id: Arc<str>,
     /// Where it goes.
     pub kind: MessageKind,
-    /// The frame, serialized once.
-    pub frame: ByteString,
+    /// The frame, encoded once for every recipient.
+    pub frame: OutFrame,
     /// Its message id, for error frames.
     pub message_id: String,
 }

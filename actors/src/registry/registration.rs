@@ -44,13 +44,13 @@ impl Registry {
             let frame = protocol::response_error("register_agent", msg.request_id.as_ref(), &error);
             if close.is_some() {
                 // Queued before the close order, so that it is written before the close.
-                let _ = socket.outbox.push_json(&frame);
+                socket.outbox.push_json(&frame);
                 socket.orders.do_send(ConnectionOrder::Refused(close));
             } else {
                 // The connection is unregistered again before the agent can read the
                 // answer and retry (see the `Registered` case).
                 socket.orders.do_send(ConnectionOrder::Refused(close));
-                let _ = socket.outbox.push_json(&frame);
+                socket.outbox.push_json(&frame);
             }
         }
         self.registration_failed(Some(&msg.registration.agent_id), error.code);
@@ -209,7 +209,7 @@ impl Handler<RegisterAgent> for Registry {
         socket
             .orders
             .do_send(ConnectionOrder::Registered(agent_id.clone()));
-        let _ = socket.outbox.push_json(&response);
+        socket.outbox.push_json(&response);
         let mut entry = AgentEntry {
             session_id,
             session_uuid: session_uuid.clone(),

@@ -3,25 +3,20 @@
 
 use super::{Registry, Route, SystemRequest};
 use crate::clock::epoch_secs;
-use crate::disconnect::Disconnect;
 use crate::liveness::SessionId;
-use crate::outbound::PushError;
+use crate::outbound::OutFrame;
 use crate::protocol::command::{Claim, Command, Request};
 use crate::protocol::{self, ErrorCode, MessageKind, ProtocolError};
 use actix::prelude::*;
-use bytestring::ByteString;
 use serde_json::{json, Value};
 
 impl Registry {
-    /// Delivers a frame to one agent; a full queue evicts it as a slow consumer.
-    /// False if the agent is not registered.
-    fn deliver(&mut self, agent_id: &str, frame: ByteString) -> bool {
+    /// Delivers a frame to one agent. False if the agent is not registered.
+    fn deliver(&self, agent_id: &str, frame: OutFrame) -> bool {
         let Some(entry) = self.agents.get(agent_id) else {
             return false;
         };
-        if entry.outbox.push(frame) == Err(PushError::Full) {
-            self.evict(agent_id, Disconnect::SLOW_CONSUMER, None);
-        }
+        entry.outbox.push(frame);
         true
     }
 
@@ -90,11 +85,7 @@ impl Handler<SystemRequest> for Registry {
     fn handle(&mut self, msg: SystemRequest, _ctx: &mut Self::Context) {
         let answer = self.answer(msg.session_id, &msg.request);
         if let Some(socket) = self.sockets.get(&msg.session_id) {
-            if socket.outbox.push_json(&answer) == Err(PushError::Full) {
-                if let Some(agent_id) = self.agent_of(msg.session_id) {
-                    self.evict(&agent_id, Disconnect::SLOW_CONSUMER, None);
-                }
-            }
+            socket.outbox.push_json(&answer);
         }
     }
 }
@@ -114,22 +105,15 @@ impl Handler<Route> for Registry {
                         format!("Agent {target} is not connected"),
                     );
                     let frame = protocol::error_frame(&error, Some(&msg.message_id));
-                    let frame = ByteString::from(frame.to_string());
-                    self.deliver(&msg.sender_id, frame);
+                    self.deliver(&msg.sender_id, OutFrame::json(&frame));
                 }
             }
             MessageKind::Broadcast(exclude) => {
-                let mut slow = Vec::new();
                 for (agent_id, entry) in &self.agents {
                     if *agent_id == msg.sender_id || exclude.iter().any(|e| **e == **agent_id) {
                         continue;
                     }
-                    if entry.outbox.push(msg.frame.clone()) == Err(PushError::Full) {
-                        slow.push(agent_id.clone());
-                    }
-                }
-                for agent_id in slow {
-                    self.evict(&agent_id, Disconnect::SLOW_CONSUMER, None);
+                    entry.outbox.push(msg.frame.clone());
                 }
             }
             MessageKind::Mod => {}

@@ -10,10 +10,8 @@ use crate::heartbeat::{StaleReason, Verdict};
 use crate::outbound::OutFrame;
 use crate::protocol::command::Registration;
 use crate::protocol::{Command, MessageKind, Request};
-use crate::testing::{default_settings, take, Collector};
-use bytestring::ByteString;
+use crate::testing::{default_settings, json_of, take, Collector};
 use serde_json::json;
-use tokio::sync::mpsc;
 
 /// A registry with collectors around it.
 struct Harness {
@@ -28,7 +26,7 @@ struct Harness {
 struct Agent {
     session_id: SessionId,
     orders: Addr<Collector<ConnectionOrder>>,
-    frames: mpsc::Receiver<OutFrame>,
+    frames: Addr<Collector<OutFrame>>,
     clock: Arc<ConnectionClock>,
 }
 
@@ -61,12 +59,13 @@ impl Harness {
         }
     }
 
-    /// Opens a socket whose outbound queue holds `capacity` frames.
-    async fn connect_with_queue(&mut self, capacity: usize) -> Agent {
+    /// Opens a socket.
+    async fn connect(&mut self) -> Agent {
         let session_id = self.next_session;
         self.next_session += 1;
         let orders = Collector::start_new();
-        let (outbox, frames) = Outbox::channel(capacity);
+        let frames = Collector::start_new();
+        let outbox = Outbox::new(frames.clone().recipient());
         self.registry
             .send(Connected {
                 session_id,
@@ -82,10 +81,6 @@ impl Harness {
             frames,
             clock: Arc::new(ConnectionClock::starting_at(self.clock.now_ms())),
         }
-    }
-
-    async fn connect(&mut self) -> Agent {
-        self.connect_with_queue(100).await
     }
 
     async fn register(&self, agent: &Agent, agent_id: &str, force_reconnect: bool) {
@@ -126,14 +121,8 @@ impl Harness {
 
 impl Agent {
     /// The text frames the agent was sent so far, parsed.
-    fn received(&mut self) -> Vec<Value> {
-        let mut frames = Vec::new();
-        while let Ok(frame) = self.frames.try_recv() {
-            if let OutFrame::Text(text) = frame {
-                frames.push(serde_json::from_str(&text).unwrap());
-            }
-        }
-        frames
+    async fn received(&self) -> Vec<Value> {
+        take(&self.frames).await.iter().map(json_of).collect()
     }
 
     async fn orders(&self) -> Vec<ConnectionOrder> {
@@ -151,12 +140,12 @@ fn closed_with(orders: &[ConnectionOrder]) -> Option<Disconnect> {
 #[actix::test]
 async fn a_registration_is_answered_watched_and_published() {
     let mut h = Harness::new();
-    let mut alice = h.connect().await;
+    let alice = h.connect().await;
     h.register(&alice, "alice", false).await;
 
     let orders = alice.orders().await;
     assert!(matches!(&orders[..], [ConnectionOrder::Registered(id)] if &**id == "alice"));
-    let answer = &alice.received()[0];
+    let answer = &alice.received().await[0];
     assert_eq!(answer["success"], true);
     assert_eq!(answer["request_id"], "r1");
     assert_eq!(answer["incarnation"], 1);
@@ -174,7 +163,7 @@ async fn a_registration_is_answered_watched_and_published() {
 async fn a_live_id_without_proof_is_refused_and_the_refusal_published() {
     let mut h = Harness::new();
     let alice = h.connect().await;
-    let mut intruder = h.connect().await;
+    let intruder = h.connect().await;
     h.register(&alice, "alice", false).await;
     h.register(&intruder, "alice", false).await;
 
@@ -182,7 +171,7 @@ async fn a_live_id_without_proof_is_refused_and_the_refusal_published() {
         &intruder.orders().await[..],
         [ConnectionOrder::Refused(None)]
     ));
-    let answer = &intruder.received()[0];
+    let answer = &intruder.received().await[0];
     assert_eq!(answer["success"], false);
     assert_eq!(answer["error_code"], "agent_id_in_use");
     let events = h.events().await;
@@ -270,10 +259,10 @@ async fn a_takeover_ends_the_old_incarnation_before_publishing_the_new_one() {
 async fn force_reconnect_is_refused_when_the_settings_forbid_it() {
     let mut h = Harness::with(|s| s.identity.allow_force_reconnect = false);
     let old = h.connect().await;
-    let mut new = h.connect().await;
+    let new = h.connect().await;
     h.register(&old, "alice", false).await;
     h.register(&new, "alice", true).await;
-    assert_eq!(new.received()[0]["error_code"], "agent_id_in_use");
+    assert_eq!(new.received().await[0]["error_code"], "agent_id_in_use");
     assert!(closed_with(&old.orders().await).is_none());
 }
 
@@ -303,12 +292,12 @@ async fn a_holder_silent_past_the_stale_bound_is_declared_stale_when_its_id_is_c
 async fn a_holder_within_the_stale_bound_keeps_its_id() {
     let mut h = Harness::new();
     let old = h.connect().await;
-    let mut new = h.connect().await;
+    let new = h.connect().await;
     h.register(&old, "alice", false).await;
     let rules = Liveness::new(&default_settings().heartbeat);
     h.clock.advance(rules.stale_bound_ms());
     h.register(&new, "alice", false).await;
-    assert_eq!(new.received()[0]["error_code"], "agent_id_in_use");
+    assert_eq!(new.received().await[0]["error_code"], "agent_id_in_use");
 }
 
 #[actix::test]
@@ -343,7 +332,7 @@ fn message(kind: MessageKind, sender: &Agent, sender_id: &str) -> Route {
         session_id: sender.session_id,
         sender_id: sender_id.into(),
         kind,
-        frame: ByteString::from(r#"{"type":"message","data":{}}"#),
+        frame: OutFrame::text(r#"{"type":"message","data":{}}"#),
         message_id: "m1".into(),
     }
 }
@@ -351,20 +340,23 @@ fn message(kind: MessageKind, sender: &Agent, sender_id: &str) -> Route {
 #[actix::test]
 async fn a_direct_message_reaches_its_target_and_an_unknown_target_is_answered() {
     let mut h = Harness::new();
-    let mut alice = h.connect().await;
-    let mut bob = h.connect().await;
+    let alice = h.connect().await;
+    let bob = h.connect().await;
     h.register(&alice, "alice", false).await;
     h.register(&bob, "bob", false).await;
-    alice.received();
-    bob.received();
+    alice.received().await;
+    bob.received().await;
 
     let to_bob = message(MessageKind::Direct("bob".into()), &alice, "alice");
     h.registry.send(to_bob).await.unwrap();
-    assert_eq!(bob.received(), [json!({"type": "message", "data": {}})]);
+    assert_eq!(
+        bob.received().await,
+        [json!({"type": "message", "data": {}})]
+    );
 
     let to_nobody = message(MessageKind::Direct("carol".into()), &alice, "alice");
     h.registry.send(to_nobody).await.unwrap();
-    let error = &alice.received()[0];
+    let error = &alice.received().await[0];
     assert_eq!(error["type"], "error");
     assert_eq!(error["error_code"], "unknown_agent");
     assert_eq!(error["message_id"], "m1");
@@ -379,12 +371,15 @@ async fn a_broadcast_reaches_everyone_but_the_sender_and_the_excluded() {
         h.register(&agent, id, false).await;
         agents.push(agent);
     }
-    for agent in &mut agents {
-        agent.received();
+    for agent in &agents {
+        agent.received().await;
     }
     let broadcast = message(MessageKind::Broadcast(vec!["c".into()]), &agents[0], "a");
     h.registry.send(broadcast).await.unwrap();
-    let counts: Vec<usize> = agents.iter_mut().map(|a| a.received().len()).collect();
+    let mut counts = Vec::new();
+    for agent in &agents {
+        counts.push(agent.received().await.len());
+    }
     assert_eq!(counts, [0, 1, 0, 1]);
 }
 
@@ -393,38 +388,14 @@ async fn a_message_from_a_replaced_sender_is_dropped() {
     let mut h = Harness::new();
     let old = h.connect().await;
     let new = h.connect().await;
-    let mut bob = h.connect().await;
+    let bob = h.connect().await;
     h.register(&old, "alice", false).await;
     h.register(&bob, "bob", false).await;
     h.register(&new, "alice", true).await;
-    bob.received();
+    bob.received().await;
     let late = message(MessageKind::Direct("bob".into()), &old, "alice");
     h.registry.send(late).await.unwrap();
-    assert!(bob.received().is_empty());
-}
-
-#[actix::test]
-async fn a_recipient_whose_queue_is_full_is_evicted_as_a_slow_consumer() {
-    let mut h = Harness::new();
-    let alice = h.connect().await;
-    let slow = h.connect_with_queue(1).await; // The registration answer fills it.
-    h.register(&alice, "alice", false).await;
-    h.register(&slow, "slow", false).await;
-    let to_slow = message(MessageKind::Direct("slow".into()), &alice, "alice");
-    h.registry.send(to_slow).await.unwrap();
-
-    assert_eq!(
-        closed_with(&slow.orders().await),
-        Some(Disconnect::SLOW_CONSUMER)
-    );
-    let documents = h.event_documents().await;
-    let ended = documents
-        .iter()
-        .find(|d| d["type"] == "agent.disconnected")
-        .unwrap();
-    assert_eq!(ended["subject"], "slow");
-    assert_eq!(ended["data"]["close_code"], 4003);
-    assert_eq!(ended["data"]["reason"], "slow_consumer");
+    assert!(bob.received().await.is_empty());
 }
 
 #[actix::test]
@@ -503,7 +474,7 @@ async fn a_stale_verdict_publishes_stale_then_the_end_and_closes_4002() {
 #[actix::test]
 async fn list_agents_needs_a_registered_connection() {
     let mut h = Harness::new();
-    let mut stranger = h.connect().await;
+    let stranger = h.connect().await;
     let request = Request {
         command: Command::ListAgents,
         request_id: None,
@@ -513,14 +484,14 @@ async fn list_agents_needs_a_registered_connection() {
         request,
     };
     h.registry.send(ask).await.unwrap();
-    assert_eq!(stranger.received()[0]["error_code"], "not_registered");
+    assert_eq!(stranger.received().await[0]["error_code"], "not_registered");
 }
 
 #[actix::test]
 async fn shutdown_refuses_registrations_with_1001_and_close_all_closes_everyone() {
     let mut h = Harness::new();
     let alice = h.connect().await;
-    let mut late = h.connect().await;
+    let late = h.connect().await;
     h.register(&alice, "alice", false).await;
     let agents = h
         .registry
@@ -529,7 +500,7 @@ async fn shutdown_refuses_registrations_with_1001_and_close_all_closes_everyone(
         .unwrap();
     assert_eq!(agents, 1);
     h.register(&late, "late", false).await;
-    let refusal = late.received().pop().unwrap();
+    let refusal = late.received().await.pop().unwrap();
     assert_eq!(refusal["error_code"], "shutting_down");
     let orders = late.orders().await;
     let refused = orders

@@ -1,17 +1,27 @@
-//! The agent connection actor: one per WebSocket.
+//! The agent connection actor: one per WebSocket, owning its TCP stream.
 //!
-//! It is fed by the actix-ws message stream, parses frames into protocol messages
-//! (system requests into a [`Command`] once), enforces frame and metadata limits, keeps
-//! the connection's liveness clock, answers what it can answer alone (pings,
-//! `list_mods`, `list_protocols`, `unregister_agent`) and forwards the rest to the
-//! registry. It writes only through its bounded [`Outbox`], and it always reports its
-//! end to the registry, whatever the cause: in `stopped()`, or from `Drop` when a panic
-//! skipped `stopped()`.
+//! The listener answers the upgrade and hands the stream over; from then on no HTTP
+//! code is involved. The actor reads on readiness ([`socket`]) into a buffer shared by
+//! its worker thread and parses frames there ([`frames`]), refusing oversized frames at
+//! their header; it parses text frames into protocol messages (system requests into a
+//! [`Command`] once), keeps the connection's liveness clock, answers what it can answer
+//! alone (pings, `list_mods`, `list_protocols`, `unregister_agent`) and forwards the
+//! rest to the registry. Frames for the agent arrive as [`OutFrame`] messages and are
+//! written straight to the kernel; only what the kernel refuses is queued, and an agent
+//! whose queue stays over `limits.max_pending_bytes` for `limits.slow_consumer_grace`
+//! (or exceeds `limits.max_message_queue_size` frames) is a slow consumer. After a close
+//! handshake, either side starting it, the actor sends FIN at once. It always reports
+//! its end to the registry, whatever the cause.
+
+mod frames;
+mod socket;
+
+pub use frames::{FrameReader, Received};
 
 use crate::clock::{epoch_secs, monotonic_ms};
 use crate::disconnect::Disconnect;
 use crate::liveness::{ConnectionClock, Liveness, SessionId};
-use crate::outbound::{spawn_writer, CloseOrder, OutFrame, Outbox, PushError};
+use crate::outbound::{OutFrame, Outbox};
 use crate::protocol::command::{Command, Refusal, Registration, Request};
 use crate::protocol::{self, ErrorCode, Inbound, MessageKind, ProtocolError};
 use crate::registry::{
@@ -20,11 +30,27 @@ use crate::registry::{
 };
 use crate::settings::{secs, LimitsSettings};
 use actix::prelude::*;
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, Session};
-use bytestring::ByteString;
+use bytes::BytesMut;
 use serde_json::{json, Value};
+use socket::{ReadOutcome, Readable, Socket};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::sync::oneshot;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// Reads per readiness event. actix handles 16 events of a stream per turn, so a turn
+/// reads at most 16 × the read size: a flooding agent cannot hold its worker thread
+/// (and the tasks woken from other threads, which wait for a turn) for long.
+const READS_PER_TURN: usize = 1;
+
+/// Longest a closing connection spends writing its backlog and close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a backlog waits for write readiness before the kernel is asked again.
+const WRITE_RETRY: Duration = Duration::from_millis(50);
+
+/// Longest a closed connection waits for the agent to close its side after FIN.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Registration state of a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,83 +74,243 @@ pub struct ConnectionSettings {
     pub liveness: Liveness,
 }
 
+/// How far a connection's close has got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    /// Open.
+    No,
+    /// The close frame is written or queued; FIN follows once the queue is empty.
+    CloseFrameQueued,
+    /// FIN sent; waiting for the agent's end of stream.
+    FinSent,
+}
+
 /// One agent's WebSocket, as an actor.
 pub struct AgentConnection {
     session_id: SessionId,
     remote_addr: Arc<str>,
     registry: Addr<Registry>,
     settings: Arc<ConnectionSettings>,
-    outbox: Outbox,
-    close_tx: Option<oneshot::Sender<CloseOrder>>,
-    stream: Option<AggregatedMessageStream>,
+    socket: Socket,
+    reader: FrameReader,
     clock: Arc<ConnectionClock>,
     state: RegistrationState,
     /// Invalid frames received in a row.
     invalid_in_row: u32,
-    /// How the connection ended, once known.
+    /// How the connection ends, once known.
     end: Option<Disconnect>,
+    closing: Closing,
     /// Set once the end has been reported to the registry.
     reported: bool,
+    /// A wait for write readiness is in flight.
+    awaiting_writable: bool,
+    /// Since when the queued bytes are over `limits.max_pending_bytes`.
+    over_budget_since: Option<Instant>,
+    /// The server's count of open sockets, which this one is part of until dropped.
+    open_sockets: Arc<AtomicUsize>,
 }
 
 impl AgentConnection {
-    /// Builds the actor for an upgraded WebSocket. Start it with [`Actor::start`] on
-    /// the worker that accepted the socket.
+    /// Builds the actor for an upgraded stream; `early` holds bytes read after the
+    /// upgrade request. Start it with [`Actor::start`] on the worker that accepted it.
     pub fn new(
         session_id: SessionId,
         remote_addr: Arc<str>,
-        session: Session,
-        stream: actix_ws::MessageStream,
+        stream: TcpStream,
+        early: BytesMut,
         registry: Addr<Registry>,
         settings: Arc<ConnectionSettings>,
+        open_sockets: Arc<AtomicUsize>,
     ) -> Self {
-        let max = settings.limits.max_frame_bytes;
-        let stream = stream
-            .max_frame_size(max)
-            .aggregate_continuations()
-            .max_continuation_size(max);
-        let (outbox, close_tx) = spawn_writer(session, settings.limits.max_message_queue_size);
+        open_sockets.fetch_add(1, Ordering::AcqRel);
+        let reader = FrameReader::new(settings.limits.max_frame_bytes);
         Self {
             session_id,
             remote_addr,
             registry,
+            socket: Socket::new(stream, early),
+            reader,
             settings,
-            outbox,
-            close_tx: Some(close_tx),
-            stream: Some(stream),
             clock: Arc::new(ConnectionClock::starting_at(monotonic_ms())),
             state: RegistrationState::Unregistered,
             invalid_in_row: 0,
             end: None,
+            closing: Closing::No,
             reported: false,
+            awaiting_writable: false,
+            over_budget_since: None,
+            open_sockets,
         }
     }
 
-    /// Ends the connection: remembers how, tells the writer to close (after writing
-    /// what is queued if `drain`), stops the actor.
+    /// Starts closing: reports the end, writes the close frame (after the queued frames
+    /// if `drain`), then FIN once written.
     fn close(&mut self, ctx: &mut Context<Self>, disconnect: Disconnect, drain: bool) {
-        let disconnect = *self.end.get_or_insert(disconnect);
-        if let Some(close_tx) = self.close_tx.take() {
-            let _ = close_tx.send(CloseOrder {
-                code: disconnect.code,
-                description: disconnect.reason.as_str().to_owned(),
-                drain,
-            });
+        if self.end.is_some() {
+            return;
+        }
+        self.end = Some(disconnect);
+        self.report_end();
+        if !drain {
+            self.socket.discard_pending();
+        }
+        self.closing = Closing::CloseFrameQueued;
+        let frame = OutFrame::close(disconnect.code, disconnect.reason.as_str());
+        if let Err(error) = self.socket.write(frame.0) {
+            return self.lost(ctx, error);
+        }
+        ctx.run_later(CLOSE_GRACE, |act, ctx| {
+            if act.closing == Closing::CloseFrameQueued {
+                ctx.stop(); // The agent did not read its backlog in time.
+            }
+        });
+        self.after_write(ctx);
+    }
+
+    /// The transport failed: ends at once, without a close frame (1006).
+    fn lost(&mut self, ctx: &mut Context<Self>, error: std::io::Error) {
+        log::debug!("session {}: connection lost: {error}", self.session_id);
+        if self.end.is_none() {
+            self.end = Some(Disconnect::CONNECTION_LOST);
         }
         ctx.stop();
     }
 
-    /// Queues a frame for this agent; a full queue ends the connection.
+    /// Writes a frame for the agent (nothing after the close frame).
     fn send(&mut self, ctx: &mut Context<Self>, frame: OutFrame) {
-        match self.outbox.push_frame(frame) {
-            Ok(()) => {}
-            Err(PushError::Full) => self.close(ctx, Disconnect::SLOW_CONSUMER, false),
-            Err(PushError::Closed) => self.close(ctx, Disconnect::INTERNAL_ERROR, false),
+        if self.closing != Closing::No {
+            return;
         }
+        if let Err(error) = self.socket.write(frame.0) {
+            return self.lost(ctx, error);
+        }
+        self.after_write(ctx);
     }
 
     fn send_json(&mut self, ctx: &mut Context<Self>, frame: &Value) {
-        self.send(ctx, OutFrame::Text(ByteString::from(frame.to_string())));
+        self.send(ctx, OutFrame::json(frame));
+    }
+
+    /// After a write or flush: waits for the kernel if it refused bytes, judges the
+    /// backlog, and sends FIN once a close frame is out.
+    fn after_write(&mut self, ctx: &mut Context<Self>) {
+        let frames = self.socket.pending_frames();
+        self.clock.set_queued_frames(frames);
+        if frames > 0 {
+            self.await_writable(ctx);
+        }
+        match self.closing {
+            Closing::No => self.judge_backlog(ctx),
+            Closing::CloseFrameQueued if frames == 0 => {
+                self.socket.shutdown_write();
+                self.closing = Closing::FinSent;
+                ctx.run_later(LINGER, |_, ctx| ctx.stop());
+            }
+            _ => {}
+        }
+    }
+
+    /// A slow consumer is an agent whose kernel buffer stays full: more frames queued
+    /// than `max_message_queue_size`, or more bytes than `max_pending_bytes` for longer
+    /// than `slow_consumer_grace`.
+    fn judge_backlog(&mut self, ctx: &mut Context<Self>) {
+        let limits = &self.settings.limits;
+        if self.socket.pending_frames() > limits.max_message_queue_size {
+            return self.close(ctx, Disconnect::SLOW_CONSUMER, false);
+        }
+        if self.socket.pending_bytes() <= limits.max_pending_bytes {
+            self.over_budget_since = None;
+            return;
+        }
+        if self.over_budget_since.is_none() {
+            let since = Instant::now();
+            self.over_budget_since = Some(since);
+            let grace = secs(limits.slow_consumer_grace);
+            ctx.run_later(grace, move |act, ctx| {
+                if act.over_budget_since == Some(since) {
+                    act.close(ctx, Disconnect::SLOW_CONSUMER, false);
+                }
+            });
+        }
+    }
+
+    fn await_writable(&mut self, ctx: &mut Context<Self>) {
+        if self.awaiting_writable {
+            return;
+        }
+        self.awaiting_writable = true;
+        let io = self.socket.io();
+        // Write readiness, or a retry after a short while should its edge go missing
+        // (see `Socket::send`).
+        let wait = async move {
+            tokio::select! {
+                ready = io.writable() => ready,
+                () = tokio::time::sleep(WRITE_RETRY) => Ok(()),
+            }
+        };
+        ctx.spawn(fut::wrap_future(wait).map(|ready, act: &mut Self, ctx| {
+            act.awaiting_writable = false;
+            let flushed = ready.and_then(|()| act.socket.flush());
+            match flushed {
+                Ok(()) => act.after_write(ctx),
+                Err(error) => act.lost(ctx, error),
+            }
+        }));
+    }
+
+    /// Reads what the kernel has, until it would block (or a turn's worth).
+    fn on_readable(&mut self, ctx: &mut Context<Self>) {
+        for _ in 0..READS_PER_TURN {
+            if self.closing != Closing::No {
+                // Closing: discard what the agent still sends, wait for its FIN.
+                match self.socket.read_with(BytesMut::clear) {
+                    Ok((ReadOutcome::Data, ())) => continue,
+                    Ok((ReadOutcome::WouldBlock, ())) => return,
+                    Ok((ReadOutcome::Eof, ())) | Err(_) => return ctx.stop(),
+                }
+            }
+            let reader = &mut self.reader;
+            let read = self.socket.read_with(|buf| drain(reader, buf));
+            let (outcome, (received, error)) = match read {
+                Ok(read) => read,
+                Err(error) => return self.lost(ctx, error),
+            };
+            for received in received {
+                if self.end.is_some() {
+                    break;
+                }
+                self.on_received(ctx, received);
+            }
+            if let Some(disconnect) = error {
+                return self.close(ctx, disconnect, false);
+            }
+            match outcome {
+                ReadOutcome::Data => {}
+                ReadOutcome::WouldBlock => return,
+                ReadOutcome::Eof => {
+                    let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+                    return self.lost(ctx, eof);
+                }
+            }
+        }
+    }
+
+    fn on_received(&mut self, ctx: &mut Context<Self>, received: Received) {
+        let now = monotonic_ms();
+        match received {
+            Received::Text(text) => self.on_text(ctx, &text),
+            Received::Binary(_) => {
+                self.clock.seen(now);
+                let error = ErrorCode::UnsupportedFrame.into();
+                self.send_json(ctx, &protocol::error_frame(&error, None));
+            }
+            Received::Ping(payload) => {
+                self.clock.seen(now);
+                self.send(ctx, OutFrame::pong(&payload));
+            }
+            Received::Pong => self.clock.seen(now),
+            Received::Close(_) => self.close(ctx, Disconnect::CLIENT_CLOSED, false),
+        }
     }
 
     /// Answers `request` with `error`.
@@ -290,7 +476,7 @@ impl AgentConnection {
             let frame = protocol::error_frame(&error, Some(&message_id));
             return self.send_json(ctx, &frame);
         }
-        let encoded = ByteString::from(Value::Object(frame).to_string());
+        let encoded = OutFrame::text(&Value::Object(frame).to_string());
         self.registry.do_send(Route {
             session_id: self.session_id,
             sender_id: agent_id,
@@ -317,17 +503,31 @@ impl AgentConnection {
     }
 }
 
+/// Every complete message in `buf`, and the framing error that stopped the reading,
+/// if one did.
+fn drain(reader: &mut FrameReader, buf: &mut BytesMut) -> (Vec<Received>, Option<Disconnect>) {
+    let mut received = Vec::new();
+    loop {
+        match reader.next(buf) {
+            Ok(Some(message)) => received.push(message),
+            Ok(None) => return (received, None),
+            Err(disconnect) => {
+                buf.clear();
+                return (received, Some(disconnect));
+            }
+        }
+    }
+}
+
 impl Actor for AgentConnection {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        if let Some(stream) = self.stream.take() {
-            ctx.add_stream(stream);
-        }
+        ctx.add_stream(Readable(self.socket.io()));
         self.registry.do_send(Connected {
             session_id: self.session_id,
             orders: ctx.address().recipient(),
-            outbox: self.outbox.clone(),
+            outbox: Outbox::new(ctx.address().recipient()),
             remote_addr: self.remote_addr.clone(),
         });
         let timeout = secs(self.settings.registration_timeout);
@@ -336,23 +536,26 @@ impl Actor for AgentConnection {
                 act.close(ctx, Disconnect::REGISTRATION_TIMEOUT, true);
             }
         });
+        // Frames the agent sent right behind its upgrade request.
+        let reader = &mut self.reader;
+        let (received, error) = self.socket.take_buffered(|buf| drain(reader, buf));
+        for received in received {
+            self.on_received(ctx, received);
+        }
+        if let Some(disconnect) = error {
+            self.close(ctx, disconnect, false);
+        }
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        if let Some(close_tx) = self.close_tx.take() {
-            let disconnect = self.end.unwrap_or(Disconnect::CLIENT_CLOSED);
-            let _ = close_tx.send(CloseOrder {
-                code: disconnect.code,
-                description: disconnect.reason.as_str().to_owned(),
-                drain: true,
-            });
-        }
+        self.end.get_or_insert(Disconnect::CLIENT_CLOSED);
         self.report_end();
     }
 }
 
 impl Drop for AgentConnection {
     fn drop(&mut self) {
+        self.open_sockets.fetch_sub(1, Ordering::AcqRel);
         // Reached without `stopped()` only when the actor panicked.
         if !self.reported {
             self.end.get_or_insert(Disconnect::INTERNAL_ERROR);
@@ -361,52 +564,20 @@ impl Drop for AgentConnection {
     }
 }
 
-impl StreamHandler<Result<AggregatedMessage, actix_ws::ProtocolError>> for AgentConnection {
-    fn handle(
-        &mut self,
-        item: Result<AggregatedMessage, actix_ws::ProtocolError>,
-        ctx: &mut Self::Context,
-    ) {
-        use actix_ws::ProtocolError as WsError;
-        if self.end.is_some() {
-            return;
-        }
-        match item {
-            Ok(AggregatedMessage::Text(text)) => self.on_text(ctx, &text),
-            Ok(AggregatedMessage::Binary(_)) => {
-                self.clock.seen(monotonic_ms());
-                let error = ErrorCode::UnsupportedFrame.into();
-                self.send_json(ctx, &protocol::error_frame(&error, None));
-            }
-            Ok(AggregatedMessage::Ping(bytes)) => {
-                self.clock.seen(monotonic_ms());
-                self.send(ctx, OutFrame::Pong(bytes));
-            }
-            Ok(AggregatedMessage::Pong(_)) => self.clock.seen(monotonic_ms()),
-            Ok(AggregatedMessage::Close(_)) => self.close(ctx, Disconnect::CLIENT_CLOSED, false),
-            Err(WsError::Overflow) => self.close(ctx, Disconnect::MESSAGE_TOO_BIG, false),
-            // actix-ws reports reassembled continuations over the limit as this I/O error.
-            Err(WsError::Io(error))
-                if error.to_string() == "Exceeded maximum continuation size" =>
-            {
-                self.close(ctx, Disconnect::MESSAGE_TOO_BIG, false)
-            }
-            // The transport failed (actix-ws wraps payload errors as `Other`): the client
-            // vanished without a close frame (crash, reset, cut cable).
-            Err(WsError::Io(error)) if error.kind() == std::io::ErrorKind::Other => {
-                log::debug!("session {}: connection lost: {error}", self.session_id);
-                self.close(ctx, Disconnect::CONNECTION_LOST, false)
-            }
-            Err(error) => {
-                log::debug!("session {}: protocol error: {error}", self.session_id);
-                self.close(ctx, Disconnect::BAD_FRAMING, false)
-            }
+impl StreamHandler<std::io::Result<()>> for AgentConnection {
+    fn handle(&mut self, readiness: std::io::Result<()>, ctx: &mut Self::Context) {
+        match readiness {
+            Ok(()) => self.on_readable(ctx),
+            Err(error) => self.lost(ctx, error),
         }
     }
+}
 
-    fn finished(&mut self, ctx: &mut Self::Context) {
-        self.end.get_or_insert(Disconnect::CLIENT_CLOSED);
-        ctx.stop();
+impl Handler<OutFrame> for AgentConnection {
+    type Result = ();
+
+    fn handle(&mut self, frame: OutFrame, ctx: &mut Self::Context) {
+        self.send(ctx, frame);
     }
 }
 
@@ -426,7 +597,7 @@ impl Handler<ConnectionOrder> for AgentConnection {
             }
             ConnectionOrder::Close { disconnect, notice } => {
                 if let Some(notice) = notice {
-                    let _ = self.outbox.push(notice);
+                    self.send(ctx, OutFrame::text(&notice));
                 }
                 self.close(ctx, disconnect, disconnect.drains_queue());
             }
