@@ -13,11 +13,11 @@ use common::brokers::{
 use common::lifecycle::{
     assert_same_per_agent, ids, scenario, start_with_short_heartbeat, Outage, SCENARIO_AGENTS,
 };
-use common::proxy::Proxy;
 use common::DEADLINE;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::process::Stdio;
+use tether_testkit::Proxy;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 fn rabbitmq_env(url: &str, exchange: &str) -> Vec<(String, String)> {

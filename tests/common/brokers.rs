@@ -1,7 +1,8 @@
 //! Real brokers for the event tests: consumers that read what the server published
 //! (a Redis stream, a Kafka topic, a RabbitMQ exchange, or the server's own SSE
-//! stream) into a [`Collector`], and broker processes a test owns (a `redis-server`
-//! it can kill and restart on the same port, a `tansu` Kafka broker).
+//! stream) into a [`Collector`], and a `redis-server` a test owns (it can kill and
+//! restart it on the same port). The proxy that cuts brokers off and the tansu
+//! launcher are `tether-testkit`'s, shared with the benchmark harness.
 //!
 //! The shared brokers are Redis at 127.0.0.1:6379, RabbitMQ at 127.0.0.1:5672 and
 //! tansu at 127.0.0.1:9092 (`scripts/test.sh` starts them). A test that needs one
@@ -16,6 +17,7 @@ use std::net::TcpStream as StdTcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tether_testkit::{free_port, wait_listening};
 use tokio::sync::mpsc;
 
 /// The shared Redis.
@@ -48,15 +50,6 @@ pub fn unique(prefix: &str) -> String {
         "{prefix}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..10]
     )
-}
-
-/// A port nothing listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One event a consumer received, with what the broker said about it.
@@ -490,14 +483,6 @@ pub fn kafka_topic(bootstrap: &str, topic: &str) -> Collector {
     collector
 }
 
-fn wait_listening(port: u16, what: &str) {
-    let end = Instant::now() + DEADLINE;
-    while StdTcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < end, "{what} did not listen on port {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A temporary directory removed on drop.
 struct TempDir(PathBuf);
 
@@ -569,63 +554,13 @@ impl RedisProcess {
             .spawn()
             .expect("cannot start redis-server: is Redis installed? (scripts/test.sh installs it)");
         self.child = Some(child);
-        wait_listening(self.port, "redis-server");
+        wait_listening(self.port, "redis-server", DEADLINE).unwrap_or_else(|e| panic!("{e}"));
     }
 }
 
 impl Drop for RedisProcess {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// The tansu binary: `TETHER_TEST_TANSU`, else `tansu` on the PATH or in ~/.cargo/bin.
-pub fn tansu_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("TETHER_TEST_TANSU") {
-        return PathBuf::from(path);
-    }
-    let candidates = std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|dir| PathBuf::from(dir).join("tansu"))
-        .chain(std::env::var("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/tansu")))
-        .collect::<Vec<_>>();
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .expect("tansu (a Kafka-compatible broker) is not installed: run the tests with scripts/test.sh, which installs it, or set TETHER_TEST_TANSU")
-}
-
-/// A tansu Kafka broker the test owns, in memory, listening on `port` and telling
-/// clients to connect to `advertised` (a proxy in front of it, for instance).
-pub struct TansuProcess {
-    child: Child,
-}
-
-impl TansuProcess {
-    /// Starts tansu on `port`, advertising `advertised` (`host:port`).
-    pub fn start(port: u16, advertised: &str) -> Self {
-        let child = Command::new(tansu_binary())
-            .arg("broker")
-            .arg("--listener-url")
-            .arg(format!("tcp://127.0.0.1:{port}"))
-            .arg("--advertised-listener-url")
-            .arg(format!("tcp://{advertised}"))
-            .arg("--storage-engine")
-            .arg("memory://tansu/")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start tansu");
-        wait_listening(port, "tansu");
-        Self { child }
-    }
-}
-
-impl Drop for TansuProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

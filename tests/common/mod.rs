@@ -9,7 +9,6 @@
 
 pub mod brokers;
 pub mod lifecycle;
-pub mod proxy;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
