@@ -3,11 +3,13 @@
 //! same way. Dev-only: the shipped `tether` binary does not depend on it.
 //!
 //! - [`Proxy`]: a TCP proxy that can cut a broker off and let it back;
-//! - [`Tansu`]: a Kafka-compatible broker (tansu) the caller owns, in memory.
+//! - [`Tansu`]: a Kafka-compatible broker (tansu) the caller owns, in memory;
+//! - [`sse`]: decoding the server's `GET /events` stream into blocks.
 
 #![warn(missing_docs)]
 
 pub mod proxy;
+pub mod sse;
 pub mod tansu;
 
 pub use proxy::Proxy;

@@ -1,8 +1,8 @@
 //! Real brokers for the event tests: consumers that read what the server published
 //! (a Redis stream, a Kafka topic, a RabbitMQ exchange, or the server's own SSE
 //! stream) into a [`Collector`], and a `redis-server` a test owns (it can kill and
-//! restart it on the same port). The proxy that cuts brokers off and the tansu
-//! launcher are `tether-testkit`'s, shared with the benchmark harness.
+//! restart it on the same port). The proxy that cuts brokers off, the tansu launcher
+//! and the SSE decoder are `tether-testkit`'s, shared with the benchmark harness.
 //!
 //! The shared brokers are Redis at 127.0.0.1:6379, RabbitMQ at 127.0.0.1:5672 and
 //! tansu at 127.0.0.1:9092 (`scripts/test.sh` starts them). A test that needs one
@@ -17,6 +17,7 @@ use std::net::TcpStream as StdTcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tether_testkit::sse::SseDecoder;
 use tether_testkit::{free_port, wait_listening};
 use tokio::sync::mpsc;
 
@@ -178,18 +179,17 @@ pub async fn sse(server: &TestServer) -> Collector {
             }
         };
         let mut body = response.bytes_stream();
-        let mut buffer = String::new();
+        let mut decoder = SseDecoder::new();
         let mut ready = Some(ready_tx);
         while let Some(chunk) = body.next().await {
             let Ok(chunk) = chunk else { break };
-            buffer.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buffer.find("\n\n") {
-                let block: String = buffer.drain(..end + 2).collect();
+            decoder.push(&chunk);
+            while let Some(block) = decoder.next_block() {
                 if let Some(ready) = ready.take() {
                     // The first block is the subscription comment.
                     let _ = ready.send(());
                 }
-                if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) {
+                if let Some(data) = block.data() {
                     let event = serde_json::from_str(data).expect("an SSE event is not JSON");
                     if tx
                         .send(Ok(Received {
