@@ -7,9 +7,7 @@
 
 mod common;
 
-use common::brokers::{
-    amqp_url, rabbitmq_exchange, require, sse, unique, wait_publisher, RABBITMQ,
-};
+use common::brokers::{rabbitmq_exchange, require, sse, unique, wait_publisher, RABBITMQ};
 use common::lifecycle::{
     assert_same_per_agent, ids, scenario, start_with_short_heartbeat, Outage, SCENARIO_AGENTS,
 };
@@ -17,6 +15,7 @@ use common::DEADLINE;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::process::Stdio;
+use tether_testkit::rabbitmq::amqp_url;
 use tether_testkit::Proxy;
 use tokio::io::{AsyncBufReadExt, BufReader};
 

@@ -7,8 +7,8 @@
 mod common;
 
 use common::brokers::{
-    amqp_url, health, rabbitmq_exchange, redis_stream, require, sse, unique, wait_publisher,
-    Received, DRAIN_DEADLINE, RABBITMQ, REDIS,
+    health, rabbitmq_exchange, redis_stream, require, sse, unique, wait_publisher, Received,
+    DRAIN_DEADLINE, RABBITMQ, REDIS,
 };
 use common::lifecycle::{
     assert_same_per_agent, events_of, ids, wait_cleaned_up, Flow, SHORT_HEARTBEAT,
@@ -16,6 +16,7 @@ use common::lifecycle::{
 use common::{direct, Agent, TestServer, DEADLINE};
 use serde_json::json;
 use std::time::{Duration, Instant};
+use tether_testkit::rabbitmq::amqp_url;
 use tether_testkit::{free_port, Proxy};
 
 fn start(pairs: &[(&str, String)]) -> TestServer {

@@ -4,11 +4,13 @@
 //!
 //! - [`Proxy`]: a TCP proxy that can cut a broker off and let it back;
 //! - [`Tansu`]: a Kafka-compatible broker (tansu) the caller owns, in memory;
-//! - [`sse`]: decoding the server's `GET /events` stream into blocks.
+//! - [`sse`]: decoding the server's `GET /events` stream into blocks;
+//! - [`rabbitmq`]: a queue bound to the exchange Tether publishes to.
 
 #![warn(missing_docs)]
 
 pub mod proxy;
+pub mod rabbitmq;
 pub mod sse;
 pub mod tansu;
 

@@ -1,8 +1,9 @@
 //! Real brokers for the event tests: consumers that read what the server published
 //! (a Redis stream, a Kafka topic, a RabbitMQ exchange, or the server's own SSE
 //! stream) into a [`Collector`], and a `redis-server` a test owns (it can kill and
-//! restart it on the same port). The proxy that cuts brokers off, the tansu launcher
-//! and the SSE decoder are `tether-testkit`'s, shared with the benchmark harness.
+//! restart it on the same port). The proxy that cuts brokers off, the tansu
+//! launcher, the SSE decoder and the RabbitMQ queue are `tether-testkit`'s, shared
+//! with the benchmark harness.
 //!
 //! The shared brokers are Redis at 127.0.0.1:6379, RabbitMQ at 127.0.0.1:5672 and
 //! tansu at 127.0.0.1:9092 (`scripts/test.sh` starts them). A test that needs one
@@ -17,6 +18,7 @@ use std::net::TcpStream as StdTcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tether_testkit::rabbitmq::{BoundQueue, QueueKind};
 use tether_testkit::sse::SseDecoder;
 use tether_testkit::{free_port, wait_listening};
 use tokio::sync::mpsc;
@@ -38,11 +40,6 @@ pub fn require(addr: &str, what: &str) {
             "{what} is not running at {addr}: this test needs the real broker. Run the tests with scripts/test.sh, which starts Redis, RabbitMQ and tansu (Kafka)"
         );
     }
-}
-
-/// The AMQP URL of RabbitMQ at `addr` (guest/guest, vhost `/`).
-pub fn amqp_url(addr: &str) -> String {
-    format!("amqp://guest:guest@{addr}/%2f")
 }
 
 /// A name no other test uses (streams, topics, exchanges).
@@ -313,64 +310,23 @@ pub async fn redis_channel(url: &str, channel: &str) -> Collector {
 /// Consumes a RabbitMQ topic exchange through an exclusive queue bound with `#`.
 /// Returns once the queue is bound, so every event published afterwards arrives.
 pub async fn rabbitmq_exchange(url: &str, exchange: &str) -> Collector {
-    use lapin::options::*;
-    use lapin::types::FieldTable;
-    use lapin::{Connection, ConnectionProperties, ExchangeKind};
+    use lapin::options::BasicAckOptions;
     let (collector, tx) = Collector::new(format!("the consumer of RabbitMQ exchange {exchange}"));
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
     let (url, exchange) = (url.to_owned(), exchange.to_owned());
     spawn_reader("rabbitmq-reader", move || async move {
         let setup = async {
-            let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
-            let channel = connection.create_channel().await?;
-            channel
-                .exchange_declare(
-                    &exchange,
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            let queue = channel
-                .queue_declare(
-                    "",
-                    QueueDeclareOptions {
-                        exclusive: true,
-                        auto_delete: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            channel
-                .queue_bind(
-                    queue.name().as_str(),
-                    &exchange,
-                    "#",
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            let consumer = channel
-                .basic_consume(
-                    queue.name().as_str(),
-                    "test",
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            Ok::<_, lapin::Error>((connection, channel, consumer))
+            let queue = BoundQueue::bind(&url, &exchange, QueueKind::Exclusive, "#").await?;
+            let consumer = queue.consume("test", false).await?;
+            Ok::<_, String>((queue, consumer))
         };
-        let (_connection, _channel, mut consumer) = match setup.await {
+        let (_queue, mut consumer) = match setup.await {
             Ok(parts) => {
                 let _ = ready_tx.send(Ok(()));
                 parts
             }
             Err(e) => {
-                let _ = ready_tx.send(Err(e.to_string()));
+                let _ = ready_tx.send(Err(e));
                 return;
             }
         };

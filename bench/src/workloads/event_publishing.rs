@@ -7,7 +7,6 @@
 
 use super::{finish, na, num, opt, repeat_matrix, text, BrokerAddrs, Ctx};
 use crate::pool::Pool;
-use crate::rabbit::{BoundQueue, QueueKind};
 use crate::stats::{latency_ms, now_us, Row, Table};
 use crate::systems::{Server, System, TetherVars};
 use crate::wire::{Cmd, Reply};
@@ -15,6 +14,7 @@ use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tether_testkit::rabbitmq::{amqp_url, BoundQueue, QueueKind};
 
 /// Options of `event-publishing`.
 #[derive(clap::Args, Debug, Clone)]
@@ -132,10 +132,7 @@ async fn once(ctx: &Ctx, args: &Args, broker: String) -> Result<Row, String> {
         }
         _ => {
             vars = vars
-                .set(
-                    "EVENTS__RABBITMQ__URL",
-                    format!("amqp://guest:guest@{}/%2f", args.at.rabbitmq),
-                )
+                .set("EVENTS__RABBITMQ__URL", amqp_url(&args.at.rabbitmq))
                 .set("EVENTS__RABBITMQ__EXCHANGE", &exchange)
         }
     }
@@ -360,23 +357,14 @@ async fn spawn_rabbit(
     exchange: &str,
     seen: Arc<Mutex<HashMap<String, u64>>>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
-    use lapin::options::BasicConsumeOptions;
-    use lapin::types::FieldTable;
-    let queue =
-        BoundQueue::bind(addr, exchange, QueueKind::Exclusive, "agent.disconnected").await?;
-    let mut consumer = queue
-        .channel
-        .basic_consume(
-            &queue.queue,
-            "tether-bench",
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+    let queue = BoundQueue::bind(
+        &amqp_url(addr),
+        exchange,
+        QueueKind::Exclusive,
+        "agent.disconnected",
+    )
+    .await?;
+    let mut consumer = queue.consume("tether-bench", true).await?;
     Ok(tokio::spawn(async move {
         let _keep = queue;
         while let Some(Ok(delivery)) = consumer.next().await {

@@ -16,7 +16,6 @@
 //! throughput run's events) and `retry_max` (`--retry-max`).
 
 use super::{finish, na, num, text, BrokerAddrs, Ctx};
-use crate::rabbit::{BoundQueue, QueueKind};
 use crate::stats::{merge_repeats, Cell, Row, Table};
 use actix::prelude::*;
 use serde_json::{json, Map};
@@ -32,6 +31,7 @@ use tether_actors::publisher::redis::RedisBroker;
 use tether_actors::publisher::supervisor::BrokerPublisher;
 use tether_actors::publisher::{Deliver, QueryStatus};
 use tether_actors::settings::{BufferSettings, KafkaSettings, RabbitMqSettings, RedisSettings};
+use tether_testkit::rabbitmq::{amqp_url, BoundQueue, QueueKind};
 use tether_testkit::{tansu, Proxy, Tansu};
 
 /// Options of `publisher-throughput`.
@@ -199,7 +199,8 @@ async fn measure(target: Target, args: Args) -> Result<Row, String> {
         }
         Target::RabbitMqTransient | Target::RabbitMqDurable => {
             let durable = target == Target::RabbitMqDurable;
-            let subscriber = BoundQueue::bind(&args.at.rabbitmq, &name, kind(durable), "#").await?;
+            let url = amqp_url(&args.at.rabbitmq);
+            let subscriber = BoundQueue::bind(&url, &name, kind(durable), "#").await?;
             let (rate, _) = throughput(
                 rabbitmq(&args.at.rabbitmq, &name, capacity, &args),
                 args.events,
@@ -249,8 +250,8 @@ async fn measure(target: Target, args: Args) -> Result<Row, String> {
         }
         Target::RabbitMqTransient | Target::RabbitMqDurable => {
             let durable = target == Target::RabbitMqDurable;
-            let subscriber =
-                BoundQueue::bind(&args.at.rabbitmq, &drain_name, kind(durable), "#").await?;
+            let url = amqp_url(&args.at.rabbitmq);
+            let subscriber = BoundQueue::bind(&url, &drain_name, kind(durable), "#").await?;
             let proxy = Proxy::start(&args.at.rabbitmq);
             let result = drain(
                 rabbitmq(&proxy.addr(), &drain_name, 100_000, &args),
@@ -375,7 +376,7 @@ fn kafka(addr: &str, topic: &str, capacity: usize, args: &Args) -> Started<Kafka
 
 fn rabbitmq(addr: &str, exchange: &str, capacity: usize, args: &Args) -> Started<RabbitMqBroker> {
     let settings = RabbitMqSettings {
-        url: format!("amqp://guest:guest@{addr}/%2f"),
+        url: amqp_url(addr),
         exchange: exchange.to_owned(),
         connection_timeout: 5.0,
         heartbeat: 10,
