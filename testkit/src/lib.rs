@@ -5,12 +5,14 @@
 //! - [`Proxy`]: a TCP proxy that can cut a broker off and let it back;
 //! - [`Tansu`]: a Kafka-compatible broker (tansu) the caller owns, in memory;
 //! - [`sse`]: decoding the server's `GET /events` stream into blocks;
-//! - [`rabbitmq`]: a queue bound to the exchange Tether publishes to.
+//! - [`rabbitmq`]: a queue bound to the exchange Tether publishes to;
+//! - [`redis_stream`]: reading a Redis stream with `XREAD BLOCK`.
 
 #![warn(missing_docs)]
 
 pub mod proxy;
 pub mod rabbitmq;
+pub mod redis_stream;
 pub mod sse;
 pub mod tansu;
 

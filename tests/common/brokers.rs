@@ -2,8 +2,8 @@
 //! (a Redis stream, a Kafka topic, a RabbitMQ exchange, or the server's own SSE
 //! stream) into a [`Collector`], and a `redis-server` a test owns (it can kill and
 //! restart it on the same port). The proxy that cuts brokers off, the tansu
-//! launcher, the SSE decoder and the RabbitMQ queue are `tether-testkit`'s, shared
-//! with the benchmark harness.
+//! launcher, the SSE decoder, the RabbitMQ queue and the Redis stream reader are
+//! `tether-testkit`'s, shared with the benchmark harness.
 //!
 //! The shared brokers are Redis at 127.0.0.1:6379, RabbitMQ at 127.0.0.1:5672 and
 //! tansu at 127.0.0.1:9092 (`scripts/test.sh` starts them). A test that needs one
@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tether_testkit::rabbitmq::{BoundQueue, QueueKind};
+use tether_testkit::redis_stream::{StreamReader, StreamStart};
 use tether_testkit::sse::SseDecoder;
 use tether_testkit::{free_port, wait_listening};
 use tokio::sync::mpsc;
@@ -215,44 +216,20 @@ pub fn redis_stream(url: &str, stream: &str) -> Collector {
     let (collector, tx) = Collector::new(format!("the consumer of Redis stream {stream}"));
     let (url, stream) = (url.to_owned(), stream.to_owned());
     spawn_reader("redis-reader", move || async move {
-        let client = redis::Client::open(url.as_str()).unwrap();
-        let mut last_id = "0-0".to_owned();
-        'connect: loop {
-            if tx.is_closed() {
-                return;
-            }
-            let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
+        let mut reader = StreamReader::new(&url, &stream, StreamStart::Beginning).unwrap();
+        while !tx.is_closed() {
+            let Ok(entries) = reader.read(Duration::from_secs(1), 1000).await else {
                 // Redis is down (a test killed it): try again shortly.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
-            loop {
-                let reply: redis::RedisResult<Option<redis::streams::StreamReadReply>> =
-                    redis::cmd("XREAD")
-                        .arg("BLOCK")
-                        .arg(1000)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .arg("STREAMS")
-                        .arg(&stream)
-                        .arg(&last_id)
-                        .query_async(&mut connection)
-                        .await;
-                let Ok(reply) = reply else { continue 'connect };
-                for key in reply.map(|r| r.keys).unwrap_or_default() {
-                    for entry in key.ids {
-                        last_id = entry.id.clone();
-                        let json: String = entry.get("event").expect("entry without `event`");
-                        let received = Received {
-                            event: serde_json::from_str(&json).expect("event is not JSON"),
-                            meta: json!({"entry_id": entry.id, "fields": entry.map.len()}),
-                        };
-                        if tx.send(Ok(received)).is_err() {
-                            return;
-                        }
-                    }
-                }
-                if tx.is_closed() {
+            for entry in entries {
+                let json: String = entry.get("event").expect("entry without `event`");
+                let received = Received {
+                    event: serde_json::from_str(&json).expect("event is not JSON"),
+                    meta: json!({"entry_id": entry.id, "fields": entry.map.len()}),
+                };
+                if tx.send(Ok(received)).is_err() {
                     return;
                 }
             }

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tether_testkit::rabbitmq::{amqp_url, BoundQueue, QueueKind};
+use tether_testkit::redis_stream::{StreamReader, StreamStart};
 
 /// Options of `event-publishing`.
 #[derive(clap::Args, Debug, Clone)]
@@ -266,90 +267,21 @@ async fn spawn_redis(
     stream: &str,
     seen: Arc<Mutex<HashMap<String, u64>>>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
-    let client = redis::Client::open(format!("redis://{addr}")).map_err(|e| e.to_string())?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| e.to_string())?;
-    let stream = stream.to_owned();
+    let mut reader = StreamReader::new(&format!("redis://{addr}"), stream, StreamStart::New)?;
+    reader.connect().await?;
     Ok(tokio::spawn(async move {
-        let mut last = "$".to_owned();
         loop {
-            let reply: redis::RedisResult<redis::Value> = redis::cmd("XREAD")
-                .arg("BLOCK")
-                .arg(1000)
-                .arg("COUNT")
-                .arg(1000)
-                .arg("STREAMS")
-                .arg(&stream)
-                .arg(&last)
-                .query_async(&mut conn)
-                .await;
-            let Ok(value) = reply else {
+            let Ok(entries) = reader.read(Duration::from_secs(1), 1000).await else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
-            // [[stream, [[id, [field, value, ...]], ...]]]
-            let entries = redis_entries(&value);
-            for (id, json) in entries {
-                record_latency(&seen, &json);
-                last = id;
+            for entry in entries {
+                if let Some(json) = entry.get::<String>("event") {
+                    record_latency(&seen, &json);
+                }
             }
         }
     }))
-}
-
-fn redis_entries(value: &redis::Value) -> Vec<(String, String)> {
-    use redis::Value as V;
-    let mut out = Vec::new();
-    let as_string = |v: &V| match v {
-        V::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        V::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    };
-    let streams: &[V] = match value {
-        V::Array(s) => s,
-        V::Map(m) => {
-            for (_, entries) in m {
-                if let V::Array(entries) = entries {
-                    collect_entries(entries, &as_string, &mut out);
-                }
-            }
-            return out;
-        }
-        _ => return out,
-    };
-    for s in streams {
-        if let V::Array(pair) = s {
-            if let Some(V::Array(entries)) = pair.get(1) {
-                collect_entries(entries, &as_string, &mut out);
-            }
-        }
-    }
-    out
-}
-
-fn collect_entries(
-    entries: &[redis::Value],
-    as_string: &dyn Fn(&redis::Value) -> Option<String>,
-    out: &mut Vec<(String, String)>,
-) {
-    for entry in entries {
-        if let redis::Value::Array(e) = entry {
-            let Some(id) = e.first().and_then(as_string) else {
-                continue;
-            };
-            if let Some(redis::Value::Array(fields)) = e.get(1) {
-                for pair in fields.chunks(2) {
-                    if pair.len() == 2 && as_string(&pair[0]).as_deref() == Some("event") {
-                        if let Some(json) = as_string(&pair[1]) {
-                            out.push((id.clone(), json));
-                        }
-                    }
-                }
-            }
-        }
-    }
 }
 
 async fn spawn_rabbit(
