@@ -7,16 +7,13 @@
 
 mod common;
 
-use common::brokers::{
-    free_port, kafka_topic, require, sse, tether_events, unique, wait_publisher, TansuProcess,
-    KAFKA,
-};
+use common::brokers::{kafka_topic, require, sse, tether_events, unique, wait_publisher, KAFKA};
 use common::lifecycle::{
     assert_same_per_agent, ids, scenario, start_with_short_heartbeat, Outage, SCENARIO_AGENTS,
 };
-use common::proxy::Proxy;
 use common::DEADLINE;
 use std::collections::HashMap;
+use tether_testkit::{tansu, Tansu};
 
 fn kafka_env(bootstrap: &str, topic: &str) -> Vec<(String, String)> {
     [
@@ -107,9 +104,8 @@ async fn a_kafka_consumer_receives_every_lifecycle_event_keyed_by_agent_as_on_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn events_published_while_kafka_is_unreachable_arrive_afterwards_in_order_without_gaps() {
     // A tansu of the test's own, reachable only through a proxy the test cuts.
-    let tansu_port = free_port();
-    let proxy = Proxy::start(&format!("127.0.0.1:{tansu_port}"));
-    let _tansu = TansuProcess::start(tansu_port, &proxy.addr());
+    let binary = tansu::binary().unwrap_or_else(|e| panic!("{e}"));
+    let (_tansu, proxy) = Tansu::behind_proxy(&binary).unwrap_or_else(|e| panic!("{e}"));
     let topic = unique("tether-outage");
     // Short timeouts so the outage outlasts the producer's own retries and the
     // publisher has to restart it.

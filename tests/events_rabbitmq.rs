@@ -7,17 +7,16 @@
 
 mod common;
 
-use common::brokers::{
-    amqp_url, rabbitmq_exchange, require, sse, unique, wait_publisher, RABBITMQ,
-};
+use common::brokers::{rabbitmq_exchange, require, sse, unique, wait_publisher, RABBITMQ};
 use common::lifecycle::{
     assert_same_per_agent, ids, scenario, start_with_short_heartbeat, Outage, SCENARIO_AGENTS,
 };
-use common::proxy::Proxy;
 use common::DEADLINE;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::process::Stdio;
+use tether_testkit::rabbitmq::amqp_url;
+use tether_testkit::Proxy;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 fn rabbitmq_env(url: &str, exchange: &str) -> Vec<(String, String)> {

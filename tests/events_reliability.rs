@@ -7,16 +7,17 @@
 mod common;
 
 use common::brokers::{
-    amqp_url, free_port, health, rabbitmq_exchange, redis_stream, require, sse, unique,
-    wait_publisher, Received, DRAIN_DEADLINE, RABBITMQ, REDIS,
+    health, rabbitmq_exchange, redis_stream, require, sse, unique, wait_publisher, Received,
+    DRAIN_DEADLINE, RABBITMQ, REDIS,
 };
 use common::lifecycle::{
     assert_same_per_agent, events_of, ids, wait_cleaned_up, Flow, SHORT_HEARTBEAT,
 };
-use common::proxy::Proxy;
 use common::{direct, Agent, TestServer, DEADLINE};
 use serde_json::json;
 use std::time::{Duration, Instant};
+use tether_testkit::rabbitmq::amqp_url;
+use tether_testkit::{free_port, Proxy};
 
 fn start(pairs: &[(&str, String)]) -> TestServer {
     let mut env: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();

@@ -8,6 +8,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
+use tether_testkit::sse::SseDecoder;
 
 #[tokio::test]
 async fn events_are_server_sent_events_with_cloudevents_envelopes() {
@@ -24,14 +25,13 @@ async fn events_are_server_sent_events_with_cloudevents_envelopes() {
         "{content_type}"
     );
     let mut body = response.bytes_stream();
-    let mut text = String::new();
+    let mut decoder = SseDecoder::new();
 
     let (alice, registered) = Agent::register(&server.ws_url(), "alice").await;
     // Read blocks until alice's agent.registered arrives.
     let block = loop {
-        if let Some(end) = text.find("\n\n") {
-            let block: String = text.drain(..end + 2).collect();
-            if block.contains("agent.registered") {
+        if let Some(block) = decoder.next_block() {
+            if block.text().contains("agent.registered") {
                 break block;
             }
             continue;
@@ -41,13 +41,12 @@ async fn events_are_server_sent_events_with_cloudevents_envelopes() {
             .expect("no event")
             .expect("stream ended")
             .unwrap();
-        text.push_str(&String::from_utf8_lossy(&chunk));
+        decoder.push(&chunk);
     };
     let field = |name: &str| {
         block
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .unwrap_or_else(|| panic!("no `{name}:` line in {block:?}"))
+            .field(name)
+            .unwrap_or_else(|| panic!("no `{name}:` line in {:?}", block.text()))
             .to_owned()
     };
     let event: Value = serde_json::from_str(&field("data")).unwrap();

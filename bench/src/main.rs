@@ -11,7 +11,6 @@ mod client;
 mod floor;
 mod pool;
 mod procfs;
-mod rabbit;
 mod sse;
 mod stats;
 mod systems;

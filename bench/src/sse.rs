@@ -7,6 +7,7 @@ use serde::Deserialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tether_testkit::sse::SseDecoder;
 
 /// One received event.
 #[derive(Debug, Clone)]
@@ -64,30 +65,27 @@ impl EventTap {
             tokio::spawn(async move {
                 let mut ready = Some(ready_tx);
                 let mut body = response.bytes_stream();
-                let mut buffer = String::new();
+                let mut decoder = SseDecoder::new();
                 while let Some(Ok(chunk)) = body.next().await {
                     if let Some(ready) = ready.take() {
                         let _ = ready.send(());
                     }
                     let at_us = now_us();
-                    buffer.push_str(&String::from_utf8_lossy(&chunk));
-                    while let Some(end) = buffer.find("\n\n") {
-                        let block: String = buffer.drain(..end + 2).collect();
-                        for line in block.lines() {
-                            let Some(data) = line.strip_prefix("data: ") else {
-                                continue;
-                            };
-                            let Ok(doc) = serde_json::from_str::<Doc>(data) else {
-                                continue;
-                            };
-                            let d = doc.data.unwrap_or(DocData { incarnation: None });
-                            events.lock().unwrap().push(Seen {
-                                at_us,
-                                kind: doc.kind,
-                                subject: doc.subject.unwrap_or_default(),
-                                incarnation: d.incarnation.unwrap_or(0),
-                            });
-                        }
+                    decoder.push(&chunk);
+                    while let Some(block) = decoder.next_block() {
+                        let Some(data) = block.data() else {
+                            continue;
+                        };
+                        let Ok(doc) = serde_json::from_str::<Doc>(data) else {
+                            continue;
+                        };
+                        let d = doc.data.unwrap_or(DocData { incarnation: None });
+                        events.lock().unwrap().push(Seen {
+                            at_us,
+                            kind: doc.kind,
+                            subject: doc.subject.unwrap_or_default(),
+                            incarnation: d.incarnation.unwrap_or(0),
+                        });
                     }
                 }
                 ended.store(true, Ordering::SeqCst);

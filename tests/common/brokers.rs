@@ -1,7 +1,9 @@
 //! Real brokers for the event tests: consumers that read what the server published
 //! (a Redis stream, a Kafka topic, a RabbitMQ exchange, or the server's own SSE
-//! stream) into a [`Collector`], and broker processes a test owns (a `redis-server`
-//! it can kill and restart on the same port, a `tansu` Kafka broker).
+//! stream) into a [`Collector`], and a `redis-server` a test owns (it can kill and
+//! restart it on the same port). The proxy that cuts brokers off, the tansu
+//! launcher, the SSE decoder, the RabbitMQ queue and the Redis stream reader are
+//! `tether-testkit`'s, shared with the benchmark harness.
 //!
 //! The shared brokers are Redis at 127.0.0.1:6379, RabbitMQ at 127.0.0.1:5672 and
 //! tansu at 127.0.0.1:9092 (`scripts/test.sh` starts them). A test that needs one
@@ -16,6 +18,10 @@ use std::net::TcpStream as StdTcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tether_testkit::rabbitmq::{BoundQueue, QueueKind};
+use tether_testkit::redis_stream::{StreamReader, StreamStart};
+use tether_testkit::sse::SseDecoder;
+use tether_testkit::{free_port, wait_listening};
 use tokio::sync::mpsc;
 
 /// The shared Redis.
@@ -37,26 +43,12 @@ pub fn require(addr: &str, what: &str) {
     }
 }
 
-/// The AMQP URL of RabbitMQ at `addr` (guest/guest, vhost `/`).
-pub fn amqp_url(addr: &str) -> String {
-    format!("amqp://guest:guest@{addr}/%2f")
-}
-
 /// A name no other test uses (streams, topics, exchanges).
 pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..10]
     )
-}
-
-/// A port nothing listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One event a consumer received, with what the broker said about it.
@@ -185,18 +177,17 @@ pub async fn sse(server: &TestServer) -> Collector {
             }
         };
         let mut body = response.bytes_stream();
-        let mut buffer = String::new();
+        let mut decoder = SseDecoder::new();
         let mut ready = Some(ready_tx);
         while let Some(chunk) = body.next().await {
             let Ok(chunk) = chunk else { break };
-            buffer.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buffer.find("\n\n") {
-                let block: String = buffer.drain(..end + 2).collect();
+            decoder.push(&chunk);
+            while let Some(block) = decoder.next_block() {
                 if let Some(ready) = ready.take() {
                     // The first block is the subscription comment.
                     let _ = ready.send(());
                 }
-                if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) {
+                if let Some(data) = block.data() {
                     let event = serde_json::from_str(data).expect("an SSE event is not JSON");
                     if tx
                         .send(Ok(Received {
@@ -225,44 +216,20 @@ pub fn redis_stream(url: &str, stream: &str) -> Collector {
     let (collector, tx) = Collector::new(format!("the consumer of Redis stream {stream}"));
     let (url, stream) = (url.to_owned(), stream.to_owned());
     spawn_reader("redis-reader", move || async move {
-        let client = redis::Client::open(url.as_str()).unwrap();
-        let mut last_id = "0-0".to_owned();
-        'connect: loop {
-            if tx.is_closed() {
-                return;
-            }
-            let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
+        let mut reader = StreamReader::new(&url, &stream, StreamStart::Beginning).unwrap();
+        while !tx.is_closed() {
+            let Ok(entries) = reader.read(Duration::from_secs(1), 1000).await else {
                 // Redis is down (a test killed it): try again shortly.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
-            loop {
-                let reply: redis::RedisResult<Option<redis::streams::StreamReadReply>> =
-                    redis::cmd("XREAD")
-                        .arg("BLOCK")
-                        .arg(1000)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .arg("STREAMS")
-                        .arg(&stream)
-                        .arg(&last_id)
-                        .query_async(&mut connection)
-                        .await;
-                let Ok(reply) = reply else { continue 'connect };
-                for key in reply.map(|r| r.keys).unwrap_or_default() {
-                    for entry in key.ids {
-                        last_id = entry.id.clone();
-                        let json: String = entry.get("event").expect("entry without `event`");
-                        let received = Received {
-                            event: serde_json::from_str(&json).expect("event is not JSON"),
-                            meta: json!({"entry_id": entry.id, "fields": entry.map.len()}),
-                        };
-                        if tx.send(Ok(received)).is_err() {
-                            return;
-                        }
-                    }
-                }
-                if tx.is_closed() {
+            for entry in entries {
+                let json: String = entry.get("event").expect("entry without `event`");
+                let received = Received {
+                    event: serde_json::from_str(&json).expect("event is not JSON"),
+                    meta: json!({"entry_id": entry.id, "fields": entry.map.len()}),
+                };
+                if tx.send(Ok(received)).is_err() {
                     return;
                 }
             }
@@ -320,64 +287,23 @@ pub async fn redis_channel(url: &str, channel: &str) -> Collector {
 /// Consumes a RabbitMQ topic exchange through an exclusive queue bound with `#`.
 /// Returns once the queue is bound, so every event published afterwards arrives.
 pub async fn rabbitmq_exchange(url: &str, exchange: &str) -> Collector {
-    use lapin::options::*;
-    use lapin::types::FieldTable;
-    use lapin::{Connection, ConnectionProperties, ExchangeKind};
+    use lapin::options::BasicAckOptions;
     let (collector, tx) = Collector::new(format!("the consumer of RabbitMQ exchange {exchange}"));
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
     let (url, exchange) = (url.to_owned(), exchange.to_owned());
     spawn_reader("rabbitmq-reader", move || async move {
         let setup = async {
-            let connection = Connection::connect(&url, ConnectionProperties::default()).await?;
-            let channel = connection.create_channel().await?;
-            channel
-                .exchange_declare(
-                    &exchange,
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            let queue = channel
-                .queue_declare(
-                    "",
-                    QueueDeclareOptions {
-                        exclusive: true,
-                        auto_delete: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            channel
-                .queue_bind(
-                    queue.name().as_str(),
-                    &exchange,
-                    "#",
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            let consumer = channel
-                .basic_consume(
-                    queue.name().as_str(),
-                    "test",
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            Ok::<_, lapin::Error>((connection, channel, consumer))
+            let queue = BoundQueue::bind(&url, &exchange, QueueKind::Exclusive, "#").await?;
+            let consumer = queue.consume("test", false).await?;
+            Ok::<_, String>((queue, consumer))
         };
-        let (_connection, _channel, mut consumer) = match setup.await {
+        let (_queue, mut consumer) = match setup.await {
             Ok(parts) => {
                 let _ = ready_tx.send(Ok(()));
                 parts
             }
             Err(e) => {
-                let _ = ready_tx.send(Err(e.to_string()));
+                let _ = ready_tx.send(Err(e));
                 return;
             }
         };
@@ -490,14 +416,6 @@ pub fn kafka_topic(bootstrap: &str, topic: &str) -> Collector {
     collector
 }
 
-fn wait_listening(port: u16, what: &str) {
-    let end = Instant::now() + DEADLINE;
-    while StdTcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < end, "{what} did not listen on port {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A temporary directory removed on drop.
 struct TempDir(PathBuf);
 
@@ -569,63 +487,13 @@ impl RedisProcess {
             .spawn()
             .expect("cannot start redis-server: is Redis installed? (scripts/test.sh installs it)");
         self.child = Some(child);
-        wait_listening(self.port, "redis-server");
+        wait_listening(self.port, "redis-server", DEADLINE).unwrap_or_else(|e| panic!("{e}"));
     }
 }
 
 impl Drop for RedisProcess {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// The tansu binary: `TETHER_TEST_TANSU`, else `tansu` on the PATH or in ~/.cargo/bin.
-pub fn tansu_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("TETHER_TEST_TANSU") {
-        return PathBuf::from(path);
-    }
-    let candidates = std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .map(|dir| PathBuf::from(dir).join("tansu"))
-        .chain(std::env::var("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/tansu")))
-        .collect::<Vec<_>>();
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .expect("tansu (a Kafka-compatible broker) is not installed: run the tests with scripts/test.sh, which installs it, or set TETHER_TEST_TANSU")
-}
-
-/// A tansu Kafka broker the test owns, in memory, listening on `port` and telling
-/// clients to connect to `advertised` (a proxy in front of it, for instance).
-pub struct TansuProcess {
-    child: Child,
-}
-
-impl TansuProcess {
-    /// Starts tansu on `port`, advertising `advertised` (`host:port`).
-    pub fn start(port: u16, advertised: &str) -> Self {
-        let child = Command::new(tansu_binary())
-            .arg("broker")
-            .arg("--listener-url")
-            .arg(format!("tcp://127.0.0.1:{port}"))
-            .arg("--advertised-listener-url")
-            .arg(format!("tcp://{advertised}"))
-            .arg("--storage-engine")
-            .arg("memory://tansu/")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start tansu");
-        wait_listening(port, "tansu");
-        Self { child }
-    }
-}
-
-impl Drop for TansuProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

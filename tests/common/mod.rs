@@ -9,13 +9,13 @@
 
 pub mod brokers;
 pub mod lifecycle;
-pub mod proxy;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use tether_testkit::sse::{SseBlock, SseDecoder};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
@@ -346,7 +346,7 @@ pub fn broadcast(exclude: &[&str], content: Value) -> Value {
 /// A subscriber to `GET /events`.
 pub struct EventStream {
     body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
-    buffer: String,
+    decoder: SseDecoder,
     /// Events read but not yet taken.
     pending: std::collections::VecDeque<Value>,
 }
@@ -362,7 +362,7 @@ impl EventStream {
         assert_eq!(response.status(), 200, "GET /events refused");
         let mut stream = Self {
             body: Box::pin(response.bytes_stream()),
-            buffer: String::new(),
+            decoder: SseDecoder::new(),
             pending: Default::default(),
         };
         // The first block is the subscription comment.
@@ -370,17 +370,17 @@ impl EventStream {
         stream
     }
 
-    async fn read_block(&mut self) -> String {
+    async fn read_block(&mut self) -> SseBlock {
         loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                return self.buffer.drain(..end + 2).collect();
+            if let Some(block) = self.decoder.next_block() {
+                return block;
             }
             let chunk = tokio::time::timeout(DEADLINE, self.body.next())
                 .await
                 .expect("timed out waiting for an event")
                 .expect("event stream ended")
                 .expect("event stream failed");
-            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+            self.decoder.push(&chunk);
         }
     }
 
@@ -389,12 +389,7 @@ impl EventStream {
         if let Some(event) = self.pending.pop_front() {
             return event;
         }
-        loop {
-            let block = self.read_block().await;
-            if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) {
-                return serde_json::from_str(data).expect("event is not JSON");
-            }
-        }
+        self.next_unbuffered().await
     }
 
     /// Waits for the first event matching `predicate`, keeping the others pending.
@@ -414,7 +409,7 @@ impl EventStream {
     async fn next_unbuffered(&mut self) -> Value {
         loop {
             let block = self.read_block().await;
-            if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) {
+            if let Some(data) = block.data() {
                 return serde_json::from_str(data).expect("event is not JSON");
             }
         }

@@ -7,7 +7,6 @@
 
 use super::{finish, na, num, opt, repeat_matrix, text, BrokerAddrs, Ctx};
 use crate::pool::Pool;
-use crate::rabbit::{BoundQueue, QueueKind};
 use crate::stats::{latency_ms, now_us, Row, Table};
 use crate::systems::{Server, System, TetherVars};
 use crate::wire::{Cmd, Reply};
@@ -15,6 +14,8 @@ use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tether_testkit::rabbitmq::{amqp_url, BoundQueue, QueueKind};
+use tether_testkit::redis_stream::{StreamReader, StreamStart};
 
 /// Options of `event-publishing`.
 #[derive(clap::Args, Debug, Clone)]
@@ -132,10 +133,7 @@ async fn once(ctx: &Ctx, args: &Args, broker: String) -> Result<Row, String> {
         }
         _ => {
             vars = vars
-                .set(
-                    "EVENTS__RABBITMQ__URL",
-                    format!("amqp://guest:guest@{}/%2f", args.at.rabbitmq),
-                )
+                .set("EVENTS__RABBITMQ__URL", amqp_url(&args.at.rabbitmq))
                 .set("EVENTS__RABBITMQ__EXCHANGE", &exchange)
         }
     }
@@ -269,90 +267,21 @@ async fn spawn_redis(
     stream: &str,
     seen: Arc<Mutex<HashMap<String, u64>>>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
-    let client = redis::Client::open(format!("redis://{addr}")).map_err(|e| e.to_string())?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| e.to_string())?;
-    let stream = stream.to_owned();
+    let mut reader = StreamReader::new(&format!("redis://{addr}"), stream, StreamStart::New)?;
+    reader.connect().await?;
     Ok(tokio::spawn(async move {
-        let mut last = "$".to_owned();
         loop {
-            let reply: redis::RedisResult<redis::Value> = redis::cmd("XREAD")
-                .arg("BLOCK")
-                .arg(1000)
-                .arg("COUNT")
-                .arg(1000)
-                .arg("STREAMS")
-                .arg(&stream)
-                .arg(&last)
-                .query_async(&mut conn)
-                .await;
-            let Ok(value) = reply else {
+            let Ok(entries) = reader.read(Duration::from_secs(1), 1000).await else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
-            // [[stream, [[id, [field, value, ...]], ...]]]
-            let entries = redis_entries(&value);
-            for (id, json) in entries {
-                record_latency(&seen, &json);
-                last = id;
+            for entry in entries {
+                if let Some(json) = entry.get::<String>("event") {
+                    record_latency(&seen, &json);
+                }
             }
         }
     }))
-}
-
-fn redis_entries(value: &redis::Value) -> Vec<(String, String)> {
-    use redis::Value as V;
-    let mut out = Vec::new();
-    let as_string = |v: &V| match v {
-        V::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        V::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    };
-    let streams: &[V] = match value {
-        V::Array(s) => s,
-        V::Map(m) => {
-            for (_, entries) in m {
-                if let V::Array(entries) = entries {
-                    collect_entries(entries, &as_string, &mut out);
-                }
-            }
-            return out;
-        }
-        _ => return out,
-    };
-    for s in streams {
-        if let V::Array(pair) = s {
-            if let Some(V::Array(entries)) = pair.get(1) {
-                collect_entries(entries, &as_string, &mut out);
-            }
-        }
-    }
-    out
-}
-
-fn collect_entries(
-    entries: &[redis::Value],
-    as_string: &dyn Fn(&redis::Value) -> Option<String>,
-    out: &mut Vec<(String, String)>,
-) {
-    for entry in entries {
-        if let redis::Value::Array(e) = entry {
-            let Some(id) = e.first().and_then(as_string) else {
-                continue;
-            };
-            if let Some(redis::Value::Array(fields)) = e.get(1) {
-                for pair in fields.chunks(2) {
-                    if pair.len() == 2 && as_string(&pair[0]).as_deref() == Some("event") {
-                        if let Some(json) = as_string(&pair[1]) {
-                            out.push((id.clone(), json));
-                        }
-                    }
-                }
-            }
-        }
-    }
 }
 
 async fn spawn_rabbit(
@@ -360,23 +289,14 @@ async fn spawn_rabbit(
     exchange: &str,
     seen: Arc<Mutex<HashMap<String, u64>>>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
-    use lapin::options::BasicConsumeOptions;
-    use lapin::types::FieldTable;
-    let queue =
-        BoundQueue::bind(addr, exchange, QueueKind::Exclusive, "agent.disconnected").await?;
-    let mut consumer = queue
-        .channel
-        .basic_consume(
-            &queue.queue,
-            "tether-bench",
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+    let queue = BoundQueue::bind(
+        &amqp_url(addr),
+        exchange,
+        QueueKind::Exclusive,
+        "agent.disconnected",
+    )
+    .await?;
+    let mut consumer = queue.consume("tether-bench", true).await?;
     Ok(tokio::spawn(async move {
         let _keep = queue;
         while let Some(Ok(delivery)) = consumer.next().await {

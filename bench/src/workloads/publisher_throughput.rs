@@ -16,10 +16,10 @@
 //! throughput run's events) and `retry_max` (`--retry-max`).
 
 use super::{finish, na, num, text, BrokerAddrs, Ctx};
-use crate::rabbit::{BoundQueue, QueueKind};
 use crate::stats::{merge_repeats, Cell, Row, Table};
 use actix::prelude::*;
 use serde_json::json;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_actors::event::{AgentEvent, EventSource, LifecycleEvent, SharedEvent};
@@ -31,8 +31,8 @@ use tether_actors::publisher::redis::RedisBroker;
 use tether_actors::publisher::supervisor::BrokerPublisher;
 use tether_actors::publisher::{Deliver, QueryStatus};
 use tether_actors::settings::{BufferSettings, KafkaSettings, RabbitMqSettings, RedisSettings};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tether_testkit::rabbitmq::{amqp_url, BoundQueue, QueueKind};
+use tether_testkit::{tansu, Proxy, Tansu};
 
 /// Options of `publisher-throughput`.
 #[derive(clap::Args, Debug, Clone)]
@@ -199,7 +199,8 @@ async fn measure(target: Target, args: Args) -> Result<Row, String> {
         }
         Target::RabbitMqTransient | Target::RabbitMqDurable => {
             let durable = target == Target::RabbitMqDurable;
-            let subscriber = BoundQueue::bind(&args.at.rabbitmq, &name, kind(durable), "#").await?;
+            let url = amqp_url(&args.at.rabbitmq);
+            let subscriber = BoundQueue::bind(&url, &name, kind(durable), "#").await?;
             let (rate, _) = throughput(
                 rabbitmq(&args.at.rabbitmq, &name, capacity, &args),
                 args.events,
@@ -220,10 +221,9 @@ async fn measure(target: Target, args: Args) -> Result<Row, String> {
     let drain_name = format!("{name}-drain");
     let (backlog, took) = match target {
         Target::Redis => {
-            let proxy = Proxy::start(args.at.redis.clone());
-            let addr = format!("127.0.0.1:{}", proxy.port);
+            let proxy = Proxy::start(&args.at.redis);
             let result = drain(
-                redis(&addr, &drain_name, 100_000, &args),
+                redis(&proxy.addr(), &drain_name, 100_000, &args),
                 &proxy,
                 outage,
                 args.rate,
@@ -233,12 +233,16 @@ async fn measure(target: Target, args: Args) -> Result<Row, String> {
             result?
         }
         Target::Kafka => {
-            let tansu = Tansu::start(&args)?;
-            let addr = format!("127.0.0.1:{}", tansu.proxy.port);
+            let binary = match &args.tansu {
+                Some(path) => PathBuf::from(path),
+                None => tansu::binary().map_err(|e| format!("{e}, or pass --tansu PATH"))?,
+            };
+            let (_tansu, proxy) = Tansu::behind_proxy(&binary)
+                .map_err(|e| format!("{e}; pass --tansu PATH to use another tansu"))?;
             // The harness's own tansu is killed afterwards, and its topics with it.
             drain(
-                kafka(&addr, &drain_name, 100_000, &args),
-                &tansu.proxy,
+                kafka(&proxy.addr(), &drain_name, 100_000, &args),
+                &proxy,
                 outage,
                 args.rate,
             )
@@ -246,12 +250,11 @@ async fn measure(target: Target, args: Args) -> Result<Row, String> {
         }
         Target::RabbitMqTransient | Target::RabbitMqDurable => {
             let durable = target == Target::RabbitMqDurable;
-            let subscriber =
-                BoundQueue::bind(&args.at.rabbitmq, &drain_name, kind(durable), "#").await?;
-            let proxy = Proxy::start(args.at.rabbitmq.clone());
-            let addr = format!("127.0.0.1:{}", proxy.port);
+            let url = amqp_url(&args.at.rabbitmq);
+            let subscriber = BoundQueue::bind(&url, &drain_name, kind(durable), "#").await?;
+            let proxy = Proxy::start(&args.at.rabbitmq);
             let result = drain(
-                rabbitmq(&addr, &drain_name, 100_000, &args),
+                rabbitmq(&proxy.addr(), &drain_name, 100_000, &args),
                 &proxy,
                 outage,
                 args.rate,
@@ -369,7 +372,7 @@ fn kafka(addr: &str, topic: &str, capacity: usize, args: &Args) -> Started<Kafka
 
 fn rabbitmq(addr: &str, exchange: &str, capacity: usize, args: &Args) -> Started<RabbitMqBroker> {
     let settings = RabbitMqSettings {
-        url: format!("amqp://guest:guest@{addr}/%2f"),
+        url: amqp_url(addr),
         exchange: exchange.to_owned(),
         connection_timeout: 5.0,
         heartbeat: 10,
@@ -441,7 +444,7 @@ async fn drain<B: Broker>(
     let mut sent = 1u64;
     let per_tick = (rate / 100).max(1);
     let mut interval = actix::clock::interval(Duration::from_millis(10));
-    proxy.cut.send_replace(true);
+    proxy.cut();
     let cut_at = Instant::now();
     while cut_at.elapsed() < outage {
         interval.tick().await;
@@ -455,7 +458,7 @@ async fn drain<B: Broker>(
         .await
         .map_err(|e| e.to_string())?
         .buffered as u64;
-    proxy.cut.send_replace(false);
+    proxy.restore();
     let restored = Instant::now();
     loop {
         interval.tick().await;
@@ -550,113 +553,5 @@ async fn kafka_delete(addr: &str, topic: &str) {
         .create();
     if let Ok(admin) = admin {
         let _ = admin.delete_topics(&[topic], &AdminOptions::new()).await;
-    }
-}
-
-/// A TCP proxy that can be cut (connections dropped, new ones refused) and restored.
-struct Proxy {
-    port: u16,
-    cut: Arc<watch::Sender<bool>>,
-}
-
-impl Proxy {
-    fn start(target: String) -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a proxy port");
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
-        let port = listener.local_addr().expect("proxy address").port();
-        let cut = Arc::new(watch::channel(false).0);
-        let control = cut.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("proxy runtime");
-            rt.block_on(async move {
-                let listener = TcpListener::from_std(listener).expect("proxy listener");
-                loop {
-                    let Ok((mut client, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    if *control.borrow() {
-                        continue;
-                    }
-                    let mut cut = control.subscribe();
-                    let target = target.clone();
-                    tokio::spawn(async move {
-                        let Ok(mut upstream) = TcpStream::connect(&target).await else {
-                            return;
-                        };
-                        let _ = client.set_nodelay(true);
-                        let _ = upstream.set_nodelay(true);
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
-                            _ = cut.wait_for(|c| *c) => {}
-                        }
-                    });
-                }
-            });
-        });
-        Self { port, cut }
-    }
-}
-
-/// A tansu broker of the harness's own behind a [`Proxy`], advertising the proxy.
-struct Tansu {
-    child: std::process::Child,
-    proxy: Proxy,
-}
-
-impl Tansu {
-    fn start(args: &Args) -> Result<Self, String> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| e.to_string())?
-            .port();
-        let proxy = Proxy::start(format!("127.0.0.1:{port}"));
-        let binary = args
-            .tansu
-            .clone()
-            .or_else(|| std::env::var("TETHER_TEST_TANSU").ok())
-            .unwrap_or_else(|| {
-                let home = std::env::var("HOME").unwrap_or_default();
-                let cargo = format!("{home}/.cargo/bin/tansu");
-                if std::path::Path::new(&cargo).exists() {
-                    cargo
-                } else {
-                    "tansu".into()
-                }
-            });
-        let child = std::process::Command::new(&binary)
-            .args([
-                "broker",
-                "--listener-url",
-                &format!("tcp://127.0.0.1:{port}"),
-            ])
-            .args([
-                "--advertised-listener-url",
-                &format!("tcp://127.0.0.1:{}", proxy.port),
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start tansu ({binary}): {e}; pass --tansu PATH"))?;
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if started.elapsed() > Duration::from_secs(20) {
-                return Err(format!("tansu did not listen on {port} within 20 s"));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Self { child, proxy })
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

@@ -1,7 +1,8 @@
-//! A TCP proxy a test owns, to make a broker unreachable without touching the broker:
-//! [`Proxy::cut`] drops every connection through it and refuses new ones (they are
-//! accepted and closed at once), [`Proxy::restore`] lets traffic through again. It
-//! runs on a thread and runtime of its own, so a test that blocks does not stall it.
+//! A TCP proxy a test or a benchmark owns, to make a broker unreachable without
+//! touching the broker: [`Proxy::cut`] drops every connection through it and refuses
+//! new ones (they are accepted and closed at once), [`Proxy::restore`] lets traffic
+//! through again. It runs on a thread and runtime of its own, so a caller that
+//! blocks does not stall it, and stops when dropped.
 
 use std::net::TcpListener as StdListener;
 use std::sync::Arc;
@@ -25,9 +26,12 @@ pub struct Proxy {
 impl Proxy {
     /// Starts a proxy on a free port forwarding to `target` (`host:port`).
     pub fn start(target: &str) -> Self {
-        let listener = StdListener::bind("127.0.0.1:0").expect("cannot bind a port for the proxy");
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let listener = StdListener::bind("127.0.0.1:0")
+            .expect("cannot bind a loopback port for the proxy: is the loopback interface up?");
+        listener
+            .set_nonblocking(true)
+            .expect("cannot make the proxy's listener non-blocking");
+        let port = listener.local_addr().expect("the proxy's port").port();
         let (state, _) = watch::channel(State::Open);
         let state = Arc::new(state);
         let target = target.to_owned();
@@ -38,10 +42,10 @@ impl Proxy {
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .unwrap();
+                    .expect("cannot start the proxy's runtime");
                 runtime.block_on(serve(listener, target, control));
             })
-            .unwrap();
+            .expect("cannot start the proxy's thread");
         Self { port, state }
     }
 
@@ -68,7 +72,7 @@ impl Drop for Proxy {
 }
 
 async fn serve(listener: StdListener, target: String, state: Arc<watch::Sender<State>>) {
-    let listener = TcpListener::from_std(listener).unwrap();
+    let listener = TcpListener::from_std(listener).expect("the proxy's listener");
     let mut changes = state.subscribe();
     loop {
         let accepted = tokio::select! {

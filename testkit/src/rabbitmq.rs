@@ -1,12 +1,18 @@
-//! A RabbitMQ queue bound to the exchange Tether publishes to, declared by the
-//! harness to read what the publisher delivered (the event-publishing latency
-//! consumer, the publisher-throughput read-back).
+//! A RabbitMQ queue bound to the exchange Tether publishes to, declared the way the
+//! server declares the exchange (a durable topic exchange), to read what the
+//! publisher delivered: the tests' consumers, the benchmark's event-publishing
+//! latency consumer and publisher-throughput read-back.
 
 use lapin::options::{
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
+
+/// The AMQP URL of RabbitMQ at `addr` (`host:port`): user guest/guest, vhost `/`.
+pub fn amqp_url(addr: &str) -> String {
+    format!("amqp://guest:guest@{addr}/%2f")
+}
 
 /// What kind of queue to bind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,24 +39,21 @@ pub struct BoundQueue {
 }
 
 impl BoundQueue {
-    /// Declares `exchange` (durable topic, as Tether does), a queue of `kind`, and
-    /// binds it with `binding`.
+    /// Connects to `url` (see [`amqp_url`]), declares `exchange` (durable topic, as
+    /// Tether does), a queue of `kind`, and binds it with `binding`.
     pub async fn bind(
-        addr: &str,
+        url: &str,
         exchange: &str,
         kind: QueueKind,
         binding: &str,
     ) -> Result<Self, String> {
-        let connection = lapin::Connection::connect(
-            &format!("amqp://guest:guest@{addr}/%2f"),
-            lapin::ConnectionProperties::default(),
-        )
-        .await
-        .map_err(|e| format!("cannot connect to RabbitMQ at {addr}: {e}"))?;
+        let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+            .await
+            .map_err(|e| format!("cannot connect to RabbitMQ at {url}: {e}; is it running?"))?;
         let channel = connection
             .create_channel()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("cannot open a RabbitMQ channel: {e}"))?;
         channel
             .exchange_declare(
                 exchange,
@@ -62,7 +65,7 @@ impl BoundQueue {
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("cannot declare exchange {exchange}: {e}"))?;
         let (name, options) = match kind {
             QueueKind::Exclusive => (
                 String::new(),
@@ -83,7 +86,7 @@ impl BoundQueue {
         let declared = channel
             .queue_declare(&name, options, FieldTable::default())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("cannot declare a queue for exchange {exchange}: {e}"))?;
         let queue = declared.name().as_str().to_owned();
         channel
             .queue_bind(
@@ -94,13 +97,30 @@ impl BoundQueue {
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("cannot bind queue {queue} to exchange {exchange}: {e}"))?;
         Ok(Self {
             connection,
             channel,
             queue,
             exchange: exchange.to_owned(),
         })
+    }
+
+    /// Consumes the queue as `tag`; with `no_ack` RabbitMQ counts a message delivered
+    /// once sent, else each must be acknowledged.
+    pub async fn consume(&self, tag: &str, no_ack: bool) -> Result<lapin::Consumer, String> {
+        self.channel
+            .basic_consume(
+                &self.queue,
+                tag,
+                BasicConsumeOptions {
+                    no_ack,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("cannot consume from queue {}: {e}", self.queue))
     }
 
     /// Messages waiting in the queue; then the queue and the exchange are deleted.
@@ -116,7 +136,7 @@ impl BoundQueue {
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("cannot count the messages in queue {}: {e}", self.queue))?;
         let count = u64::from(declared.message_count());
         let _ = self
             .channel
