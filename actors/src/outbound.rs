@@ -6,10 +6,17 @@
 //! queue: the connection writes each frame straight to its socket and queues only what
 //! the kernel refused; whether the agent reads too slowly is the connection's decision
 //! (PROTOCOL.md §6), not the producer's.
+//!
+//! A producer on another thread that sends many frames at once (the heartbeat's pings
+//! of a tick, a broadcast) groups them in [`Batches`]: one message per worker thread to
+//! that worker's [`Relay`], which hands each frame to its connection on the same
+//! thread, instead of one cross-thread wake-up per frame.
 
 use actix::prelude::*;
 use actix_http::ws::{CloseCode, CloseReason, OpCode, Parser};
 use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 /// One encoded WebSocket frame for an agent.
 #[derive(Message, Debug, Clone, PartialEq, Eq)]
@@ -60,10 +67,88 @@ fn encode(payload: &[u8], opcode: OpCode) -> Bytes {
     buf.freeze()
 }
 
-/// Where an agent's frames go: its connection actor. Cheap to clone.
+/// Frames for connections of one worker thread, handed over by its [`Relay`].
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Deliveries(pub Vec<(Recipient<OutFrame>, OutFrame)>);
+
+/// One per thread that runs connections: delivers [`Deliveries`] locally.
+pub struct Relay;
+
+impl Actor for Relay {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(usize::MAX >> 4);
+    }
+}
+
+impl Handler<Deliveries> for Relay {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deliveries, _ctx: &mut Self::Context) {
+        for (recipient, frame) in msg.0 {
+            recipient.do_send(frame);
+        }
+    }
+}
+
+/// This thread's relay: its number and address.
+#[derive(Clone)]
+struct RelayHandle {
+    id: u32,
+    deliveries: Recipient<Deliveries>,
+}
+
+thread_local! {
+    static THIS_THREAD_RELAY: std::cell::OnceCell<RelayHandle> = const { std::cell::OnceCell::new() };
+}
+
+fn this_thread_relay() -> RelayHandle {
+    static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+    THIS_THREAD_RELAY.with(|relay| {
+        relay
+            .get_or_init(|| RelayHandle {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                deliveries: Relay.start().recipient(),
+            })
+            .clone()
+    })
+}
+
+/// Frames for the connections of one thread, with the relay that hands them out.
+type ThreadBatch = (Recipient<Deliveries>, Vec<(Recipient<OutFrame>, OutFrame)>);
+
+/// Frames for many agents, grouped by the thread their connections run on.
+#[derive(Default)]
+pub struct Batches {
+    by_relay: HashMap<u32, ThreadBatch>,
+}
+
+impl Batches {
+    /// Adds a frame for the agent behind `outbox`.
+    pub fn push(&mut self, outbox: &Outbox, frame: OutFrame) {
+        let (_, frames) = self
+            .by_relay
+            .entry(outbox.relay.id)
+            .or_insert_with(|| (outbox.relay.deliveries.clone(), Vec::new()));
+        frames.push((outbox.recipient.clone(), frame));
+    }
+
+    /// Sends every group to its thread: one message each.
+    pub fn send(self) {
+        for (_, (relay, frames)) in self.by_relay {
+            relay.do_send(Deliveries(frames));
+        }
+    }
+}
+
+/// Where an agent's frames go: its connection actor (and the relay of its thread, for
+/// [`Batches`]). Cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
     recipient: Recipient<OutFrame>,
+    relay: RelayHandle,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -75,14 +160,25 @@ impl std::fmt::Debug for Outbox {
 }
 
 impl Outbox {
-    /// The outbox of the actor behind `recipient`.
+    /// The outbox of the actor behind `recipient`, which runs on this thread.
     pub fn new(recipient: Recipient<OutFrame>) -> Self {
-        Self { recipient }
+        Self {
+            recipient,
+            relay: this_thread_relay(),
+        }
     }
 
     /// Sends a frame without waiting; dropped if the connection has ended.
     pub fn push(&self, frame: OutFrame) {
         self.recipient.do_send(frame);
+    }
+
+    /// Sends a routed message through the relay of the agent's thread, the way
+    /// [`Batches`] send broadcasts, so that the messages one agent routes to another
+    /// arrive in the order they were routed, direct or broadcast.
+    pub fn push_routed(&self, frame: OutFrame) {
+        let delivery = vec![(self.recipient.clone(), frame)];
+        self.relay.deliveries.do_send(Deliveries(delivery));
     }
 
     /// Sends `value` as a text frame.

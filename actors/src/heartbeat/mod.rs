@@ -20,7 +20,7 @@
 
 use crate::clock::{Clock, ManualClock};
 use crate::liveness::{ConnectionClock, Liveness, SessionId};
-use crate::outbound::{OutFrame, Outbox};
+use crate::outbound::{Batches, OutFrame, Outbox};
 use crate::protocol;
 use crate::stats::RttHistogram;
 use actix::prelude::*;
@@ -188,13 +188,16 @@ impl Heartbeat {
         self.ping_rtt.rotate();
         let later = self.wheel.split_off(&(now_tick + 1));
         let due = std::mem::replace(&mut self.wheel, later);
+        // The tick's pings go out in one message per worker thread.
+        let mut pings = Batches::default();
         for (session_id, generation) in due.into_values().flatten() {
-            self.examine(session_id, generation, now);
+            self.examine(session_id, generation, now, &mut pings);
         }
+        pings.send();
     }
 
     /// Looks at one due agent: ping, stale, inactive, and its next deadline.
-    fn examine(&mut self, session_id: SessionId, generation: u32, now: u64) {
+    fn examine(&mut self, session_id: SessionId, generation: u32, now: u64, pings: &mut Batches) {
         let t = self.rules;
         let Some(agent) = self.agents.get_mut(&session_id) else {
             return;
@@ -217,7 +220,7 @@ impl Heartbeat {
             }
         }
         if agent.pinged_at.is_none() && now.saturating_sub(last_seen) >= t.interval {
-            agent.outbox.push(OutFrame::text(&agent.ping.frame()));
+            pings.push(&agent.outbox, OutFrame::text(&agent.ping.frame()));
             agent.pinged_at = Some(now);
             self.stats.pings_sent += 1;
         }

@@ -4,19 +4,19 @@
 use super::{Registry, Route, SystemRequest};
 use crate::clock::epoch_secs;
 use crate::liveness::SessionId;
-use crate::outbound::OutFrame;
+use crate::outbound::{Batches, OutFrame};
 use crate::protocol::command::{Claim, Command, Request};
 use crate::protocol::{self, ErrorCode, MessageKind, ProtocolError};
 use actix::prelude::*;
 use serde_json::{json, Value};
 
 impl Registry {
-    /// Delivers a frame to one agent. False if the agent is not registered.
+    /// Delivers a routed frame to one agent. False if the agent is not registered.
     fn deliver(&self, agent_id: &str, frame: OutFrame) -> bool {
         let Some(entry) = self.agents.get(agent_id) else {
             return false;
         };
-        entry.outbox.push(frame);
+        entry.outbox.push_routed(frame);
         true
     }
 
@@ -109,12 +109,15 @@ impl Handler<Route> for Registry {
                 }
             }
             MessageKind::Broadcast(exclude) => {
+                // One message per worker thread, which hands the copies out locally.
+                let mut copies = Batches::default();
                 for (agent_id, entry) in &self.agents {
                     if *agent_id == msg.sender_id || exclude.iter().any(|e| **e == **agent_id) {
                         continue;
                     }
-                    entry.outbox.push(msg.frame.clone());
+                    copies.push(&entry.outbox, msg.frame.clone());
                 }
+                copies.send();
             }
             MessageKind::Mod => {}
         }
