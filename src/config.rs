@@ -207,6 +207,13 @@ pub fn validate(s: &Settings) -> Result<(), ConfigError> {
     if limits.max_invalid_frames == 0 {
         return Err(invalid("limits.max_invalid_frames", "must be at least 1"));
     }
+    if limits.max_pending_bytes < 65536 {
+        return Err(invalid(
+            "limits.max_pending_bytes",
+            "must be at least 65536 (a kernel socket buffer's worth)",
+        ));
+    }
+    positive("limits.slow_consumer_grace", limits.slow_consumer_grace)?;
     positive("identity.certificate_ttl", s.identity.certificate_ttl)?;
     if s.identity.secret.as_deref() == Some("") {
         return Err(invalid("identity.secret", "must not be empty when set"));

@@ -108,6 +108,20 @@ fn a_ping_timeout_not_below_the_interval_is_refused() {
 }
 
 #[test]
+fn slow_consumer_limits_out_of_range_are_refused() {
+    assert_refused(
+        &[("TETHER__LIMITS__MAX_PENDING_BYTES", "1000")],
+        &[],
+        "limits.max_pending_bytes",
+    );
+    assert_refused(
+        &[("TETHER__LIMITS__SLOW_CONSUMER_GRACE", "0")],
+        &[],
+        "limits.slow_consumer_grace",
+    );
+}
+
+#[test]
 fn a_port_out_of_range_is_refused() {
     assert_refused(&[("TETHER__NETWORK__PORT", "70000")], &[], "network.port");
     assert_refused(&[("TETHER__NETWORK__PORT", "-1")], &[], "network.port");

@@ -41,7 +41,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Vec<Table>, String> {
     ));
     table.rows = rows;
     table.notes.push(
-        "Every connection registers a fresh agent id, answers pings while it lives, then closes (1000). Registry drift = |registered agents in `GET /stats` − sockets the clients hold open|, sampled every second (the two reads are a few ms apart, so a drift of rate × a few ms is sampling noise). Registry after = agents the server lists (`list_agents` from a fresh agent, minus that agent) once every client has left. RSS delta = RSS 5 s after the churn − RSS before it. Events: every `agent.registered` incarnation must have exactly one `agent.disconnected` and one `agent.cleaned_up`, read from `GET /events`.".into(),
+        "Every connection registers a fresh agent id, answers pings while it lives, then closes (1000). Registry drift = |registered agents in `GET /stats` − sockets the clients hold open|, sampled every second (the two reads are a few ms apart, so a drift of rate × a few ms is sampling noise). Registry after = agents the server lists (`list_agents` from a fresh agent, minus that agent) once every client has left. RSS delta = RSS 5 s (and 30 s) after the churn − RSS before it. Events: every `agent.registered` incarnation must have exactly one `agent.disconnected` and one `agent.cleaned_up`, read from `GET /events`.".into(),
     );
     finish(ctx, &mut table);
     if any_ok {
@@ -157,6 +157,10 @@ async fn measure(
     };
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = server.rss_kib().ok_or("cannot read RSS")?;
+    // Allocators hand freed memory back after a while (jemalloc's decay): read again
+    // 30 s after the churn ended (3 + 5 s above, 22 s here).
+    tokio::time::sleep(Duration::from_secs(22)).await;
+    let after_30s = server.rss_kib().ok_or("cannot read RSS")?;
     let stats = server.stats().await;
     let (p50, p99, _) = latency_ms(&mut lats);
     let mut row = vec![
@@ -202,6 +206,7 @@ async fn measure(
     row.push(num("baseline MiB", base as f64 / 1024.0, 1));
     row.push(num("peak MiB", peak_rss as f64 / 1024.0, 1));
     row.push(num("RSS delta KiB", after as f64 - base as f64, 0));
+    row.push(num("RSS delta 30 s KiB", after_30s as f64 - base as f64, 0));
     match tap {
         Some(tap) => {
             let (complete, incomplete, duplicated) = check_events(tap);
