@@ -226,14 +226,7 @@ async fn an_agent_that_reads_is_never_a_slow_consumer_however_many_errors_it_get
         }
     }
     let _sink = writer.await.unwrap();
-    let agents: Value = common::http()
-        .get(server.http("/agents/talker"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let agents: Value = server.get_json("/agents/talker").await;
     assert_eq!(agents["agent_id"], "talker", "still registered: {agents}");
 }
 

@@ -77,14 +77,7 @@ async fn an_agent_that_answers_pings_stays_registered_over_several_intervals() {
         vec![("agent.registered".into(), 1, 1)],
         "alice must have no other event (no agent.stale)"
     );
-    let stats: Value = common::http()
-        .get(server.http("/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = server.get_json("/stats").await;
     assert!(
         stats["heartbeat"]["pings_sent"].as_u64() >= Some(5),
         "{stats}"
@@ -233,14 +226,7 @@ async fn an_agent_without_activity_becomes_inactive_then_active_again() {
     );
     let info = admin_agent(&server, "alice").await;
     assert_eq!(info["state"], "inactive", "{info}");
-    let stats: Value = common::http()
-        .get(server.http("/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = server.get_json("/stats").await;
     assert_eq!(stats["connections"]["inactive_agents"], 1, "{stats}");
 
     // Inactive agents are not cleaned up: it still works, and its traffic wakes it.

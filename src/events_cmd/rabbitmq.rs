@@ -4,12 +4,10 @@
 
 use super::{subscribed, EventsArgs, Printer, Since};
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
-use tether_actors::publisher::rabbitmq::amqp_url;
+use lapin::{Connection, ConnectionProperties};
+use tether_actors::publisher::rabbitmq::{amqp_url, declare_exchange};
 use tether_actors::settings::RabbitMqSettings;
 
 /// Consumes the exchange until `--count` events or an error.
@@ -27,16 +25,7 @@ pub async fn read(settings: &RabbitMqSettings, args: &EventsArgs) -> Result<(), 
         .await
         .map_err(|e| format!("cannot open a RabbitMQ channel: {e}"))?;
     // The same declaration as the publisher's, so binding works before the server ran.
-    channel
-        .exchange_declare(
-            &settings.exchange,
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    declare_exchange(&channel, &settings.exchange)
         .await
         .map_err(|e| format!("cannot declare exchange {}: {e}", settings.exchange))?;
     let queue = channel

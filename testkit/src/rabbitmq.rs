@@ -4,8 +4,8 @@
 //! latency consumer and publisher-throughput read-back.
 
 use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 
@@ -54,16 +54,7 @@ impl BoundQueue {
             .create_channel()
             .await
             .map_err(|e| format!("cannot open a RabbitMQ channel: {e}"))?;
-        channel
-            .exchange_declare(
-                exchange,
-                lapin::ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        tether_actors::publisher::rabbitmq::declare_exchange(&channel, exchange)
             .await
             .map_err(|e| format!("cannot declare exchange {exchange}: {e}"))?;
         let (name, options) = match kind {

@@ -95,6 +95,18 @@ impl TestServer {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// `GET path` (admin routes open: no token set), as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        http()
+            .get(self.http(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Process id of the server.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()

@@ -79,16 +79,7 @@ async fn connect(
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(|e| BrokerError::new("cannot put the RabbitMQ channel in confirm mode", e))?;
-    channel
-        .exchange_declare(
-            &settings.exchange,
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    declare_exchange(&channel, &settings.exchange)
         .await
         .map_err(|e| {
             BrokerError(format!(
@@ -229,4 +220,21 @@ impl Broker for RabbitMqBroker {
         }
         .boxed_local()
     }
+}
+
+/// Declares Tether's event exchange: a durable topic exchange named `exchange` (the
+/// publisher, `tether events --from rabbitmq` and the tests declare it the same way,
+/// so whichever comes first creates it as the others expect).
+pub async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            exchange,
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
