@@ -16,7 +16,7 @@ use actix::prelude::*;
 use actix_http::ws::{CloseCode, CloseReason, OpCode, Parser};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::RwLock;
 
 /// One encoded WebSocket frame for an agent.
 #[derive(Message, Debug, Clone, PartialEq, Eq)]
@@ -93,52 +93,58 @@ impl Handler<Deliveries> for Relay {
     }
 }
 
-/// This thread's relay: its number and address.
-#[derive(Clone)]
-struct RelayHandle {
-    id: u32,
-    deliveries: Recipient<Deliveries>,
-}
+/// Every thread's relay, by number. An [`Outbox`] keeps only the number: a cloned
+/// address costs about 130 bytes, which every agent would pay several times over.
+static RELAYS: RwLock<Vec<Recipient<Deliveries>>> = RwLock::new(Vec::new());
 
 thread_local! {
-    static THIS_THREAD_RELAY: std::cell::OnceCell<RelayHandle> = const { std::cell::OnceCell::new() };
+    static THIS_THREAD_RELAY: std::cell::OnceCell<u32> = const { std::cell::OnceCell::new() };
 }
 
-fn this_thread_relay() -> RelayHandle {
-    static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+/// The number of this thread's relay, started on first use.
+fn this_thread_relay() -> u32 {
     THIS_THREAD_RELAY.with(|relay| {
-        relay
-            .get_or_init(|| RelayHandle {
-                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-                deliveries: Relay.start().recipient(),
-            })
-            .clone()
+        *relay.get_or_init(|| {
+            let mut relays = RELAYS.write().unwrap_or_else(|e| e.into_inner());
+            relays.push(Relay.start().recipient());
+            (relays.len() - 1) as u32
+        })
     })
 }
 
-/// Frames for the connections of one thread, with the relay that hands them out.
-type ThreadBatch = (Recipient<Deliveries>, Vec<(Recipient<OutFrame>, OutFrame)>);
+/// Sends `deliveries` to the relay numbered `id`; gives them back if there is none.
+fn send_to_relay(id: u32, deliveries: Deliveries) -> Result<(), Deliveries> {
+    let relays = RELAYS.read().unwrap_or_else(|e| e.into_inner());
+    match relays.get(id as usize) {
+        Some(relay) => {
+            relay.do_send(deliveries);
+            Ok(())
+        }
+        None => Err(deliveries),
+    }
+}
 
 /// Frames for many agents, grouped by the thread their connections run on.
 #[derive(Default)]
 pub struct Batches {
-    by_relay: HashMap<u32, ThreadBatch>,
+    by_relay: HashMap<u32, Vec<(Recipient<OutFrame>, OutFrame)>>,
 }
 
 impl Batches {
     /// Adds a frame for the agent behind `outbox`.
     pub fn push(&mut self, outbox: &Outbox, frame: OutFrame) {
-        let (_, frames) = self
-            .by_relay
-            .entry(outbox.relay.id)
-            .or_insert_with(|| (outbox.relay.deliveries.clone(), Vec::new()));
+        let frames = self.by_relay.entry(outbox.relay).or_default();
         frames.push((outbox.recipient.clone(), frame));
     }
 
     /// Sends every group to its thread: one message each.
     pub fn send(self) {
-        for (_, (relay, frames)) in self.by_relay {
-            relay.do_send(Deliveries(frames));
+        for (id, frames) in self.by_relay {
+            if let Err(Deliveries(frames)) = send_to_relay(id, Deliveries(frames)) {
+                for (recipient, frame) in frames {
+                    recipient.do_send(frame);
+                }
+            }
         }
     }
 }
@@ -148,7 +154,8 @@ impl Batches {
 #[derive(Clone)]
 pub struct Outbox {
     recipient: Recipient<OutFrame>,
-    relay: RelayHandle,
+    /// The relay of the connection's thread.
+    relay: u32,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -177,8 +184,12 @@ impl Outbox {
     /// [`Batches`] send broadcasts, so that the messages one agent routes to another
     /// arrive in the order they were routed, direct or broadcast.
     pub fn push_routed(&self, frame: OutFrame) {
-        let delivery = vec![(self.recipient.clone(), frame)];
-        self.relay.deliveries.do_send(Deliveries(delivery));
+        let delivery = Deliveries(vec![(self.recipient.clone(), frame)]);
+        if let Err(Deliveries(mut frames)) = send_to_relay(self.relay, delivery) {
+            if let Some((_, frame)) = frames.pop() {
+                self.push(frame);
+            }
+        }
     }
 
     /// Sends `value` as a text frame.

@@ -66,6 +66,13 @@ enum Command {
         #[command(flatten)]
         args: workloads::idle_memory::Args,
     },
+    /// Close latency: time from a client's close frame to the server's FIN.
+    CloseLatency {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: workloads::close_latency::Args,
+    },
     /// Registration rate and connect-to-registered latency.
     RegistrationRate {
         #[command(flatten)]
@@ -207,6 +214,16 @@ async fn harness(command: Command) -> ExitCode {
             })
             .await
         }
+        Command::CloseLatency { common, args } => {
+            one(&common, |ctx| {
+                Box::pin(async move {
+                    workloads::close_latency::run(&ctx, &args)
+                        .await
+                        .map(|t| (ctx, t))
+                })
+            })
+            .await
+        }
         Command::RegistrationRate { common, args } => {
             one(&common, |ctx| {
                 Box::pin(async move {
@@ -341,6 +358,10 @@ async fn smoke(out: Option<PathBuf>, tether_bin: Option<PathBuf>) -> Result<(), 
                 dialers: 16,
             }
         )
+    );
+    step!(
+        "close-latency",
+        workloads::close_latency::run(&ctx, &workloads::close_latency::Args { closes: 20 })
     );
     step!(
         "registration-rate",

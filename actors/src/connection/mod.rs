@@ -108,6 +108,9 @@ pub struct AgentConnection {
     over_budget_since: Option<Instant>,
     /// The server's count of open sockets, which this one is part of until dropped.
     open_sockets: Arc<AtomicUsize>,
+    /// The registration timeout, cancelled once registered (a pending timer costs
+    /// memory for every connection that holds it).
+    registration_timer: Option<SpawnHandle>,
 }
 
 impl AgentConnection {
@@ -140,6 +143,7 @@ impl AgentConnection {
             awaiting_writable: false,
             over_budget_since: None,
             open_sockets,
+            registration_timer: None,
         }
     }
 
@@ -531,11 +535,11 @@ impl Actor for AgentConnection {
             remote_addr: self.remote_addr.clone(),
         });
         let timeout = secs(self.settings.registration_timeout);
-        ctx.run_later(timeout, |act, ctx| {
+        self.registration_timer = Some(ctx.run_later(timeout, |act, ctx| {
             if !matches!(act.state, RegistrationState::Registered(_)) {
                 act.close(ctx, Disconnect::REGISTRATION_TIMEOUT, true);
             }
-        });
+        }));
         // Frames the agent sent right behind its upgrade request.
         let reader = &mut self.reader;
         let (received, error) = self.socket.take_buffered(|buf| drain(reader, buf));
@@ -587,7 +591,10 @@ impl Handler<ConnectionOrder> for AgentConnection {
     fn handle(&mut self, msg: ConnectionOrder, ctx: &mut Self::Context) {
         match msg {
             ConnectionOrder::Registered(agent_id) => {
-                self.state = RegistrationState::Registered(agent_id)
+                self.state = RegistrationState::Registered(agent_id);
+                if let Some(timer) = self.registration_timer.take() {
+                    ctx.cancel_future(timer);
+                }
             }
             ConnectionOrder::Refused(close) => {
                 self.state = RegistrationState::Unregistered;

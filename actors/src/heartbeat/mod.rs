@@ -126,7 +126,8 @@ pub struct HeartbeatStats {
 pub struct GetHeartbeatStats;
 
 struct Tracked {
-    ping: protocol::PingTemplate,
+    /// Its id, for pings (shared with the registry's table).
+    agent_id: Arc<str>,
     clock: Arc<ConnectionClock>,
     outbox: Outbox,
     /// When the outstanding ping was sent, if one is.
@@ -220,7 +221,10 @@ impl Heartbeat {
             }
         }
         if agent.pinged_at.is_none() && now.saturating_sub(last_seen) >= t.interval {
-            pings.push(&agent.outbox, OutFrame::text(&agent.ping.frame()));
+            pings.push(
+                &agent.outbox,
+                OutFrame::text(&protocol::ping_frame(&agent.agent_id)),
+            );
             agent.pinged_at = Some(now);
             self.stats.pings_sent += 1;
         }
@@ -295,7 +299,7 @@ impl Handler<Watch> for Heartbeat {
                 self.agents.insert(
                     session_id,
                     Tracked {
-                        ping: protocol::PingTemplate::new(&agent_id),
+                        agent_id,
                         clock,
                         outbox,
                         pinged_at: None,

@@ -170,29 +170,14 @@ pub fn error_frame(error: &ProtocolError, message_id: Option<&str>) -> Value {
     frame
 }
 
-/// The server's heartbeat pings to one agent, with everything but the timestamp
-/// serialized once (the heartbeat sends one per agent per interval).
-#[derive(Debug, Clone)]
-pub struct PingTemplate {
-    /// `{"type":"system_request","command":"ping_agent","agent_id":"<id>","timestamp":`
-    prefix: String,
-}
-
-impl PingTemplate {
-    /// The template for pings to `agent_id`.
-    pub fn new(agent_id: &str) -> Self {
-        let id = Value::String(agent_id.to_owned());
-        Self {
-            prefix: format!(
-                r#"{{"type":"system_request","command":"ping_agent","agent_id":{id},"timestamp":"#
-            ),
-        }
-    }
-
-    /// A ping stamped with the current time (float epoch seconds).
-    pub fn frame(&self) -> String {
-        format!("{}{}}}", self.prefix, crate::clock::epoch_secs())
-    }
+/// The server's heartbeat ping to `agent_id`, stamped with the current time (float
+/// epoch seconds).
+pub fn ping_frame(agent_id: &str) -> String {
+    let id = Value::String(agent_id.to_owned());
+    let now = crate::clock::epoch_secs();
+    format!(
+        r#"{{"type":"system_request","command":"ping_agent","agent_id":{id},"timestamp":{now}}}"#
+    )
 }
 
 /// A `system_notification` with `event` and a human message.
@@ -244,8 +229,8 @@ mod tests {
     }
 
     #[test]
-    fn a_ping_from_the_template_is_the_protocol_ping() {
-        let ping: Value = serde_json::from_str(&PingTemplate::new("al\"ice").frame()).unwrap();
+    fn a_ping_is_the_protocol_ping() {
+        let ping: Value = serde_json::from_str(&ping_frame("al\"ice")).unwrap();
         assert_eq!(ping["type"], "system_request");
         assert_eq!(ping["command"], "ping_agent");
         assert_eq!(ping["agent_id"], "al\"ice");

@@ -45,7 +45,7 @@ impl Registry {
         if entry.inactive {
             self.inactive_count -= 1;
         }
-        let session_uuid = entry.session_uuid.clone();
+        let session_uuid = entry.session_uuid.to_string();
         let metadata = std::mem::take(&mut entry.metadata);
         let payload = AgentEvent::Disconnected {
             session_id: &session_uuid,
@@ -82,9 +82,13 @@ impl Registry {
         let Some((agent_id, entry)) = self.agents.remove_entry(agent_id) else {
             return;
         };
-        let orders = entry.orders.clone();
+        let session_id = entry.session_id;
         self.end_incarnation(&agent_id, entry, disconnect);
-        orders.do_send(ConnectionOrder::Close { disconnect, notice });
+        if let Some(socket) = self.sockets.get(&session_id) {
+            socket
+                .orders
+                .do_send(ConnectionOrder::Close { disconnect, notice });
+        }
     }
 
     /// Publishes `agent.stale` for `agent_id` and evicts it (close 4002).
@@ -93,7 +97,7 @@ impl Registry {
             return;
         };
         let agent_id = agent_id.clone();
-        let session_uuid = entry.session_uuid.clone();
+        let session_uuid = entry.session_uuid.to_string();
         let now = self.clock.now_ms();
         let entry = self.agents.get_mut(&agent_id).expect("looked up above");
         self.stats.stale();
@@ -181,7 +185,7 @@ impl Handler<ActivityResumed> for Registry {
         }
         entry.inactive = false;
         self.inactive_count -= 1;
-        let session_uuid = entry.session_uuid.clone();
+        let session_uuid = entry.session_uuid.to_string();
         let idle_ms = now.saturating_sub(entry.clock.last_activity_ms());
         let payload = AgentEvent::Active {
             session_id: &session_uuid,
@@ -220,7 +224,7 @@ impl Handler<Verdict> for Registry {
                 }
                 entry.inactive = true;
                 self.inactive_count += 1;
-                let session_uuid = entry.session_uuid.clone();
+                let session_uuid = entry.session_uuid.to_string();
                 let payload = AgentEvent::Inactive {
                     session_id: &session_uuid,
                     inactive_secs,

@@ -49,11 +49,12 @@ struct Socket {
     agent: Option<Arc<str>>,
 }
 
-/// One registered incarnation of an agent.
+/// One registered incarnation of an agent. Its connection's outbox and orders are in
+/// its [`Socket`] (`sockets[&session_id]`): a cloned address costs about 130 bytes.
 struct AgentEntry {
     session_id: SessionId,
     /// The protocol's `session_id`: unique per connection.
-    session_uuid: Arc<str>,
+    session_uuid: uuid::Uuid,
     incarnation: u64,
     /// Sequence number of the last event published for this incarnation.
     seq: u64,
@@ -62,8 +63,6 @@ struct AgentEntry {
     connected_at: SystemTime,
     connected_mono_ms: u64,
     clock: Arc<ConnectionClock>,
-    outbox: Outbox,
-    orders: Recipient<ConnectionOrder>,
     /// Whether consumers were last told `agent.inactive` (the published state).
     inactive: bool,
 }

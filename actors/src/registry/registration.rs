@@ -60,7 +60,8 @@ impl Registry {
     /// has been silent past the stale bound (so the heartbeat is about to declare it
     /// stale anyway; a reconnect need not wait for that).
     fn holder_is_dead(&self, entry: &AgentEntry) -> Option<StaleReason> {
-        if !entry.orders.connected() {
+        let socket = self.sockets.get(&entry.session_id);
+        if socket.is_none_or(|socket| !socket.orders.connected()) {
             return Some(StaleReason::AgentTimeout);
         }
         let last_seen = entry.clock.last_seen_ms();
@@ -114,7 +115,7 @@ impl Registry {
             return;
         };
         self.stats.takeovers += 1;
-        let session_uuid = old.session_uuid.clone();
+        let session_uuid = old.session_uuid.to_string();
         let payload = AgentEvent::Replaced {
             session_id: &session_uuid,
             by_incarnation,
@@ -193,7 +194,8 @@ impl Handler<RegisterAgent> for Registry {
 
         let agent_id: Arc<str> = Arc::from(msg.registration.agent_id.as_str());
         let incarnation = self.next_incarnation(&agent_id);
-        let session_uuid: Arc<str> = uuid::Uuid::new_v4().to_string().into();
+        let session = uuid::Uuid::new_v4();
+        let session_uuid = session.to_string();
         if let Some(proof) = takeover {
             self.replace(&agent_id, incarnation, &session_uuid, proof);
         }
@@ -212,7 +214,7 @@ impl Handler<RegisterAgent> for Registry {
         socket.outbox.push_json(&response);
         let mut entry = AgentEntry {
             session_id,
-            session_uuid: session_uuid.clone(),
+            session_uuid: session,
             incarnation,
             seq: 0,
             metadata: msg.registration.metadata,
@@ -220,15 +222,13 @@ impl Handler<RegisterAgent> for Registry {
             connected_at: SystemTime::now(),
             connected_mono_ms: self.clock.now_ms(),
             clock: msg.clock,
-            outbox: socket.outbox.clone(),
-            orders: socket.orders.clone(),
             inactive: false,
         };
         self.heartbeat.do_send(Watch::Track {
             session_id,
             agent_id: agent_id.clone(),
             clock: entry.clock.clone(),
-            outbox: entry.outbox.clone(),
+            outbox: socket.outbox.clone(),
         });
         let metadata = std::mem::take(&mut entry.metadata);
         let payload = AgentEvent::Registered {

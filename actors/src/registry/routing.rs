@@ -16,7 +16,9 @@ impl Registry {
         let Some(entry) = self.agents.get(agent_id) else {
             return false;
         };
-        entry.outbox.push_routed(frame);
+        if let Some(socket) = self.sockets.get(&entry.session_id) {
+            socket.outbox.push_routed(frame);
+        }
         true
     }
 
@@ -111,11 +113,14 @@ impl Handler<Route> for Registry {
             MessageKind::Broadcast(exclude) => {
                 // One message per worker thread, which hands the copies out locally.
                 let mut copies = Batches::default();
-                for (agent_id, entry) in &self.agents {
+                for socket in self.sockets.values() {
+                    let Some(agent_id) = &socket.agent else {
+                        continue; // Not registered.
+                    };
                     if *agent_id == msg.sender_id || exclude.iter().any(|e| **e == **agent_id) {
                         continue;
                     }
-                    copies.push(&entry.outbox, msg.frame.clone());
+                    copies.push(&socket.outbox, msg.frame.clone());
                 }
                 copies.send();
             }

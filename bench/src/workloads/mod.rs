@@ -3,6 +3,7 @@
 //! machine description printed under every table.
 
 pub mod churn;
+pub mod close_latency;
 pub mod dead_detection;
 pub mod event_publishing;
 pub mod heartbeat;
