@@ -10,6 +10,7 @@
 /// jemalloc, built with background threads that hand freed memory back to the system
 /// a few seconds after it is freed: glibc's malloc kept about 17 MiB per 12 000
 /// connections that came and went (BENCHMARKS.md, churn).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
