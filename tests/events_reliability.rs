@@ -242,9 +242,18 @@ async fn agents_log_and_sse_keep_working_while_every_broker_is_down() {
     }
     // Every broker publisher is disconnected and keeping the events, not failed.
     for name in ["redis", "kafka", "rabbitmq"] {
-        let check = wait_publisher(&server, name, DEADLINE, "buffering all 6", |c| {
-            c["buffered"].as_u64().unwrap() >= 6
-        })
+        // Its first connection attempt may still be running when the events arrive
+        // (a loaded machine): wait for it to have failed and said why.
+        let check = wait_publisher(
+            &server,
+            name,
+            DEADLINE,
+            "buffering all 6, with its error",
+            |c| {
+                c["buffered"].as_u64().unwrap() >= 6
+                    && c["last_error"].as_str().is_some_and(|e| !e.is_empty())
+            },
+        )
         .await;
         assert_eq!(check["connected"], false, "{check}");
         assert_eq!(check["failed"], false, "{check}");
