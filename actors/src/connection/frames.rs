@@ -77,11 +77,16 @@ impl FrameReader {
     /// `buf` holds no complete one yet. `Err` says how to close the connection.
     pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Received>, Disconnect> {
         loop {
-            if let Some(length) = announced_length(buf) {
-                let held = self.held_bytes() as u64;
-                if length.saturating_add(held) > self.max_message_bytes as u64 {
-                    return Err(Disconnect::MESSAGE_TOO_BIG);
-                }
+            // The codec sees no header before its length bytes have arrived: given the
+            // first bytes of a malformed header alone, it would close 1002, where the
+            // whole header is closed 1009 by this check, and the close code would depend
+            // on how the bytes were segmented (found by `fuzz/`, target `frame_reader`).
+            let Some(length) = announced_length(buf) else {
+                return Ok(None);
+            };
+            let held = self.held_bytes() as u64;
+            if length.saturating_add(held) > self.max_message_bytes as u64 {
+                return Err(Disconnect::MESSAGE_TOO_BIG);
             }
             let frame = match self.codec.decode(buf) {
                 Ok(Some(frame)) => frame,
@@ -196,6 +201,29 @@ mod tests {
         header.extend_from_slice(&(1u64 << 40).to_be_bytes());
         let mut buf = BytesMut::from(&header[..]);
         assert_eq!(reader.next(&mut buf), Err(Disconnect::MESSAGE_TOO_BIG));
+    }
+
+    /// Regression (fuzz target `frame_reader`): a header with reserved bits and a bad
+    /// opcode announcing a 64-bit length over the limit closed 1002 when its first bytes
+    /// arrived alone and 1009 when its length bytes arrived with them.
+    #[test]
+    fn the_close_code_of_a_header_does_not_depend_on_where_it_is_split() {
+        let mut header = vec![0xFF, 0xFF]; // FIN, RSV1-3, opcode 0xF; masked, 64-bit length
+        header.extend_from_slice(&0x213D_0D00_5440_3E87u64.to_be_bytes());
+        let mut short = vec![0xF1, 0xFE]; // RSV1-3, text; masked, 16-bit length
+        short.extend_from_slice(&2000u16.to_be_bytes());
+        for bytes in [header, short] {
+            for split in 0..=bytes.len() {
+                let mut reader = FrameReader::new(1024);
+                let mut buf = BytesMut::from(&bytes[..split]);
+                let mut result = reader.next(&mut buf);
+                if result == Ok(None) {
+                    buf.extend_from_slice(&bytes[split..]);
+                    result = reader.next(&mut buf);
+                }
+                assert_eq!(result, Err(Disconnect::MESSAGE_TOO_BIG), "split at {split}");
+            }
+        }
     }
 
     #[test]
