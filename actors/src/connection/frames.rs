@@ -84,7 +84,14 @@ impl FrameReader {
             let Some(length) = announced_length(buf) else {
                 return Ok(None);
             };
-            let held = self.held_bytes() as u64;
+            // A continuation adds to the message being reassembled; a control frame
+            // between fragments (a ping) is not part of it.
+            let continues = buf[0] & 0x0F == 0;
+            let held = if continues {
+                self.held_bytes() as u64
+            } else {
+                0
+            };
             if length.saturating_add(held) > self.max_message_bytes as u64 {
                 return Err(Disconnect::MESSAGE_TOO_BIG);
             }
@@ -248,6 +255,22 @@ mod tests {
         assert_eq!(
             read_all(&mut reader, &many),
             Err(Disconnect::MESSAGE_TOO_BIG)
+        );
+    }
+
+    #[test]
+    fn a_ping_between_fragments_does_not_count_toward_the_message() {
+        let mut reader = FrameReader::new(10);
+        let mut bytes = frame(false, 1, b"abcdefgh"); // 8 of 10 bytes held
+        bytes.extend(frame(true, 9, b"ping")); // 4 more would exceed 10 if counted
+        bytes.extend(frame(true, 0, b"ij"));
+        let received = read_all(&mut reader, &bytes).unwrap();
+        assert_eq!(
+            received,
+            [
+                Received::Ping(Bytes::from_static(b"ping")),
+                Received::Text("abcdefghij".into())
+            ]
         );
     }
 
