@@ -7,6 +7,8 @@
 //! publishers as `Arc<LifecycleEvent>`.
 
 use serde::Serialize;
+use serde_json::value::RawValue;
+#[cfg(test)]
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -76,7 +78,7 @@ pub enum AgentEvent<'a> {
         /// The connection's unique id.
         session_id: &'a str,
         /// Registration metadata.
-        metadata: &'a Value,
+        metadata: &'a RawValue,
         /// Peer address of the socket.
         remote_addr: &'a str,
         /// `certificate` or `force_reconnect` when this registration took the id over.
@@ -130,7 +132,7 @@ pub enum AgentEvent<'a> {
         /// The close code sent to the agent.
         close_code: u16,
         /// Registration metadata.
-        metadata: &'a Value,
+        metadata: &'a RawValue,
     },
     /// `agent.cleaned_up`.
     CleanedUp {
@@ -353,7 +355,7 @@ mod tests {
     #[test]
     fn agent_events_are_cloudevents_with_sequence_data() {
         let source = EventSource::new("tether-1", "node-a");
-        let metadata = json!({"name": "Alice"});
+        let metadata = serde_json::value::to_raw_value(&json!({"name": "Alice"})).unwrap();
         let payload = AgentEvent::Disconnected {
             session_id: "s-1",
             reason: EndReason::Stale.as_str(),

@@ -46,7 +46,7 @@ impl Registry {
             self.inactive_count -= 1;
         }
         let session_uuid = entry.session_uuid.to_string();
-        let metadata = std::mem::take(&mut entry.metadata);
+        let metadata = entry.metadata.clone();
         let payload = AgentEvent::Disconnected {
             session_id: &session_uuid,
             reason: disconnect.reason.as_str(),

@@ -141,7 +141,7 @@ pub struct AgentInfo {
     /// Epoch seconds of the last application frame received.
     pub last_activity: f64,
     /// Registration metadata.
-    pub metadata: Value,
+    pub metadata: Box<serde_json::value::RawValue>,
     /// Peer address of the socket.
     pub remote_addr: String,
     /// Frames waiting in the outbound queue.

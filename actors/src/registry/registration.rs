@@ -217,7 +217,8 @@ impl Handler<RegisterAgent> for Registry {
             session_uuid: session,
             incarnation,
             seq: 0,
-            metadata: msg.registration.metadata,
+            metadata: serde_json::value::to_raw_value(&msg.registration.metadata)
+                .expect("a JSON object always serializes"),
             remote_addr: remote_addr.clone(),
             connected_at: SystemTime::now(),
             connected_mono_ms: self.clock.now_ms(),
@@ -230,7 +231,7 @@ impl Handler<RegisterAgent> for Registry {
             clock: entry.clock.clone(),
             outbox: socket.outbox.clone(),
         });
-        let metadata = std::mem::take(&mut entry.metadata);
+        let metadata = entry.metadata.clone();
         let payload = AgentEvent::Registered {
             session_id: &session_uuid,
             metadata: &metadata,
@@ -238,7 +239,6 @@ impl Handler<RegisterAgent> for Registry {
             takeover: takeover.map(Takeover::as_str),
         };
         publish(&self.events, &self.source, &agent_id, &mut entry, payload);
-        entry.metadata = metadata;
         self.agents.insert(agent_id, entry);
         self.stats.registered(self.agents.len());
     }

@@ -281,7 +281,9 @@ fn kind(durable: bool) -> QueueKind {
 /// `n` distinct `agent.disconnected` events over 1 000 agents.
 fn events(n: usize) -> Vec<SharedEvent> {
     let source = EventSource::new("bench", "node-bench");
-    let metadata = json!({"name": "bench agent", "version": "1.0"});
+    let metadata =
+        serde_json::value::to_raw_value(&json!({"name": "bench agent", "version": "1.0"}))
+            .expect("a JSON object serializes");
     (0..n)
         .map(|i| {
             let session_id = format!("s-{i}");
