@@ -12,6 +12,7 @@ use common::{Agent, TestServer, DEADLINE};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
+use tether_testkit::ws::client_frame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -20,26 +21,6 @@ use tokio_tungstenite::tungstenite::Message;
 /// milliseconds it takes (BENCHMARKS.md), far below the second the HTTP dispatcher used
 /// to wait.
 const PROMPT: Duration = Duration::from_millis(500);
-
-/// A masked client frame.
-fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x80 | opcode];
-    let mask = [7u8, 1, 9, 3];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
-}
 
 /// A TCP connection upgraded by hand; returns it and any bytes read past the 101.
 async fn raw_upgrade(server: &TestServer) -> (TcpStream, Vec<u8>) {

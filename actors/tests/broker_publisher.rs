@@ -423,17 +423,7 @@ async fn a_connection_loss_reported_by_the_client_triggers_a_reconnect() {
     .await;
 
     fake.report_loss("the broker went away");
-    let status = wait_status(&publisher, "reconnected", |s| {
-        s.restarts == 1 && s.connected
-    })
-    .await;
-    assert!(
-        status
-            .last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("connection lost: the broker went away")),
-        "{status:?}"
-    );
+    reconnected_once_because(&publisher, "connection lost: the broker went away").await;
     assert_eq!(fake.connections(), 2);
     assert_eq!(fake.open_connections(), 1, "the lost connection is closed");
 
@@ -472,17 +462,7 @@ async fn a_failing_health_check_restarts_an_idle_connection() {
     fake.fail_checks(1);
     let publisher = start(broker);
 
-    let status = wait_status(&publisher, "reconnected", |s| {
-        s.restarts == 1 && s.connected
-    })
-    .await;
-    assert!(
-        status
-            .last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("health check failed")),
-        "{status:?}"
-    );
+    reconnected_once_because(&publisher, "health check failed").await;
     assert_eq!(fake.connections(), 2);
     eventually("checked the new connection", || fake.checks() >= 2).await;
     let status = publisher.send(QueryStatus).await.unwrap();
@@ -512,5 +492,18 @@ async fn a_connection_made_after_close_is_closed_at_once() {
     assert!(
         !status.connected,
         "a closed publisher is not connected: {status:?}"
+    );
+}
+
+/// Waits until `publisher` has restarted once and is connected again, and checks that
+/// its last error says `why`.
+async fn reconnected_once_because(publisher: &Publisher, why: &str) {
+    let status = wait_status(publisher, "reconnected", |s| s.restarts == 1 && s.connected).await;
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains(why)),
+        "{status:?}"
     );
 }

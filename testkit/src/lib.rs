@@ -15,6 +15,7 @@ pub mod rabbitmq;
 pub mod redis_stream;
 pub mod sse;
 pub mod tansu;
+pub mod ws;
 
 pub use proxy::Proxy;
 pub use tansu::Tansu;

@@ -7,6 +7,7 @@ use super::{finish, num, repeat_matrix, text, Ctx};
 use crate::stats::{latency_ms, Row, Table};
 use crate::systems::{Server, System, TetherVars};
 use std::time::{Duration, Instant};
+use tether_testkit::ws::client_frame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -62,21 +63,6 @@ async fn once(_ctx: &Ctx, system: System, n: u64) -> Result<Row, String> {
         super::opt("FIN after close p99 ms", p99, 2, "none"),
         super::opt("max ms", max, 1, "none"),
     ])
-}
-
-/// A masked client frame.
-fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [3u8, 1, 4, 1];
-    let mut out = vec![0x80 | opcode];
-    if payload.len() < 126 {
-        out.push(0x80 | payload.len() as u8);
-    } else {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
 }
 
 /// Connects, registers `agent_id`, closes; returns the time from the close frame to
