@@ -1,0 +1,197 @@
+//! What a connection does with a text frame from its agent: parse it once, answer what
+//! needs no table (pings, `list_mods`, `list_protocols`, `unregister_agent`), check a
+//! registration, stamp and forward messages, and forward the rest to the registry.
+
+use super::{AgentConnection, RegistrationState};
+use crate::clock::{epoch_secs, monotonic_ms};
+use crate::disconnect::Disconnect;
+use crate::outbound::OutFrame;
+use crate::protocol::command::{Command, Refusal, Registration, Request};
+use crate::protocol::{self, ErrorCode, Inbound, MessageKind, ProtocolError};
+use crate::registry::{ActivityResumed, RegisterAgent, RegistrationRefused, Route, SystemRequest};
+use actix::prelude::*;
+use serde_json::{json, Value};
+
+impl AgentConnection {
+    /// Answers `request` with `error`.
+    pub(super) fn refuse_request(
+        &mut self,
+        ctx: &mut Context<Self>,
+        request: &Request,
+        error: ProtocolError,
+    ) {
+        let frame =
+            protocol::response_error(request.command.name(), request.request_id.as_ref(), &error);
+        self.send_json(ctx, &frame);
+    }
+
+    /// Answers `request` with success and `fields`.
+    pub(super) fn answer(&mut self, ctx: &mut Context<Self>, request: &Request, fields: Value) {
+        let frame =
+            protocol::response_ok(request.command.name(), request.request_id.as_ref(), fields);
+        self.send_json(ctx, &frame);
+    }
+
+    pub(super) fn invalid_frame(&mut self, ctx: &mut Context<Self>, error: String) {
+        self.invalid_in_row += 1;
+        let error = ProtocolError::new(ErrorCode::InvalidFrame, error);
+        self.send_json(ctx, &protocol::error_frame(&error, None));
+        if self.invalid_in_row >= self.settings.limits.max_invalid_frames {
+            self.close(ctx, Disconnect::POLICY_VIOLATION, true);
+        }
+    }
+
+    pub(super) fn on_text(&mut self, ctx: &mut Context<Self>, text: &str) {
+        let now = monotonic_ms();
+        let inbound = match protocol::parse_frame(text) {
+            Ok(inbound) => inbound,
+            Err(error) => {
+                self.clock.seen(now);
+                return self.invalid_frame(ctx, error.0);
+            }
+        };
+        match &inbound {
+            Inbound::PingAnswer { timestamp } => {
+                self.clock.seen(now);
+                if let Some(sent) = timestamp {
+                    self.clock.answered_ping(epoch_secs() - sent);
+                }
+            }
+            Inbound::OtherResponse => self.clock.seen(now),
+            Inbound::Request(_) | Inbound::Message(_) => {
+                let previous = self.clock.active(now);
+                if self.settings.liveness.is_idle(previous, now) {
+                    self.registry.do_send(ActivityResumed {
+                        session_id: self.session_id,
+                    });
+                }
+            }
+        }
+        self.invalid_in_row = 0;
+        match inbound {
+            Inbound::PingAnswer { .. } | Inbound::OtherResponse => {}
+            Inbound::Request(request) => self.on_request(ctx, request),
+            Inbound::Message(frame) => self.on_message(ctx, frame),
+        }
+    }
+
+    pub(super) fn on_request(&mut self, ctx: &mut Context<Self>, request: Request) {
+        let registered = matches!(self.state, RegistrationState::Registered(_));
+        if !registered && !request.command.allowed_unregistered() {
+            let mut frame = protocol::error_frame(&ErrorCode::NotRegistered.into(), None);
+            frame["command"] = json!(request.command.name());
+            if let Some(id) = &request.request_id {
+                frame["request_id"] = id.clone();
+            }
+            return self.send_json(ctx, &frame);
+        }
+        match &request.command {
+            Command::RegisterAgent(registration) => {
+                let registration = registration.clone();
+                self.on_register(ctx, &request, registration)
+            }
+            Command::PingAgent { timestamp } => {
+                let timestamp = timestamp.clone().unwrap_or_else(|| json!(epoch_secs()));
+                self.answer(ctx, &request, json!({ "timestamp": timestamp }));
+            }
+            Command::ClaimAgentId(_)
+            | Command::ValidateCertificate { .. }
+            | Command::GetNetworkInfo
+            | Command::ListAgents => self.registry.do_send(SystemRequest {
+                session_id: self.session_id,
+                request,
+            }),
+            Command::ListMods => self.answer(ctx, &request, json!({"mods": []})),
+            Command::ListProtocols => self.answer(ctx, &request, json!({"protocols": []})),
+            Command::UnregisterAgent => {
+                self.answer(ctx, &request, json!({}));
+                self.close(ctx, Disconnect::UNREGISTERED, true);
+            }
+            Command::Unknown(_) => {
+                self.refuse_request(ctx, &request, ErrorCode::UnknownCommand.into())
+            }
+        }
+    }
+
+    pub(super) fn on_register(
+        &mut self,
+        ctx: &mut Context<Self>,
+        request: &Request,
+        registration: Result<Registration, Refusal>,
+    ) {
+        let checked = if self.state != RegistrationState::Unregistered {
+            let agent_id = match registration {
+                Ok(registration) => Some(registration.agent_id),
+                Err(refusal) => refusal.agent_id,
+            };
+            Err(Refusal {
+                agent_id,
+                error: ErrorCode::AlreadyRegistered.into(),
+            })
+        } else {
+            registration
+        };
+        let checked = checked.and_then(|registration| {
+            let size = registration.metadata.to_string().len();
+            let max = self.settings.limits.max_metadata_bytes;
+            if size > max {
+                let error = format!("metadata is {size} bytes serialized; the limit is {max}");
+                return Err(Refusal {
+                    agent_id: Some(registration.agent_id),
+                    error: ProtocolError::new(ErrorCode::InvalidMetadata, error),
+                });
+            }
+            Ok(registration)
+        });
+        let registration = match checked {
+            Ok(registration) => registration,
+            Err(refusal) => {
+                self.refuse_request(ctx, request, refusal.error.clone());
+                return self.registry.do_send(RegistrationRefused {
+                    agent_id: refusal.agent_id,
+                    error_code: refusal.error.code,
+                });
+            }
+        };
+        self.state = RegistrationState::Pending;
+        self.registry.do_send(RegisterAgent {
+            session_id: self.session_id,
+            registration,
+            request_id: request.request_id.clone(),
+            clock: self.clock.clone(),
+        });
+    }
+
+    pub(super) fn on_message(
+        &mut self,
+        ctx: &mut Context<Self>,
+        mut frame: serde_json::Map<String, Value>,
+    ) {
+        let RegistrationState::Registered(agent_id) = &self.state else {
+            let error = ProtocolError::new(
+                ErrorCode::NotRegistered,
+                "Register with register_agent before sending messages",
+            );
+            return self.send_json(ctx, &protocol::error_frame(&error, None));
+        };
+        let agent_id = agent_id.clone();
+        let kind = match protocol::message_kind(&frame) {
+            Ok(kind) => kind,
+            Err(error) => return self.invalid_frame(ctx, error.0),
+        };
+        let message_id = protocol::stamp_message(&mut frame, &agent_id);
+        if kind == MessageKind::Mod {
+            let error = ErrorCode::UnsupportedMod.into();
+            let frame = protocol::error_frame(&error, Some(&message_id));
+            return self.send_json(ctx, &frame);
+        }
+        let encoded = OutFrame::text(&Value::Object(frame).to_string());
+        self.registry.do_send(Route {
+            session_id: self.session_id,
+            sender_id: agent_id,
+            kind,
+            frame: encoded,
+            message_id,
+        });
+    }
+}
