@@ -20,14 +20,18 @@
 //! within the timeout, reports, and is idempotent; events offered after it are
 //! refused with [`PublishError::Closed`].
 
+mod handlers;
+mod messages;
+
+pub use messages::{Close, ConnectionLost, PublishError, TryDeliver};
+
 use super::backoff::{Backoff, RestartIntensity, RestartPolicy};
 use super::broker::{Broker, BrokerError, LossReporter, SendError};
 use super::buffer::{Burst, EventBuffer};
-use super::{Deliver, Flush, FlushReport, PublisherStatus, QueryStatus};
+use super::FlushReport;
 use crate::event::SharedEvent;
 use crate::settings::BufferSettings;
 use actix::prelude::*;
-use std::fmt;
 use std::future::Future;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -36,53 +40,6 @@ use tokio::sync::oneshot;
 const LONGEST_UNREPORTED_BURST: Duration = Duration::from_secs(60);
 /// While closing, retries come at least this often.
 const CLOSING_RETRY_CAP: Duration = Duration::from_millis(250);
-
-/// Why an event was not accepted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PublishError {
-    /// The publisher was closed (flushed at shutdown) and accepts no more events.
-    Closed {
-        /// Publisher name.
-        publisher: &'static str,
-    },
-}
-
-impl fmt::Display for PublishError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Closed { publisher } => write!(
-                f,
-                "publisher `{publisher}` is closed: it was flushed and closed (at shutdown) and accepts no more events; start a new publisher to publish again"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for PublishError {}
-
-/// Offers one event and says whether it was accepted (buffered for delivery).
-#[derive(Message)]
-#[rtype(result = "Result<(), PublishError>")]
-pub struct TryDeliver(pub SharedEvent);
-
-/// Delivers what is buffered within `timeout`, reports, and closes the publisher.
-/// Closing again returns the same report.
-#[derive(Message)]
-#[rtype(result = "FlushReport")]
-pub struct Close {
-    /// Time the publisher gets to deliver what it buffered.
-    pub timeout: Duration,
-}
-
-/// A broker client noticed that its connection broke.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ConnectionLost {
-    /// The connection it concerns.
-    pub generation: u64,
-    /// The client's reason.
-    pub error: String,
-}
 
 /// What the publisher is doing with its broker right now (one thing at a time).
 #[derive(Debug, PartialEq, Eq)]
@@ -563,116 +520,4 @@ fn panic_message(error: tokio::task::JoinError) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".into())
-}
-
-impl<B: Broker> Actor for BrokerPublisher<B> {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(self.broker.health_check_interval(), |act, ctx| {
-            act.tick(ctx)
-        });
-        self.pump(ctx);
-    }
-}
-
-impl<B: Broker> Handler<Deliver> for BrokerPublisher<B> {
-    type Result = ();
-
-    fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
-        let _ = self.accept(msg.0, ctx);
-    }
-}
-
-impl<B: Broker> Handler<TryDeliver> for BrokerPublisher<B> {
-    type Result = Result<(), PublishError>;
-
-    fn handle(&mut self, msg: TryDeliver, ctx: &mut Self::Context) -> Self::Result {
-        self.accept(msg.0, ctx)
-    }
-}
-
-impl<B: Broker> Handler<Close> for BrokerPublisher<B> {
-    type Result = ResponseFuture<FlushReport>;
-
-    fn handle(&mut self, msg: Close, ctx: &mut Self::Context) -> Self::Result {
-        let (tx, rx) = oneshot::channel();
-        match &mut self.closing {
-            Closing::Closed(report) => {
-                let report = report.clone();
-                return Box::pin(async move { report });
-            }
-            Closing::Flushing(waiters) => waiters.push(tx),
-            Closing::Open => {
-                self.closing = Closing::Flushing(vec![tx]);
-                ctx.run_later(msg.timeout, |act, ctx| act.finish_close(ctx));
-                // Retry now rather than after a long backoff: the deadline is near.
-                if let Op::Waiting(handle) = self.op {
-                    ctx.cancel_future(handle);
-                    self.op = Op::Idle;
-                }
-                self.pump(ctx);
-                self.maybe_finish_close(ctx);
-            }
-        }
-        let name = self.name().to_owned();
-        Box::pin(async move { rx.await.unwrap_or_else(|_| FlushReport::unanswered(name)) })
-    }
-}
-
-impl<B: Broker> Handler<Flush> for BrokerPublisher<B> {
-    type Result = ResponseFuture<FlushReport>;
-
-    /// The bus flushes publishers only at shutdown: a flush closes the publisher.
-    fn handle(&mut self, msg: Flush, ctx: &mut Self::Context) -> Self::Result {
-        <Self as Handler<Close>>::handle(
-            self,
-            Close {
-                timeout: msg.timeout,
-            },
-            ctx,
-        )
-    }
-}
-
-impl<B: Broker> Handler<QueryStatus> for BrokerPublisher<B> {
-    type Result = PublisherStatus;
-
-    fn handle(&mut self, _msg: QueryStatus, _ctx: &mut Self::Context) -> PublisherStatus {
-        PublisherStatus {
-            name: self.name().to_owned(),
-            connected: self.connected && self.client.is_some(),
-            failed: self.failed,
-            buffered: self.buffer.len(),
-            delivered: self.delivered,
-            retried: self.retried,
-            dropped: self.buffer.dropped(),
-            restarts: self.restarts,
-            last_error: self.last_error.clone(),
-        }
-    }
-}
-
-impl<B: Broker> Handler<ConnectionLost> for BrokerPublisher<B> {
-    type Result = ();
-
-    fn handle(&mut self, msg: ConnectionLost, ctx: &mut Self::Context) {
-        if msg.generation != self.generation || self.client.is_none() {
-            return;
-        }
-        let was_connected = std::mem::replace(&mut self.connected, false);
-        self.last_error = Some(msg.error.clone());
-        if self.op == Op::Idle {
-            self.restart(format!("connection lost: {}", msg.error), ctx);
-        } else if was_connected {
-            // The operation in flight fails (or recovers, when the client retries
-            // on its own) and decides then.
-            log::warn!(
-                "publisher {}: connection lost: {}; {} events buffered meanwhile",
-                self.name(),
-                msg.error,
-                self.buffer.len()
-            );
-        }
-    }
 }
