@@ -49,16 +49,6 @@ impl OutFrame {
         Parser::write_close(&mut buf, Some(reason), false);
         Self(buf.freeze())
     }
-
-    /// Bytes on the wire.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Whether it has no bytes (never, for a real frame).
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 fn encode(payload: &[u8], opcode: OpCode) -> Bytes {
@@ -195,11 +185,6 @@ impl Outbox {
     /// Sends `value` as a text frame.
     pub fn push_json(&self, value: &serde_json::Value) {
         self.push(OutFrame::json(value));
-    }
-
-    /// Whether the connection is still there.
-    pub fn is_connected(&self) -> bool {
-        self.recipient.connected()
     }
 }
 
