@@ -230,9 +230,13 @@ impl<'a> Frame<'a> {
 
 /// A direct message from `sender` to `target`, stamped now.
 pub fn direct_frame(sender: &str, target: &str) -> String {
+    direct_frame_at(sender, target, now_us())
+}
+
+/// A direct message from `sender` to `target`, stamped `t_us`.
+pub fn direct_frame_at(sender: &str, target: &str, t_us: u64) -> String {
     format!(
-        r#"{{"type":"message","data":{{"message_type":"direct_message","sender_id":"{sender}","target_agent_id":"{target}","text_representation":"bench","content":{{"t":{}}}}}}}"#,
-        now_us()
+        r#"{{"type":"message","data":{{"message_type":"direct_message","sender_id":"{sender}","target_agent_id":"{target}","text_representation":"bench","content":{{"t":{t_us}}}}}}}"#
     )
 }
 

@@ -229,6 +229,10 @@ pub enum Reply {
         lat_us: Vec<u32>,
         /// Sockets the server closed during the phase, by code.
         closes: BTreeMap<String, u64>,
+        /// Open loop: messages sent in the window that had not arrived one second after
+        /// the last send (in-flight messages are not counted).
+        #[serde(default)]
+        lost: Option<u64>,
     },
     /// `broadcast` done.
     Broadcasted {

@@ -6,14 +6,16 @@
 //! their header; it parses text frames into protocol messages ([`requests`]: system
 //! requests into a [`Command`](crate::protocol::Command) once), keeps the connection's liveness clock, answers what it can answer
 //! alone (pings, `list_mods`, `list_protocols`, `unregister_agent`) and forwards the
-//! rest to the registry. Frames for the agent arrive as [`OutFrame`] messages and are
-//! written straight to the kernel; only what the kernel refuses is queued, and an agent
+//! rest to the registry. Frames from other actors are written by the thread's relay
+//! straight into the connection's [`outgoing`] half, with no message to the actor;
+//! only what the kernel refuses is queued, and the actor is woken then. An agent
 //! whose queue stays over `limits.max_pending_bytes` for `limits.slow_consumer_grace`
 //! (or exceeds `limits.max_message_queue_size` frames) is a slow consumer. After a close
 //! handshake, either side starting it, the actor sends FIN at once. It always reports
 //! its end to the registry, whatever the cause.
 
 mod frames;
+mod outgoing;
 mod requests;
 mod socket;
 
@@ -22,14 +24,16 @@ pub use frames::{FrameReader, Received};
 use crate::clock::monotonic_ms;
 use crate::disconnect::Disconnect;
 use crate::liveness::{ConnectionClock, Liveness, SessionId};
-use crate::outbound::{OutFrame, Outbox};
+use crate::outbound::{OutFrame, Outbox, SinkRegistration};
 use crate::protocol::{self, ErrorCode};
 use crate::registry::{Connected, ConnectionEnded, ConnectionOrder, Registry};
 use crate::settings::{secs, LimitsSettings};
 use actix::prelude::*;
 use bytes::BytesMut;
+use outgoing::{Attend, Outgoing};
 use serde_json::Value;
 use socket::{ReadOutcome, Readable, Socket};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,6 +93,10 @@ pub struct AgentConnection {
     registry: Addr<Registry>,
     settings: Arc<ConnectionSettings>,
     socket: Socket,
+    /// The writing half, shared with the thread's relay.
+    outgoing: Rc<Outgoing>,
+    /// The outgoing half's entry in the relay's table (removed when dropped).
+    sink: Option<SinkRegistration>,
     reader: FrameReader,
     clock: Arc<ConnectionClock>,
     state: RegistrationState,
@@ -124,11 +132,15 @@ impl AgentConnection {
     ) -> Self {
         open_sockets.fetch_add(1, Ordering::AcqRel);
         let reader = FrameReader::new(settings.limits.max_frame_bytes);
+        let io = Rc::new(stream);
+        let outgoing = Outgoing::new(io.clone(), settings.limits.max_message_queue_size);
         Self {
             session_id,
             remote_addr,
             registry,
-            socket: Socket::new(stream, early),
+            socket: Socket::new(io, early),
+            outgoing: Rc::new(outgoing),
+            sink: None,
             reader,
             settings,
             clock: Arc::new(ConnectionClock::starting_at(monotonic_ms())),
@@ -153,11 +165,12 @@ impl AgentConnection {
         self.end = Some(disconnect);
         self.report_end();
         if !drain {
-            self.socket.discard_pending();
+            self.outgoing.discard_pending();
         }
         self.closing = Closing::CloseFrameQueued;
+        self.outgoing.stop_accepting();
         let frame = OutFrame::close(disconnect.code, disconnect.reason.as_str());
-        if let Err(error) = self.socket.write(frame.0) {
+        if let Err(error) = self.outgoing.write(frame.0) {
             return self.lost(ctx, error);
         }
         ctx.run_later(CLOSE_GRACE, |act, ctx| {
@@ -182,7 +195,7 @@ impl AgentConnection {
         if self.closing != Closing::No {
             return;
         }
-        if let Err(error) = self.socket.write(frame.0) {
+        if let Err(error) = self.outgoing.write(frame.0) {
             return self.lost(ctx, error);
         }
         self.after_write(ctx);
@@ -195,15 +208,17 @@ impl AgentConnection {
     /// After a write or flush: waits for the kernel if it refused bytes, judges the
     /// backlog, and sends FIN once a close frame is out.
     fn after_write(&mut self, ctx: &mut Context<Self>) {
-        let frames = self.socket.pending_frames();
+        let frames = self.outgoing.pending_frames();
         self.clock.set_queued_frames(frames);
         if frames > 0 {
             self.await_writable(ctx);
         }
+        // While a wait for write readiness is in flight the relay need not wake us.
+        self.outgoing.set_watched(self.awaiting_writable);
         match self.closing {
             Closing::No => self.judge_backlog(ctx),
             Closing::CloseFrameQueued if frames == 0 => {
-                self.socket.shutdown_write();
+                self.outgoing.shutdown_write();
                 self.closing = Closing::FinSent;
                 ctx.run_later(LINGER, |_, ctx| ctx.stop());
             }
@@ -216,10 +231,10 @@ impl AgentConnection {
     /// than `slow_consumer_grace`.
     fn judge_backlog(&mut self, ctx: &mut Context<Self>) {
         let limits = &self.settings.limits;
-        if self.socket.pending_frames() > limits.max_message_queue_size {
+        if self.outgoing.pending_frames() > limits.max_message_queue_size {
             return self.close(ctx, Disconnect::SLOW_CONSUMER, false);
         }
-        if self.socket.pending_bytes() <= limits.max_pending_bytes {
+        if self.outgoing.pending_bytes() <= limits.max_pending_bytes {
             self.over_budget_since = None;
             return;
         }
@@ -251,7 +266,7 @@ impl AgentConnection {
         };
         ctx.spawn(fut::wrap_future(wait).map(|ready, act: &mut Self, ctx| {
             act.awaiting_writable = false;
-            let flushed = ready.and_then(|()| act.socket.flush());
+            let flushed = ready.and_then(|()| act.outgoing.flush());
             match flushed {
                 Ok(()) => act.after_write(ctx),
                 Err(error) => act.lost(ctx, error),
@@ -352,10 +367,14 @@ impl Actor for AgentConnection {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.add_stream(Readable(self.socket.io()));
+        let address = ctx.address();
+        self.outgoing.set_owner(&address.clone().recipient());
+        let (outbox, sink) = Outbox::register(self.outgoing.clone());
+        self.sink = Some(sink);
         self.registry.do_send(Connected {
             session_id: self.session_id,
-            orders: ctx.address().recipient(),
-            outbox: Outbox::new(ctx.address().recipient()),
+            orders: address.recipient(),
+            outbox,
             remote_addr: self.remote_addr.clone(),
         });
         let timeout = secs(self.settings.registration_timeout);
@@ -401,11 +420,14 @@ impl StreamHandler<std::io::Result<()>> for AgentConnection {
     }
 }
 
-impl Handler<OutFrame> for AgentConnection {
+impl Handler<Attend> for AgentConnection {
     type Result = ();
 
-    fn handle(&mut self, frame: OutFrame, ctx: &mut Self::Context) {
-        self.send(ctx, frame);
+    fn handle(&mut self, msg: Attend, ctx: &mut Self::Context) {
+        match msg.failure {
+            Some(error) => self.lost(ctx, error),
+            None => self.after_write(ctx),
+        }
     }
 }
 

@@ -1,14 +1,14 @@
-//! The connection's TCP stream: reading on readiness into a buffer shared by the worker
-//! thread, and writing straight to the kernel, queueing only what it refused.
+//! The reading half of a connection's TCP stream: reading on readiness into a buffer
+//! shared by the worker thread ([`Outgoing`](super::outgoing::Outgoing) is the writing
+//! half).
 //!
 //! A connection owns bytes of its own only while a frame is partial (inbound) or while
 //! the kernel will not take more (outbound): an idle agent costs its actor, its stream's
 //! registration and a few words here.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::BytesMut;
 use futures_util::Stream;
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -46,28 +46,17 @@ pub enum ReadOutcome {
     Eof,
 }
 
-/// The stream and the bytes owned by one connection.
+/// The stream and the inbound bytes owned by one connection.
 pub struct Socket {
     io: Rc<TcpStream>,
     /// Bytes of a partial inbound frame (empty, without capacity, otherwise).
     partial: BytesMut,
-    /// Outbound frames (or the rest of one) the kernel has not taken yet.
-    pending: VecDeque<Bytes>,
-    pending_bytes: usize,
-    /// The front of `pending` is the rest of a frame the kernel took part of.
-    front_started: bool,
 }
 
 impl Socket {
     /// Wraps an upgraded stream; `early` holds bytes read with the upgrade request.
-    pub fn new(io: TcpStream, early: BytesMut) -> Self {
-        Self {
-            io: Rc::new(io),
-            partial: early,
-            pending: VecDeque::new(),
-            pending_bytes: 0,
-            front_started: false,
-        }
+    pub fn new(io: Rc<TcpStream>, early: BytesMut) -> Self {
+        Self { io, partial: early }
     }
 
     /// The stream, for readiness.
@@ -123,89 +112,5 @@ impl Socket {
             }
             (false, false) => self.partial = buf,
         }
-    }
-
-    /// Writes `frame` now if nothing is queued before it; queues what the kernel does
-    /// not take.
-    pub fn write(&mut self, frame: Bytes) -> io::Result<()> {
-        if self.pending.is_empty() {
-            let written = match Self::send(&self.io, &frame) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => return Err(e),
-            };
-            if written == frame.len() {
-                return Ok(());
-            }
-            let rest = frame.slice(written..);
-            self.front_started = written > 0;
-            self.pending_bytes += rest.len();
-            self.pending.push_back(rest);
-        } else {
-            self.pending_bytes += frame.len();
-            self.pending.push_back(frame);
-        }
-        Ok(())
-    }
-
-    /// Writes what is queued until the kernel refuses or the queue is empty.
-    pub fn flush(&mut self) -> io::Result<()> {
-        while let Some(front) = self.pending.front_mut() {
-            let written = match Self::send(&self.io, front) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            self.pending_bytes -= written;
-            if written == front.len() {
-                self.pending.pop_front();
-                self.front_started = false;
-            } else {
-                front.advance(written);
-                self.front_started |= written > 0;
-                return Ok(());
-            }
-        }
-        self.pending.shrink_to(0);
-        Ok(())
-    }
-
-    /// Drops the queued frames (a slow consumer's backlog), but for the rest of a
-    /// frame already partly written: the stream must stay well framed.
-    pub fn discard_pending(&mut self) {
-        let keep = if self.front_started {
-            self.pending.pop_front()
-        } else {
-            None
-        };
-        self.pending = keep.into_iter().collect();
-        self.pending_bytes = self.pending.iter().map(Bytes::len).sum();
-    }
-
-    /// Frames (or parts of one) the kernel has not taken.
-    pub fn pending_frames(&self) -> usize {
-        self.pending.len()
-    }
-
-    /// Bytes the kernel has not taken.
-    pub fn pending_bytes(&self) -> usize {
-        self.pending_bytes
-    }
-
-    /// Writes what the kernel takes of `buf`. When tokio's readiness says the socket
-    /// is not writable, the kernel is asked anyway: on this project's machines a
-    /// write-readiness edge was seen to go missing after a partial write (the kernel
-    /// had room, tokio never heard of it), which would leave a backlog stuck until the
-    /// close grace ran out.
-    fn send(io: &TcpStream, buf: &[u8]) -> io::Result<usize> {
-        match io.try_write(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket2::SockRef::from(io).send(buf),
-            other => other,
-        }
-    }
-
-    /// Sends FIN: the agent reads everything written so far, then the end of stream.
-    pub fn shutdown_write(&self) {
-        let _ = socket2::SockRef::from(&*self.io).shutdown(std::net::Shutdown::Write);
     }
 }

@@ -32,6 +32,7 @@ struct Watched {
 impl Watched {
     /// The pings received so far.
     async fn pings(&self) -> Vec<Value> {
+        crate::outbound::relay::delivered().await;
         take(&self.frames).await.iter().map(json_of).collect()
     }
 }
@@ -53,7 +54,7 @@ impl Harness {
     async fn track(&self, session_id: SessionId) -> Watched {
         let clock = Arc::new(ConnectionClock::starting_at(self.clock.now_ms()));
         let frames = Collector::start_new();
-        let outbox = Outbox::new(frames.clone().recipient());
+        let outbox = Outbox::forwarding_to(frames.clone().recipient());
         let watch = Watch::Track {
             session_id,
             agent_id: format!("agent-{session_id}").into(),

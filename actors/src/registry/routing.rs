@@ -17,7 +17,7 @@ impl Registry {
             return false;
         };
         if let Some(socket) = self.sockets.get(&entry.session_id) {
-            socket.outbox.push_routed(frame);
+            socket.outbox.push(frame);
         }
         true
     }

@@ -39,8 +39,23 @@ struct RouteShared {
     recording: AtomicBool,
     received: AtomicU64,
     sent: AtomicU64,
+    /// The recorded window by send time (µs; 0..0 before the first): messages sent in
+    /// it are counted when sent and when they arrive, whenever that is, so losses are
+    /// told from messages still in flight when the window closed.
+    window_start_us: AtomicU64,
+    window_end_us: AtomicU64,
+    window_sent: AtomicU64,
+    window_arrived: AtomicU64,
     lats: Mutex<Vec<u32>>,
     closes: Mutex<BTreeMap<String, u64>>,
+}
+
+impl RouteShared {
+    /// Whether a message stamped `t_us` was sent in the recorded window.
+    fn in_window(&self, t_us: u64) -> bool {
+        t_us >= self.window_start_us.load(Ordering::Relaxed)
+            && t_us < self.window_end_us.load(Ordering::Relaxed)
+    }
 }
 
 impl Worker {
@@ -190,8 +205,12 @@ impl Worker {
                     if shared.recording.load(Ordering::Relaxed) {
                         shared.sent.fetch_add(1, Ordering::Relaxed);
                     }
+                    let t = now_us();
+                    if shared.in_window(t) {
+                        shared.window_sent.fetch_add(1, Ordering::Relaxed);
+                    }
                     if tx
-                        .send(Message::text(client::direct_frame(&id, &peer)))
+                        .send(Message::text(client::direct_frame_at(&id, &peer, t)))
                         .is_err()
                     {
                         break;
@@ -200,11 +219,18 @@ impl Worker {
             }));
         }
         tokio::time::sleep(Duration::from_secs_f64(warmup_s)).await;
-        let reply = record(&state.shared, duration_s).await;
+        let mut reply = record(&state.shared, duration_s).await;
         for task in tasks {
             let _ = task.await;
         }
+        // What was sent in the window and has not arrived a second after the last send
+        // is lost.
         tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Reply::Routed { lost, .. } = &mut reply {
+            let sent = state.shared.window_sent.load(Ordering::SeqCst);
+            let arrived = state.shared.window_arrived.load(Ordering::SeqCst);
+            *lost = Some(sent.saturating_sub(arrived));
+        }
         reply
     }
 
@@ -228,9 +254,14 @@ async fn record(shared: &RouteShared, duration_s: f64) -> Reply {
     shared.received.store(0, Ordering::SeqCst);
     shared.sent.store(0, Ordering::SeqCst);
     shared.lats.lock().unwrap().clear();
+    shared.window_sent.store(0, Ordering::SeqCst);
+    shared.window_arrived.store(0, Ordering::SeqCst);
+    shared.window_end_us.store(u64::MAX, Ordering::SeqCst);
+    shared.window_start_us.store(now_us(), Ordering::SeqCst);
     shared.recording.store(true, Ordering::SeqCst);
     let started = std::time::Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(duration_s)).await;
+    shared.window_end_us.store(now_us(), Ordering::SeqCst);
     shared.recording.store(false, Ordering::SeqCst);
     let seconds = started.elapsed().as_secs_f64();
     Reply::Routed {
@@ -239,6 +270,7 @@ async fn record(shared: &RouteShared, duration_s: f64) -> Reply {
         seconds,
         lat_us: std::mem::take(&mut *shared.lats.lock().unwrap()),
         closes: shared.closes.lock().unwrap().clone(),
+        lost: None,
     }
 }
 
@@ -281,6 +313,9 @@ async fn route_reader(
                 let Some(t) = frame.bench_content().and_then(|c| c.t) else {
                     continue;
                 };
+                if shared.in_window(t) {
+                    shared.window_arrived.fetch_add(1, Ordering::Relaxed);
+                }
                 if shared.recording.load(Ordering::Relaxed) {
                     shared.received.fetch_add(1, Ordering::Relaxed);
                     let lat = now_us().saturating_sub(t).min(u32::MAX as u64) as u32;

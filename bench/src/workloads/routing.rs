@@ -44,7 +44,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Vec<Table>, String> {
     let mut direct_table = Table::new(format!("Routing: direct messages, {} pairs", args.pairs));
     direct_table.rows = rows;
     direct_table.notes.push(format!(
-        "Saturation: closed loop, {} messages in flight per pair, every receipt answered with a new message to the peer; rate = messages received per second. Half and fixed: open loop, the `ra-*` agents send at a fixed total rate, latency = receipt − send time written in the message (one clock). The floor does not route: it echoes each message to its sender, so its numbers are one hop through a bare WebSocket server. A fixed rate above a system's saturation is not run (its queue would only grow).",
+        "Saturation: closed loop, {} messages in flight per pair, every receipt answered with a new message to the peer; rate = messages received per second. Half and fixed: open loop, the `ra-*` agents send at a fixed total rate, latency = receipt − send time written in the message (one clock). The floor does not route: it echoes each message to its sender, so its numbers are one hop through a bare WebSocket server. A fixed rate above a system's saturation is not run (its queue would only grow). Lost = messages sent in the half-rate and fixed-rate windows that had not arrived one second after the last send (messages still in flight when a window closes are not counted as lost).",
         args.window
     ));
     finish(ctx, &mut direct_table);
@@ -70,27 +70,29 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Vec<Table>, String> {
 }
 
 struct Phase {
-    sent: u64,
     received: u64,
     seconds: f64,
     lat_us: Vec<u32>,
     closes: BTreeMap<String, u64>,
+    /// Open loop: sent in the window and never arrived.
+    lost: Option<u64>,
 }
 
 fn phase(reply: Reply) -> Result<Phase, String> {
     match reply {
         Reply::Routed {
-            sent,
+            sent: _,
             received,
             seconds,
             lat_us,
             closes,
+            lost,
         } => Ok(Phase {
-            sent,
             received,
             seconds,
             lat_us,
             closes,
+            lost,
         }),
         other => Err(format!("unexpected reply {other:?}")),
     }
@@ -203,7 +205,7 @@ async fn direct_phases(
         row.push(opt(&format!("{label} p99 ms"), p99, 3, "none"));
         row.push(num(
             "lost",
-            (f.sent.saturating_sub(f.received) + h.sent.saturating_sub(h.received)) as f64,
+            (f.lost.unwrap_or(0) + h.lost.unwrap_or(0)) as f64,
             0,
         ));
         if !f.closes.is_empty() {

@@ -69,7 +69,7 @@ impl Harness {
         self.next_session += 1;
         let orders = Collector::start_new();
         let frames = Collector::start_new();
-        let outbox = Outbox::new(frames.clone().recipient());
+        let outbox = Outbox::forwarding_to(frames.clone().recipient());
         self.registry
             .send(Connected {
                 session_id,
@@ -126,6 +126,7 @@ impl Harness {
 impl Agent {
     /// The text frames the agent was sent so far, parsed.
     pub(super) async fn received(&self) -> Vec<Value> {
+        crate::outbound::relay::delivered().await;
         take(&self.frames).await.iter().map(json_of).collect()
     }
 

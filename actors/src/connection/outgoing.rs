@@ -1,0 +1,195 @@
+//! The writing half of a connection: frames go straight to the kernel, and only what it
+//! refuses is queued.
+//!
+//! It is shared (an `Rc`) by the connection actor, which writes its own answers, and
+//! by its thread's relay, which writes what other actors send (routed messages,
+//! broadcasts, pings) without a message to the actor. When a write leaves bytes
+//! queued, or fails, the actor is asked to attend to it ([`Attend`]) unless it is already
+//! watching the backlog: waiting for write readiness and judging a slow consumer stay
+//! the actor's work.
+
+use crate::outbound::{FrameSink, OutFrame};
+use actix::prelude::*;
+use actix::WeakRecipient;
+use bytes::{Buf, Bytes};
+use std::cell::{Cell, OnceCell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::rc::Rc;
+use tokio::net::TcpStream;
+
+/// Asks the connection actor to look at its backlog (or at a failed write).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Attend {
+    /// The write that failed, if one did.
+    pub failure: Option<io::Error>,
+}
+
+/// Outbound frames (or the rest of one) the kernel has not taken yet.
+#[derive(Default)]
+struct Backlog {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    /// The front of `frames` is the rest of a frame the kernel took part of.
+    front_started: bool,
+}
+
+/// The writing half of one connection.
+pub struct Outgoing {
+    io: Rc<TcpStream>,
+    backlog: RefCell<Backlog>,
+    /// False once the close frame is written or queued: nothing may follow it.
+    accepting: Cell<bool>,
+    /// The actor will look at the backlog without being asked: an [`Attend`] is on its
+    /// way, or it waits for write readiness.
+    watched: Cell<bool>,
+    /// Queued frames past which the actor is asked again even if it is watching (it
+    /// closes a slow consumer that has more).
+    frame_limit: usize,
+    /// The actor to ask for attention (weak: the relay's table must not keep it alive).
+    owner: OnceCell<WeakRecipient<Attend>>,
+}
+
+impl Outgoing {
+    /// The writing half of `io`, whose actor closes it past `frame_limit` queued frames.
+    pub fn new(io: Rc<TcpStream>, frame_limit: usize) -> Self {
+        Self {
+            io,
+            backlog: RefCell::default(),
+            accepting: Cell::new(true),
+            watched: Cell::new(false),
+            frame_limit,
+            owner: OnceCell::new(),
+        }
+    }
+
+    /// Sets the actor that attends to the backlog.
+    pub fn set_owner(&self, owner: &Recipient<Attend>) {
+        let _ = self.owner.set(owner.downgrade());
+    }
+
+    /// Stops accepting frames from others: the close frame is next.
+    pub fn stop_accepting(&self) {
+        self.accepting.set(false);
+    }
+
+    /// Whether the actor will look at the backlog without being asked.
+    pub fn set_watched(&self, watched: bool) {
+        self.watched.set(watched);
+    }
+
+    /// Writes `frame` now if nothing is queued before it; queues what the kernel does
+    /// not take.
+    pub fn write(&self, frame: Bytes) -> io::Result<()> {
+        let mut guard = self.backlog.borrow_mut();
+        let backlog = &mut *guard;
+        if !backlog.frames.is_empty() {
+            backlog.bytes += frame.len();
+            backlog.frames.push_back(frame);
+            return Ok(());
+        }
+        let written = match send(&self.io, &frame) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        if written < frame.len() {
+            let rest = frame.slice(written..);
+            backlog.front_started = written > 0;
+            backlog.bytes += rest.len();
+            backlog.frames.push_back(rest);
+        }
+        Ok(())
+    }
+
+    /// Writes what is queued until the kernel refuses or the queue is empty.
+    pub fn flush(&self) -> io::Result<()> {
+        let mut guard = self.backlog.borrow_mut();
+        let backlog = &mut *guard;
+        while let Some(front) = backlog.frames.front_mut() {
+            let written = match send(&self.io, front) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            backlog.bytes -= written;
+            if written == front.len() {
+                backlog.frames.pop_front();
+                backlog.front_started = false;
+            } else {
+                front.advance(written);
+                backlog.front_started |= written > 0;
+                return Ok(());
+            }
+        }
+        backlog.frames.shrink_to(0);
+        Ok(())
+    }
+
+    /// Drops the queued frames (a slow consumer's backlog), but for the rest of a
+    /// frame already partly written: the stream must stay well framed.
+    pub fn discard_pending(&self) {
+        let mut guard = self.backlog.borrow_mut();
+        let backlog = &mut *guard;
+        let keep = if backlog.front_started {
+            backlog.frames.pop_front()
+        } else {
+            None
+        };
+        backlog.frames = keep.into_iter().collect();
+        backlog.bytes = backlog.frames.iter().map(Bytes::len).sum();
+    }
+
+    /// Frames (or parts of one) the kernel has not taken.
+    pub fn pending_frames(&self) -> usize {
+        self.backlog.borrow().frames.len()
+    }
+
+    /// Bytes the kernel has not taken.
+    pub fn pending_bytes(&self) -> usize {
+        self.backlog.borrow().bytes
+    }
+
+    /// Sends FIN: the agent reads everything written so far, then the end of stream.
+    pub fn shutdown_write(&self) {
+        let _ = socket2::SockRef::from(&*self.io).shutdown(std::net::Shutdown::Write);
+    }
+
+    fn ask_attention(&self, failure: Option<io::Error>) {
+        let over_limit = self.pending_frames() == self.frame_limit + 1;
+        if self.watched.replace(true) && failure.is_none() && !over_limit {
+            return;
+        }
+        if let Some(owner) = self.owner.get().and_then(|owner| owner.upgrade()) {
+            owner.do_send(Attend { failure });
+        }
+    }
+}
+
+impl FrameSink for Outgoing {
+    fn deliver(&self, frame: OutFrame) {
+        if !self.accepting.get() {
+            return;
+        }
+        match self.write(frame.0) {
+            Ok(()) if self.pending_frames() == 0 => {}
+            Ok(()) => self.ask_attention(None),
+            Err(error) => {
+                self.accepting.set(false);
+                self.ask_attention(Some(error));
+            }
+        }
+    }
+}
+
+/// Writes what the kernel takes of `buf`. When tokio's readiness says the socket is not
+/// writable, the kernel is asked anyway: on this project's machines a write-readiness
+/// edge was seen to go missing after a partial write (the kernel had room, tokio never
+/// heard of it), which would leave a backlog stuck until the close grace ran out.
+fn send(io: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    match io.try_write(buf) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket2::SockRef::from(io).send(buf),
+        other => other,
+    }
+}

@@ -1,0 +1,185 @@
+//! The relay of a worker thread: it writes frames sent from other threads straight into
+//! the sinks of that thread's connections, in one pass, without a message per frame.
+//!
+//! Every thread that runs connections has one [`Relay`] actor and one table of
+//! [`FrameSink`]s (a slab: a connection's place in it is a [`SinkKey`], which other
+//! threads can hold). A producer on another thread (the registry routing a message, the
+//! heartbeat's tick) sends one [`Deliveries`] per thread; the relay looks each key up and
+//! hands the frame to the sink, which writes it to the kernel. The connection actor
+//! itself is woken only when the kernel refuses bytes (its sink asks for attention).
+
+use super::OutFrame;
+use actix::prelude::*;
+use slab::Slab;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::RwLock;
+
+/// Where the frames of one connection are written, on the connection's own thread.
+pub trait FrameSink {
+    /// Writes `frame` for the agent (or queues what the kernel refuses); drops it if the
+    /// connection is closing.
+    fn deliver(&self, frame: OutFrame);
+}
+
+/// A connection's place in its thread's sink table: valid on any thread, resolved only
+/// on the connection's own. The generation tells a reused slot from the one the key
+/// was made for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SinkKey {
+    index: u32,
+    generation: u32,
+}
+
+/// Frames for connections of one thread, keyed by their sinks.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Deliveries(pub Vec<(SinkKey, OutFrame)>);
+
+/// Answers once every [`Deliveries`] sent to the relay before it has been delivered.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Barrier;
+
+/// One per thread that runs connections: hands [`Deliveries`] to the sinks.
+pub struct Relay;
+
+impl Actor for Relay {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(usize::MAX >> 4);
+    }
+}
+
+impl Handler<Deliveries> for Relay {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deliveries, _ctx: &mut Self::Context) {
+        for (key, frame) in msg.0 {
+            // The table is not borrowed while the sink writes.
+            if let Some(sink) = sink_of(key) {
+                sink.deliver(frame);
+            }
+        }
+    }
+}
+
+impl Handler<Barrier> for Relay {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Barrier, _ctx: &mut Self::Context) {}
+}
+
+/// Every thread's relay, by number. An outbox keeps only the number: a cloned address
+/// costs about 130 bytes, which every agent would pay several times over.
+static RELAYS: RwLock<Vec<Recipient<Deliveries>>> = RwLock::new(Vec::new());
+
+/// This thread's sinks and the generation counter of their keys.
+struct Sinks {
+    table: Slab<(u32, Rc<dyn FrameSink>)>,
+    next_generation: u32,
+}
+
+thread_local! {
+    static THIS_THREAD_RELAY: Cell<Option<(u32, Addr<Relay>)>> = const { Cell::new(None) };
+    static SINKS: RefCell<Sinks> = RefCell::new(Sinks {
+        table: Slab::new(),
+        next_generation: 0,
+    });
+}
+
+/// The number of this thread's relay, started on first use.
+pub(super) fn this_thread_relay() -> u32 {
+    this_thread_relay_addr().0
+}
+
+fn this_thread_relay_addr() -> (u32, Addr<Relay>) {
+    THIS_THREAD_RELAY.with(|cell| {
+        if let Some(relay) = cell.take() {
+            cell.set(Some(relay.clone()));
+            return relay;
+        }
+        let addr = Relay.start();
+        let mut relays = RELAYS.write().unwrap_or_else(|e| e.into_inner());
+        relays.push(addr.clone().recipient());
+        let relay = ((relays.len() - 1) as u32, addr);
+        cell.set(Some(relay.clone()));
+        relay
+    })
+}
+
+/// Sends `deliveries` to the relay numbered `id` (dropped if there is none: no sink
+/// can have been registered on a thread without a relay).
+pub(super) fn send_to_relay(id: u32, deliveries: Deliveries) {
+    let relays = RELAYS.read().unwrap_or_else(|e| e.into_inner());
+    if let Some(relay) = relays.get(id as usize) {
+        relay.do_send(deliveries);
+    }
+}
+
+/// Waits until this thread's relay has delivered everything sent to it so far (for
+/// tests, which look at what a sink received).
+pub async fn delivered() {
+    let (_, relay) = this_thread_relay_addr();
+    let _ = relay.send(Barrier).await;
+}
+
+fn sink_of(key: SinkKey) -> Option<Rc<dyn FrameSink>> {
+    SINKS.with(|sinks| {
+        let sinks = sinks.borrow();
+        match sinks.table.get(key.index as usize) {
+            Some((generation, sink)) if *generation == key.generation => Some(sink.clone()),
+            _ => None,
+        }
+    })
+}
+
+/// A sink's entry in its thread's table; dropping it removes the entry, after which
+/// frames for its key are dropped.
+pub struct SinkRegistration {
+    key: SinkKey,
+    /// Tied to the thread whose table holds the entry.
+    _not_send: std::marker::PhantomData<Rc<()>>,
+}
+
+impl SinkRegistration {
+    /// Enters `sink` in this thread's table (starting the thread's relay if needed).
+    pub fn new(sink: Rc<dyn FrameSink>) -> (Self, u32) {
+        let relay = this_thread_relay();
+        let key = SINKS.with(|sinks| {
+            let mut sinks = sinks.borrow_mut();
+            sinks.next_generation = sinks.next_generation.wrapping_add(1);
+            let generation = sinks.next_generation;
+            let index = sinks.table.insert((generation, sink)) as u32;
+            SinkKey { index, generation }
+        });
+        let registration = Self {
+            key,
+            _not_send: std::marker::PhantomData,
+        };
+        (registration, relay)
+    }
+
+    /// The key other threads address the sink by.
+    pub fn key(&self) -> SinkKey {
+        self.key
+    }
+}
+
+impl Drop for SinkRegistration {
+    fn drop(&mut self) {
+        let key = self.key;
+        // `try_with`: a thread being torn down may already have dropped its table.
+        let _ = SINKS.try_with(|sinks| {
+            let mut sinks = sinks.borrow_mut();
+            if matches!(sinks.table.get(key.index as usize), Some((g, _)) if *g == key.generation)
+            {
+                sinks.table.remove(key.index as usize);
+                if sinks.table.is_empty() {
+                    sinks.table.shrink_to_fit();
+                }
+            }
+        });
+    }
+}
