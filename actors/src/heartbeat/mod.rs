@@ -151,6 +151,9 @@ pub struct Heartbeat {
     stats: HeartbeatStats,
     /// Round trips of answered pings.
     ping_rtt: RttHistogram,
+    /// The tick's time and a buffer for its pings' text.
+    ping_now: f64,
+    ping_text: Vec<u8>,
 }
 
 impl Heartbeat {
@@ -166,6 +169,8 @@ impl Heartbeat {
             next_generation: 0,
             stats: HeartbeatStats::default(),
             ping_rtt: RttHistogram::default(),
+            ping_now: 0.0,
+            ping_text: Vec::new(),
         }
     }
 
@@ -187,6 +192,7 @@ impl Heartbeat {
         let now = self.clock.now_ms();
         let now_tick = now / self.rules.tick;
         self.ping_rtt.rotate();
+        self.ping_now = crate::clock::epoch_secs();
         let later = self.wheel.split_off(&(now_tick + 1));
         let due = std::mem::replace(&mut self.wheel, later);
         // The tick's pings go out in one message per worker thread.
@@ -221,10 +227,8 @@ impl Heartbeat {
             }
         }
         if agent.pinged_at.is_none() && now.saturating_sub(last_seen) >= t.interval {
-            pings.push(
-                &agent.outbox,
-                OutFrame::text(&protocol::ping_frame(&agent.agent_id)),
-            );
+            protocol::write_ping_frame(&mut self.ping_text, &agent.agent_id, self.ping_now);
+            pings.push(&agent.outbox, OutFrame::text_bytes(&self.ping_text));
             agent.pinged_at = Some(now);
             self.stats.pings_sent += 1;
         }

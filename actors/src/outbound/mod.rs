@@ -34,6 +34,11 @@ impl OutFrame {
         Self(encode(text.as_bytes(), OpCode::Text))
     }
 
+    /// A text frame carrying `text`, which must be UTF-8 (JSON written by serde_json).
+    pub fn text_bytes(text: &[u8]) -> Self {
+        Self(encode(text, OpCode::Text))
+    }
+
     /// A text frame carrying `value` serialized.
     pub fn json(value: &serde_json::Value) -> Self {
         Self::text(&value.to_string())

@@ -173,8 +173,7 @@ impl Drop for SinkRegistration {
         // `try_with`: a thread being torn down may already have dropped its table.
         let _ = SINKS.try_with(|sinks| {
             let mut sinks = sinks.borrow_mut();
-            if matches!(sinks.table.get(key.index as usize), Some((g, _)) if *g == key.generation)
-            {
+            if matches!(sinks.table.get(key.index as usize), Some((g, _)) if *g == key.generation) {
                 sinks.table.remove(key.index as usize);
                 if sinks.table.is_empty() {
                     sinks.table.shrink_to_fit();

@@ -34,8 +34,46 @@ pub enum Inbound {
 #[derive(Debug, PartialEq, Eq)]
 pub struct FrameError(pub String);
 
+/// A `system_response`'s routing fields, read without building the frame's tree.
+#[derive(serde::Deserialize)]
+struct ResponseFields<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    command: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    timestamp: Option<Value>,
+}
+
+/// Responses longer than this are parsed the general way.
+const SHORT_RESPONSE: usize = 1024;
+
+/// The most frequent frame, a ping answer (one per agent and interval), recognised
+/// without a tree of the frame: `None` when the frame is anything else or not
+/// well-formed, which the general parse then handles (and explains).
+fn parse_response(text: &str) -> Option<Inbound> {
+    if text.len() > SHORT_RESPONSE || !text.contains("system_response") {
+        return None;
+    }
+    // Duplicate keys make this fail; the general parse then applies last-wins.
+    let fields: ResponseFields = serde_json::from_str(text).ok()?;
+    if fields.kind != "system_response" {
+        return None;
+    }
+    Some(if fields.command.as_deref() == Some("ping_agent") {
+        Inbound::PingAnswer {
+            timestamp: fields.timestamp.as_ref().and_then(Value::as_f64),
+        }
+    } else {
+        Inbound::OtherResponse
+    })
+}
+
 /// Parses one text frame.
 pub fn parse_frame(text: &str) -> Result<Inbound, FrameError> {
+    if let Some(response) = parse_response(text) {
+        return Ok(response);
+    }
     let value: Value = serde_json::from_str(text)
         .map_err(|e| FrameError(format!("frame is not valid JSON: {e}")))?;
     let Value::Object(mut fields) = value else {
@@ -173,11 +211,20 @@ pub fn error_frame(error: &ProtocolError, message_id: Option<&str>) -> Value {
 /// The server's heartbeat ping to `agent_id`, stamped with the current time (float
 /// epoch seconds).
 pub fn ping_frame(agent_id: &str) -> String {
-    let id = Value::String(agent_id.to_owned());
-    let now = crate::clock::epoch_secs();
-    format!(
-        r#"{{"type":"system_request","command":"ping_agent","agent_id":{id},"timestamp":{now}}}"#
-    )
+    let mut frame = Vec::new();
+    write_ping_frame(&mut frame, agent_id, crate::clock::epoch_secs());
+    String::from_utf8(frame).expect("serde_json writes UTF-8")
+}
+
+/// Writes the ping to `agent_id` stamped `now` (float epoch seconds) into `frame`,
+/// replacing what it held: the heartbeat reuses one buffer for a tick's pings.
+pub fn write_ping_frame(frame: &mut Vec<u8>, agent_id: &str, now: f64) {
+    use std::io::Write as _;
+    frame.clear();
+    frame.extend_from_slice(br#"{"type":"system_request","command":"ping_agent","agent_id":"#);
+    // Writing into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *frame, agent_id);
+    let _ = write!(frame, r#","timestamp":{now}}}"#);
 }
 
 /// A `system_notification` with `event` and a human message.
@@ -204,6 +251,48 @@ fn echo_request_id(frame: &mut Value, request_id: Option<&Value>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ping_answers_read_without_a_tree_mean_what_the_general_parse_says() {
+        let frames = [
+            r#"{"type":"system_response","command":"ping_agent","timestamp":12.5}"#,
+            r#"{"type":"system_response","command":"ping_agent","timestamp":"x","data":{"a":[1,2]}}"#,
+            r#"{"type":"system_response","command":"ping_agent"}"#,
+            r#"{"type":"system_response","command":"list_agents","success":true}"#,
+            r#"{"type":"system_response","command":7}"#,
+            r#"{"type":"system_response","command":"ping_agent","command":"other"}"#,
+            r#"{"type":"system_response","command":"ping_agent","timestamp":null}"#,
+            r#"{"type":"message","data":{"text":"system_response ping_agent"}}"#,
+            r#"{"type":"system_response","command":"ping_agent""#,
+        ];
+        for frame in frames {
+            let general = general_parse(frame);
+            match parse_response(frame) {
+                Some(fast) => assert_eq!(
+                    format!("{:?}", Ok::<_, FrameError>(fast)),
+                    format!("{general:?}"),
+                    "{frame}"
+                ),
+                None => assert!(
+                    !matches!(general, Ok(Inbound::PingAnswer { .. }))
+                        || frame.contains(r#""command":"ping_agent","command""#),
+                    "{frame} is a ping answer the fast path missed"
+                ),
+            }
+        }
+        assert!(matches!(
+            parse_frame(frames[0]),
+            Ok(Inbound::PingAnswer {
+                timestamp: Some(t)
+            }) if t == 12.5
+        ));
+    }
+
+    /// `parse_frame` without its fast path.
+    fn general_parse(text: &str) -> Result<Inbound, FrameError> {
+        let padded = format!("{text}{}", " ".repeat(SHORT_RESPONSE));
+        parse_frame(&padded)
+    }
 
     #[test]
     fn rejects_frames_that_are_not_objects_or_have_no_known_type() {
