@@ -281,7 +281,7 @@ impl AgentConnection {
                 // Closing: discard what the agent still sends, wait for its FIN.
                 match self.socket.read_with(BytesMut::clear) {
                     Ok((ReadOutcome::Data, ())) => continue,
-                    Ok((ReadOutcome::WouldBlock, ())) => return,
+                    Ok((ReadOutcome::Drained | ReadOutcome::WouldBlock, ())) => return,
                     Ok((ReadOutcome::Eof, ())) | Err(_) => return ctx.stop(),
                 }
             }
@@ -302,7 +302,7 @@ impl AgentConnection {
             }
             match outcome {
                 ReadOutcome::Data => {}
-                ReadOutcome::WouldBlock => return,
+                ReadOutcome::Drained | ReadOutcome::WouldBlock => return,
                 ReadOutcome::Eof => {
                     let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
                     return self.lost(ctx, eof);

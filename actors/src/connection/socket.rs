@@ -38,8 +38,11 @@ impl Stream for Readable {
 /// What one read did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReadOutcome {
-    /// Bytes were read into the buffer.
+    /// Bytes were read into the buffer; there may be more.
     Data,
+    /// Bytes were read, fewer than asked for: the kernel had no more, and readiness is
+    /// cleared without a read that would block (one `recv` per arrival, not two).
+    Drained,
     /// Nothing more to read now.
     WouldBlock,
     /// The peer closed its side.
@@ -77,8 +80,19 @@ impl Socket {
             std::mem::take(&mut self.partial)
         };
         buf.reserve(READ_CHUNK);
+        let room = buf.capacity() - buf.len();
         let outcome = match self.io.try_read_buf(&mut buf) {
             Ok(0) => ReadOutcome::Eof,
+            Ok(n) if n < room => {
+                // A short read emptied the kernel's buffer. Clearing readiness here is
+                // safe: the worker's runtime is single-threaded, so an edge for bytes
+                // that arrive after the read is processed later, with a new tick, and
+                // sets readiness again.
+                let _ = self.io.try_io(tokio::io::Interest::READABLE, || {
+                    Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+                });
+                ReadOutcome::Drained
+            }
             Ok(_) => ReadOutcome::Data,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => ReadOutcome::WouldBlock,
             Err(e) => {

@@ -229,7 +229,7 @@ impl Handler<RegisterAgent> for Registry {
             session_id,
             agent_id: agent_id.clone(),
             clock: entry.clock.clone(),
-            outbox: socket.outbox.clone(),
+            outbox: socket.outbox,
         });
         let metadata = entry.metadata.clone();
         let payload = AgentEvent::Registered {
