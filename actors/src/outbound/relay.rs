@@ -182,3 +182,57 @@ impl Drop for SinkRegistration {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::{Batches, Outbox};
+
+    /// A sink that keeps what it is given.
+    #[derive(Default)]
+    struct Recording(RefCell<Vec<OutFrame>>);
+
+    impl FrameSink for Recording {
+        fn deliver(&self, frame: OutFrame) {
+            self.0.borrow_mut().push(frame);
+        }
+    }
+
+    fn registered() -> (Rc<Recording>, Outbox, SinkRegistration) {
+        let sink = Rc::new(Recording::default());
+        let (outbox, registration) = Outbox::register(sink.clone());
+        (sink, outbox, registration)
+    }
+
+    #[actix::test]
+    async fn frames_reach_the_sink_in_the_order_they_were_sent() {
+        let (sink, outbox, _registration) = registered();
+        outbox.push(OutFrame::text("one"));
+        let mut batch = Batches::default();
+        batch.push(&outbox, OutFrame::text("two"));
+        batch.send();
+        outbox.push(OutFrame::text("three"));
+        delivered().await;
+        let expected: Vec<_> = ["one", "two", "three"].map(OutFrame::text).into();
+        assert_eq!(*sink.0.borrow(), expected);
+    }
+
+    #[actix::test]
+    async fn an_ended_sink_gets_nothing_even_when_its_slot_is_reused() {
+        let (old_sink, old_outbox, old_registration) = registered();
+        drop(old_registration);
+        let (new_sink, new_outbox, _registration) = registered();
+        assert_eq!(
+            old_outbox.sink.index, new_outbox.sink.index,
+            "the slot is reused"
+        );
+        old_outbox.push(OutFrame::text("for the old connection"));
+        new_outbox.push(OutFrame::text("for the new one"));
+        delivered().await;
+        assert!(old_sink.0.borrow().is_empty());
+        assert_eq!(
+            *new_sink.0.borrow(),
+            vec![OutFrame::text("for the new one")]
+        );
+    }
+}
