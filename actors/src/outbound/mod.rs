@@ -15,7 +15,7 @@
 
 pub mod relay;
 
-pub use relay::{FrameSink, SinkKey, SinkRegistration};
+pub use relay::{Delivery, FrameSink, SinkKey, SinkRegistration};
 
 use actix::prelude::*;
 use actix_http::ws::{CloseCode, CloseReason, OpCode, Parser};
@@ -70,14 +70,14 @@ fn encode(payload: &[u8], opcode: OpCode) -> Bytes {
 /// Frames for many agents, grouped by the thread their connections run on.
 #[derive(Default)]
 pub struct Batches {
-    by_relay: HashMap<u32, Vec<(SinkKey, OutFrame)>>,
+    by_relay: HashMap<u32, Vec<(SinkKey, Delivery)>>,
 }
 
 impl Batches {
     /// Adds a frame for the agent behind `outbox`.
     pub fn push(&mut self, outbox: &Outbox, frame: OutFrame) {
         let frames = self.by_relay.entry(outbox.relay).or_default();
-        frames.push((outbox.sink, frame));
+        frames.push((outbox.sink, Delivery::Frame(frame)));
     }
 
     /// Sends every group to its thread: one message each.
@@ -120,7 +120,23 @@ impl Outbox {
 
     /// Sends a frame without waiting; dropped if the connection has ended.
     pub fn push(&self, frame: OutFrame) {
-        relay::send_to_relay(self.relay, relay::Deliveries(vec![(self.sink, frame)]));
+        self.relay_one(Delivery::Frame(frame));
+    }
+
+    /// Sends `order` to `recipient` (the connection actor) once every frame pushed
+    /// before it has been written: an order that ends or changes the connection comes
+    /// after what was sent to it first.
+    pub fn then_send<M>(&self, recipient: &Recipient<M>, order: M)
+    where
+        M: Message + Send + 'static,
+        M::Result: Send,
+    {
+        let recipient = recipient.clone();
+        self.relay_one(Delivery::Then(Box::new(move || recipient.do_send(order))));
+    }
+
+    fn relay_one(&self, delivery: Delivery) {
+        relay::send_to_relay(self.relay, relay::Deliveries(vec![(self.sink, delivery)]));
     }
 
     /// Sends `value` as a text frame.

@@ -31,10 +31,19 @@ pub struct SinkKey {
     generation: u32,
 }
 
-/// Frames for connections of one thread, keyed by their sinks.
+/// What the relay does for one connection, in the order given.
+pub enum Delivery {
+    /// Writes a frame into the connection's sink.
+    Frame(OutFrame),
+    /// Runs once the frames before it are written: sends the connection actor an order
+    /// (registered, refused, close) so that it follows the frames sent before it.
+    Then(Box<dyn FnOnce() + Send>),
+}
+
+/// What the relay does for connections of one thread, keyed by their sinks.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Deliveries(pub Vec<(SinkKey, OutFrame)>);
+pub struct Deliveries(pub Vec<(SinkKey, Delivery)>);
 
 /// Answers once every [`Deliveries`] sent to the relay before it has been delivered.
 #[derive(Message)]
@@ -56,10 +65,15 @@ impl Handler<Deliveries> for Relay {
     type Result = ();
 
     fn handle(&mut self, msg: Deliveries, _ctx: &mut Self::Context) {
-        for (key, frame) in msg.0 {
-            // The table is not borrowed while the sink writes.
-            if let Some(sink) = sink_of(key) {
-                sink.deliver(frame);
+        for (key, delivery) in msg.0 {
+            match delivery {
+                // The table is not borrowed while the sink writes.
+                Delivery::Frame(frame) => {
+                    if let Some(sink) = sink_of(key) {
+                        sink.deliver(frame);
+                    }
+                }
+                Delivery::Then(order) => order(),
             }
         }
     }

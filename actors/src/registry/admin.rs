@@ -121,7 +121,7 @@ impl Handler<CloseAll> for Registry {
             self.evict(agent_id, Disconnect::SHUTDOWN, None);
         }
         for socket in self.sockets.values() {
-            socket.orders.do_send(ConnectionOrder::Close {
+            socket.order(ConnectionOrder::Close {
                 disconnect: Disconnect::SHUTDOWN,
                 notice: None,
             });

@@ -85,9 +85,7 @@ impl Registry {
         let session_id = entry.session_id;
         self.end_incarnation(&agent_id, entry, disconnect);
         if let Some(socket) = self.sockets.get(&session_id) {
-            socket
-                .orders
-                .do_send(ConnectionOrder::Close { disconnect, notice });
+            socket.order(ConnectionOrder::Close { disconnect, notice });
         }
     }
 

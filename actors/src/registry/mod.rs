@@ -50,6 +50,13 @@ struct Socket {
     agent: Option<Arc<str>>,
 }
 
+impl Socket {
+    /// Gives the connection `order` after the frames already sent to it.
+    fn order(&self, order: ConnectionOrder) {
+        self.outbox.then_send(&self.orders, order);
+    }
+}
+
 /// One registered incarnation of an agent. Its connection's outbox and orders are in
 /// its [`Socket`] (`sockets[&session_id]`): a cloned address costs about 130 bytes.
 struct AgentEntry {

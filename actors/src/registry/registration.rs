@@ -42,16 +42,11 @@ impl Registry {
     ) {
         if let Some(socket) = self.sockets.get(&session_id) {
             let frame = protocol::response_error("register_agent", msg.request_id.as_ref(), &error);
-            if close.is_some() {
-                // Queued before the close order, so that it is written before the close.
-                socket.outbox.push_json(&frame);
-                socket.orders.do_send(ConnectionOrder::Refused(close));
-            } else {
-                // The connection is unregistered again before the agent can read the
-                // answer and retry (see the `Registered` case).
-                socket.orders.do_send(ConnectionOrder::Refused(close));
-                socket.outbox.push_json(&frame);
-            }
+            // The relay writes the answer, then hands the order to the connection in
+            // the same turn: the close follows the answer, and the connection is
+            // unregistered again before it can read the agent's retry.
+            socket.outbox.push_json(&frame);
+            socket.order(ConnectionOrder::Refused(close));
         }
         self.registration_failed(Some(&msg.registration.agent_id), error.code);
     }
@@ -206,12 +201,12 @@ impl Handler<RegisterAgent> for Registry {
             .get_mut(&session_id)
             .expect("socket checked above");
         socket.agent = Some(agent_id.clone());
-        // Tell the connection first: it then handles `Registered` (its mailbox comes
-        // before its socket) before any frame the agent sends after reading the response.
-        socket
-            .orders
-            .do_send(ConnectionOrder::Registered(agent_id.clone()));
+        // The relay writes the response and hands `Registered` to the connection in
+        // the same turn, so the connection handles it (its mailbox comes before its
+        // socket) before any frame the agent sends after reading the response, and
+        // every frame routed to the agent from now on comes after the response.
         socket.outbox.push_json(&response);
+        socket.order(ConnectionOrder::Registered(agent_id.clone()));
         let mut entry = AgentEntry {
             session_id,
             session_uuid: session,

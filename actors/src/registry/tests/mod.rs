@@ -131,6 +131,7 @@ impl Agent {
     }
 
     pub(super) async fn orders(&self) -> Vec<ConnectionOrder> {
+        crate::outbound::relay::delivered().await;
         take(&self.orders).await
     }
 }
