@@ -124,15 +124,21 @@ impl Outbox {
     }
 
     /// Sends `order` to `recipient` (the connection actor) once every frame pushed
-    /// before it has been written: an order that ends or changes the connection comes
-    /// after what was sent to it first.
-    pub fn then_send<M>(&self, recipient: &Recipient<M>, order: M)
+    /// before it has been written, and `frame` if given (in the same message to the
+    /// relay, so the order is handed over in the turn that writes the frame: the
+    /// connection has it before it can read the agent's reply): an order that ends or
+    /// changes the connection comes after what was sent to it first.
+    pub fn then_send<M>(&self, frame: Option<OutFrame>, recipient: &Recipient<M>, order: M)
     where
         M: Message + Send + 'static,
         M::Result: Send,
     {
         let recipient = recipient.clone();
-        self.relay_one(Delivery::Then(Box::new(move || recipient.do_send(order))));
+        let order = Delivery::Then(Box::new(move || recipient.do_send(order)));
+        let mut deliveries = Vec::with_capacity(2);
+        deliveries.extend(frame.map(|frame| (self.sink, Delivery::Frame(frame))));
+        deliveries.push((self.sink, order));
+        relay::send_to_relay(self.relay, relay::Deliveries(deliveries));
     }
 
     fn relay_one(&self, delivery: Delivery) {

@@ -53,7 +53,13 @@ struct Socket {
 impl Socket {
     /// Gives the connection `order` after the frames already sent to it.
     fn order(&self, order: ConnectionOrder) {
-        self.outbox.then_send(&self.orders, order);
+        self.outbox.then_send(None, &self.orders, order);
+    }
+
+    /// Sends the connection `answer`, then `order` in the same relay turn.
+    fn answer_then(&self, answer: &serde_json::Value, order: ConnectionOrder) {
+        let answer = crate::outbound::OutFrame::json(answer);
+        self.outbox.then_send(Some(answer), &self.orders, order);
     }
 }
 

@@ -45,8 +45,7 @@ impl Registry {
             // The relay writes the answer, then hands the order to the connection in
             // the same turn: the close follows the answer, and the connection is
             // unregistered again before it can read the agent's retry.
-            socket.outbox.push_json(&frame);
-            socket.order(ConnectionOrder::Refused(close));
+            socket.answer_then(&frame, ConnectionOrder::Refused(close));
         }
         self.registration_failed(Some(&msg.registration.agent_id), error.code);
     }
@@ -205,8 +204,7 @@ impl Handler<RegisterAgent> for Registry {
         // the same turn, so the connection handles it (its mailbox comes before its
         // socket) before any frame the agent sends after reading the response, and
         // every frame routed to the agent from now on comes after the response.
-        socket.outbox.push_json(&response);
-        socket.order(ConnectionOrder::Registered(agent_id.clone()));
+        socket.answer_then(&response, ConnectionOrder::Registered(agent_id.clone()));
         let mut entry = AgentEntry {
             session_id,
             session_uuid: session,
