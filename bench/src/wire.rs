@@ -219,8 +219,6 @@ pub enum Reply {
     },
     /// A routing phase done.
     Routed {
-        /// Messages sent in the recorded window.
-        sent: u64,
         /// Messages received in the recorded window.
         received: u64,
         /// Seconds recorded.

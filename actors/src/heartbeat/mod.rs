@@ -151,8 +151,7 @@ pub struct Heartbeat {
     stats: HeartbeatStats,
     /// Round trips of answered pings.
     ping_rtt: RttHistogram,
-    /// The tick's time and a buffer for its pings' text.
-    ping_now: f64,
+    /// A buffer for the text of a tick's pings, reused.
     ping_text: Vec<u8>,
 }
 
@@ -169,7 +168,6 @@ impl Heartbeat {
             next_generation: 0,
             stats: HeartbeatStats::default(),
             ping_rtt: RttHistogram::default(),
-            ping_now: 0.0,
             ping_text: Vec::new(),
         }
     }
@@ -192,19 +190,27 @@ impl Heartbeat {
         let now = self.clock.now_ms();
         let now_tick = now / self.rules.tick;
         self.ping_rtt.rotate();
-        self.ping_now = crate::clock::epoch_secs();
         let later = self.wheel.split_off(&(now_tick + 1));
         let due = std::mem::replace(&mut self.wheel, later);
-        // The tick's pings go out in one message per worker thread.
+        // The tick's pings go out in one message per worker thread, stamped once.
         let mut pings = Batches::default();
+        let stamp = crate::clock::epoch_secs();
         for (session_id, generation) in due.into_values().flatten() {
-            self.examine(session_id, generation, now, &mut pings);
+            self.examine(session_id, generation, now, stamp, &mut pings);
         }
         pings.send();
     }
 
-    /// Looks at one due agent: ping, stale, inactive, and its next deadline.
-    fn examine(&mut self, session_id: SessionId, generation: u32, now: u64, pings: &mut Batches) {
+    /// Looks at one due agent: ping (stamped `stamp`, epoch seconds), stale, inactive,
+    /// and its next deadline.
+    fn examine(
+        &mut self,
+        session_id: SessionId,
+        generation: u32,
+        now: u64,
+        stamp: f64,
+        pings: &mut Batches,
+    ) {
         let t = self.rules;
         let Some(agent) = self.agents.get_mut(&session_id) else {
             return;
@@ -227,7 +233,7 @@ impl Heartbeat {
             }
         }
         if agent.pinged_at.is_none() && now.saturating_sub(last_seen) >= t.interval {
-            protocol::write_ping_frame(&mut self.ping_text, &agent.agent_id, self.ping_now);
+            protocol::write_ping_frame(&mut self.ping_text, &agent.agent_id, stamp);
             pings.push(&agent.outbox, OutFrame::text_bytes(&self.ping_text));
             agent.pinged_at = Some(now);
             self.stats.pings_sent += 1;

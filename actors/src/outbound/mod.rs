@@ -110,8 +110,9 @@ impl Outbox {
     }
 
     /// An outbox whose frames are sent to `recipient` as messages, for as long as this
-    /// thread runs (for tests and in-process consumers that are not connections;
-    /// [`relay::delivered`] waits until what was sent has been handed over).
+    /// thread runs (tests' stand-in for a connection; [`relay::delivered`] waits until
+    /// what was sent has been handed over).
+    #[cfg(test)]
     pub fn forwarding_to(recipient: Recipient<OutFrame>) -> Self {
         let (outbox, registration) = Self::register(Rc::new(recipient));
         std::mem::forget(registration);
@@ -151,6 +152,7 @@ impl Outbox {
     }
 }
 
+#[cfg(test)]
 impl FrameSink for Recipient<OutFrame> {
     fn deliver(&self, frame: OutFrame) {
         self.do_send(frame);

@@ -11,7 +11,7 @@
 use super::OutFrame;
 use actix::prelude::*;
 use slab::Slab;
-use std::cell::{Cell, RefCell};
+use std::cell::{OnceCell, RefCell};
 use std::rc::Rc;
 use std::sync::RwLock;
 
@@ -46,9 +46,10 @@ pub enum Delivery {
 pub struct Deliveries(pub Vec<(SinkKey, Delivery)>);
 
 /// Answers once every [`Deliveries`] sent to the relay before it has been delivered.
+#[cfg(test)]
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Barrier;
+struct Barrier;
 
 /// One per thread that runs connections: hands [`Deliveries`] to the sinks.
 pub struct Relay;
@@ -79,6 +80,7 @@ impl Handler<Deliveries> for Relay {
     }
 }
 
+#[cfg(test)]
 impl Handler<Barrier> for Relay {
     type Result = ();
 
@@ -96,7 +98,7 @@ struct Sinks {
 }
 
 thread_local! {
-    static THIS_THREAD_RELAY: Cell<Option<(u32, Addr<Relay>)>> = const { Cell::new(None) };
+    static THIS_THREAD_RELAY: OnceCell<(u32, Addr<Relay>)> = const { OnceCell::new() };
     static SINKS: RefCell<Sinks> = RefCell::new(Sinks {
         table: Slab::new(),
         next_generation: 0,
@@ -110,16 +112,13 @@ pub(super) fn this_thread_relay() -> u32 {
 
 fn this_thread_relay_addr() -> (u32, Addr<Relay>) {
     THIS_THREAD_RELAY.with(|cell| {
-        if let Some(relay) = cell.take() {
-            cell.set(Some(relay.clone()));
-            return relay;
-        }
-        let addr = Relay.start();
-        let mut relays = RELAYS.write().unwrap_or_else(|e| e.into_inner());
-        relays.push(addr.clone().recipient());
-        let relay = ((relays.len() - 1) as u32, addr);
-        cell.set(Some(relay.clone()));
-        relay
+        cell.get_or_init(|| {
+            let addr = Relay.start();
+            let mut relays = RELAYS.write().unwrap_or_else(|e| e.into_inner());
+            relays.push(addr.clone().recipient());
+            ((relays.len() - 1) as u32, addr)
+        })
+        .clone()
     })
 }
 
@@ -134,6 +133,7 @@ pub(super) fn send_to_relay(id: u32, deliveries: Deliveries) {
 
 /// Waits until this thread's relay has delivered everything sent to it so far (for
 /// tests, which look at what a sink received).
+#[cfg(test)]
 pub async fn delivered() {
     let (_, relay) = this_thread_relay_addr();
     let _ = relay.send(Barrier).await;

@@ -208,16 +208,9 @@ pub fn error_frame(error: &ProtocolError, message_id: Option<&str>) -> Value {
     frame
 }
 
-/// The server's heartbeat ping to `agent_id`, stamped with the current time (float
-/// epoch seconds).
-pub fn ping_frame(agent_id: &str) -> String {
-    let mut frame = Vec::new();
-    write_ping_frame(&mut frame, agent_id, crate::clock::epoch_secs());
-    String::from_utf8(frame).expect("serde_json writes UTF-8")
-}
-
-/// Writes the ping to `agent_id` stamped `now` (float epoch seconds) into `frame`,
-/// replacing what it held: the heartbeat reuses one buffer for a tick's pings.
+/// Writes the server's heartbeat ping to `agent_id`, stamped `now` (float epoch
+/// seconds), into `frame`, replacing what it held: the heartbeat reuses one buffer for
+/// a tick's pings.
 pub fn write_ping_frame(frame: &mut Vec<u8>, agent_id: &str, now: f64) {
     use std::io::Write as _;
     frame.clear();
@@ -319,7 +312,9 @@ mod tests {
 
     #[test]
     fn a_ping_is_the_protocol_ping() {
-        let ping: Value = serde_json::from_str(&ping_frame("al\"ice")).unwrap();
+        let mut text = Vec::new();
+        write_ping_frame(&mut text, "al\"ice", crate::clock::epoch_secs());
+        let ping: Value = serde_json::from_slice(&text).unwrap();
         assert_eq!(ping["type"], "system_request");
         assert_eq!(ping["command"], "ping_agent");
         assert_eq!(ping["agent_id"], "al\"ice");

@@ -38,7 +38,6 @@ struct RouteShared {
     /// Receipts are counted and their latencies kept.
     recording: AtomicBool,
     received: AtomicU64,
-    sent: AtomicU64,
     /// The recorded window by send time (µs; 0..0 before the first): messages sent in
     /// it are counted when sent and when they arrive, whenever that is, so losses are
     /// told from messages still in flight when the window closed.
@@ -202,9 +201,6 @@ impl Worker {
                     if started.elapsed() >= total {
                         break;
                     }
-                    if shared.recording.load(Ordering::Relaxed) {
-                        shared.sent.fetch_add(1, Ordering::Relaxed);
-                    }
                     let t = now_us();
                     if shared.in_window(t) {
                         shared.window_sent.fetch_add(1, Ordering::Relaxed);
@@ -252,7 +248,6 @@ impl Worker {
 /// Records receipts on `shared` for `duration_s` and returns the phase's numbers.
 async fn record(shared: &RouteShared, duration_s: f64) -> Reply {
     shared.received.store(0, Ordering::SeqCst);
-    shared.sent.store(0, Ordering::SeqCst);
     shared.lats.lock().unwrap().clear();
     shared.window_sent.store(0, Ordering::SeqCst);
     shared.window_arrived.store(0, Ordering::SeqCst);
@@ -265,7 +260,6 @@ async fn record(shared: &RouteShared, duration_s: f64) -> Reply {
     shared.recording.store(false, Ordering::SeqCst);
     let seconds = started.elapsed().as_secs_f64();
     Reply::Routed {
-        sent: shared.sent.load(Ordering::SeqCst),
         received: shared.received.load(Ordering::SeqCst),
         seconds,
         lat_us: std::mem::take(&mut *shared.lats.lock().unwrap()),
@@ -322,9 +316,6 @@ async fn route_reader(
                     shared.lats.lock().unwrap().push(lat);
                 }
                 if shared.closed_loop.load(Ordering::Relaxed) {
-                    if shared.recording.load(Ordering::Relaxed) {
-                        shared.sent.fetch_add(1, Ordering::Relaxed);
-                    }
                     let _ = tx.send(Message::text(client::direct_frame(&id, &peer)));
                 }
             }

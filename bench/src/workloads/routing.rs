@@ -81,7 +81,6 @@ struct Phase {
 fn phase(reply: Reply) -> Result<Phase, String> {
     match reply {
         Reply::Routed {
-            sent: _,
             received,
             seconds,
             lat_us,
