@@ -8,6 +8,7 @@
 
 pub mod command;
 pub mod error;
+mod reserved;
 
 pub use command::{valid_agent_id, Command, Request};
 pub use error::{ErrorCode, ProtocolError};
@@ -73,6 +74,13 @@ fn parse_response(text: &str) -> Option<Inbound> {
 pub fn parse_frame(text: &str) -> Result<Inbound, FrameError> {
     if let Some(response) = parse_response(text) {
         return Ok(response);
+    }
+    // Before the tree: serde_json would turn an object with this key into something else.
+    if reserved::has_reserved_key(text) {
+        return Err(FrameError(format!(
+            "object key `{}` is reserved by the server's JSON library; rename it",
+            reserved::RESERVED_KEY
+        )));
     }
     let value: Value = serde_json::from_str(text)
         .map_err(|e| FrameError(format!("frame is not valid JSON: {e}")))?;
@@ -297,6 +305,19 @@ mod tests {
             parse_frame(r#"{"type":"system_response","command":"ping_agent"}"#),
             Ok(Inbound::PingAnswer { timestamp: None })
         ));
+    }
+
+    #[test]
+    fn a_message_with_serde_jsons_reserved_key_is_refused_not_altered() {
+        // Found by `cargo fuzz run protocol_frame`: the stamped frame did not parse again.
+        let found = include_str!("../../../fuzz/found/protocol_frame-rawvalue-key.json");
+        let first_key = r#"{"type":"message","data":{"$serde_json::private::RawValue":"[1]"}}"#;
+        for text in [found, first_key] {
+            let Err(FrameError(reason)) = parse_frame(text) else {
+                panic!("accepted a frame with the reserved key: {text}");
+            };
+            assert!(reason.contains("is reserved"), "{reason}");
+        }
     }
 
     #[test]
