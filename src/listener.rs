@@ -84,7 +84,7 @@ async fn upgrade(
         return refuse(&mut framed, StatusCode::SERVICE_UNAVAILABLE, error).await;
     }
     let limit = state.socket_limit();
-    if state.open_sockets.load(Ordering::Acquire) >= limit {
+    if state.open_sockets() >= limit {
         let error = format!("the server holds its limit of {limit} sockets; try again later");
         return refuse(&mut framed, StatusCode::SERVICE_UNAVAILABLE, &error).await;
     }
@@ -110,9 +110,7 @@ async fn upgrade(
         remote_addr,
         parts.io,
         parts.read_buf,
-        state.registry.clone(),
-        state.connection_settings.clone(),
-        state.open_sockets.clone(),
+        &state.connections,
     )
     .start();
     Ok(())

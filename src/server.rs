@@ -10,11 +10,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_actors::bus::{CloseSubscribers, EventBus, FlushAll, GetBusStatus, Publish};
-use tether_actors::connection::ConnectionSettings;
+use tether_actors::connection::{ConnectionContext, ConnectionSettings};
 use tether_actors::event::{EventSource, LifecycleEvent, NetworkEvent};
 use tether_actors::heartbeat::Heartbeat;
 use tether_actors::liveness::Liveness;
 use tether_actors::registry::{BeginShutdown, CloseAll, Drained, Registry, WaitFor};
+use tether_actors::routes::Routes;
 use tether_actors::settings::{secs, Settings};
 
 /// What the shutdown did, logged at exit.
@@ -54,8 +55,10 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
     // the recipient of what it sends the other: no second wiring step.
     let rules = Liveness::new(&settings.heartbeat);
     let (heartbeat_tx, heartbeat_rx) = tokio::sync::oneshot::channel();
+    let routes = Routes::new();
     let registry = {
         let (settings, source, events) = (settings.clone(), source.clone(), bus.clone());
+        let routes = routes.clone();
         let heartbeat_arbiter = heartbeat_arbiter.handle();
         Registry::start_in_arbiter(&registry_arbiter.handle(), move |ctx| {
             let verdicts = ctx.address().recipient();
@@ -64,7 +67,7 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
             });
             let _ = heartbeat_tx.send(heartbeat.clone());
             let watch = heartbeat.recipient();
-            Registry::new(settings, source, events.recipient(), watch, secret)
+            Registry::new(settings, source, events.recipient(), watch, secret, routes)
         })
     };
     let heartbeat = heartbeat_rx
@@ -72,11 +75,16 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
         .map_err(|_| std::io::Error::other("the registry's arbiter stopped at start-up"))?;
 
     let state = AppState {
-        connection_settings: Arc::new(ConnectionSettings {
-            limits: settings.limits.clone(),
-            registration_timeout: settings.network.registration_timeout,
-            liveness: rules,
-        }),
+        connections: ConnectionContext {
+            registry: registry.clone(),
+            routes,
+            settings: Arc::new(ConnectionSettings {
+                limits: settings.limits.clone(),
+                registration_timeout: settings.network.registration_timeout,
+                liveness: rules,
+            }),
+            open_sockets: Arc::new(AtomicUsize::new(0)),
+        },
         settings: settings.clone(),
         registry: registry.clone(),
         heartbeat,
@@ -84,7 +92,6 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
         source: source.clone(),
         next_session: Arc::new(AtomicU64::new(1)),
         accepting: Arc::new(AtomicBool::new(true)),
-        open_sockets: Arc::new(AtomicUsize::new(0)),
     };
     let app_state = web::Data::new(state.clone());
     let app = move || {

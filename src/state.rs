@@ -1,10 +1,10 @@
 //! What every HTTP handler can reach: the actors' addresses and the settings.
 
 use actix::Addr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use tether_actors::bus::EventBus;
-use tether_actors::connection::ConnectionSettings;
+use tether_actors::connection::ConnectionContext;
 use tether_actors::event::EventSource;
 use tether_actors::heartbeat::Heartbeat;
 use tether_actors::registry::Registry;
@@ -15,8 +15,9 @@ use tether_actors::settings::Settings;
 pub struct AppState {
     /// Validated settings.
     pub settings: Arc<Settings>,
-    /// Settings of connection actors.
-    pub connection_settings: Arc<ConnectionSettings>,
+    /// What every connection actor is given (the registry, the routing table, their
+    /// settings, the open-socket count).
+    pub connections: ConnectionContext,
     /// The registry actor.
     pub registry: Addr<Registry>,
     /// The heartbeat actor.
@@ -29,11 +30,16 @@ pub struct AppState {
     pub next_session: Arc<AtomicU64>,
     /// False once shutdown began: new WebSocket upgrades are refused.
     pub accepting: Arc<AtomicBool>,
-    /// WebSocket connections open now (registered or not).
-    pub open_sockets: Arc<AtomicUsize>,
 }
 
 impl AppState {
+    /// WebSocket connections open now (registered or not).
+    pub fn open_sockets(&self) -> usize {
+        self.connections
+            .open_sockets
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Most WebSocket connections open at once: `network.max_connections` plus room
     /// for sockets that are registering, taking over or being refused (a tenth more,
     /// at least 1 024). Past it, upgrades are answered 503.

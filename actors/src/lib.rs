@@ -29,6 +29,7 @@ pub mod outbound;
 pub mod protocol;
 pub mod publisher;
 pub mod registry;
+pub mod routes;
 pub mod settings;
 pub mod stats;
 #[cfg(test)]

@@ -5,8 +5,9 @@
 //! its worker thread and parses frames there ([`frames`]), refusing oversized frames at
 //! their header; it parses text frames into protocol messages ([`requests`]: system
 //! requests into a [`Command`](crate::protocol::Command) once), keeps the connection's liveness clock, answers what it can answer
-//! alone (pings, `list_mods`, `list_protocols`, `unregister_agent`) and forwards the
-//! rest to the registry. Frames from other actors are written by the thread's relay
+//! alone (pings, `list_mods`, `list_protocols`, `unregister_agent`), routes messages
+//! to other agents through the registry's [`Routes`] (straight to the recipients'
+//! relays) and forwards the rest to the registry. Frames from other actors are written by the thread's relay
 //! straight into the connection's [`outgoing`] half, with no message to the actor;
 //! only what the kernel refuses is queued, and the actor is woken then. An agent
 //! whose queue stays over `limits.max_pending_bytes` for `limits.slow_consumer_grace`
@@ -27,6 +28,7 @@ use crate::liveness::{ConnectionClock, Liveness, SessionId};
 use crate::outbound::{OutFrame, Outbox, SinkRegistration};
 use crate::protocol::{self, ErrorCode};
 use crate::registry::{Connected, ConnectionEnded, ConnectionOrder, Registry};
+use crate::routes::Routes;
 use crate::settings::{secs, LimitsSettings};
 use actix::prelude::*;
 use bytes::BytesMut;
@@ -75,6 +77,20 @@ pub struct ConnectionSettings {
     pub liveness: Liveness,
 }
 
+/// What every connection is given by the server: whom it reports to, where it routes
+/// messages, its settings, the count of open sockets.
+#[derive(Clone)]
+pub struct ConnectionContext {
+    /// The registry, which owns the agents' lifecycle.
+    pub registry: Addr<Registry>,
+    /// The routing table the registry keeps.
+    pub routes: Arc<Routes>,
+    /// Settings shared by all connections.
+    pub settings: Arc<ConnectionSettings>,
+    /// The server's count of open sockets.
+    pub open_sockets: Arc<AtomicUsize>,
+}
+
 /// How far a connection's close has got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Closing {
@@ -91,6 +107,7 @@ pub struct AgentConnection {
     session_id: SessionId,
     remote_addr: Arc<str>,
     registry: Addr<Registry>,
+    routes: Arc<Routes>,
     settings: Arc<ConnectionSettings>,
     socket: Socket,
     /// The writing half, shared with the thread's relay.
@@ -119,17 +136,21 @@ pub struct AgentConnection {
 }
 
 impl AgentConnection {
-    /// Builds the actor for an upgraded stream; `early` holds bytes read after the
+    /// Builds the actor for an upgraded stream in `context`; `early` holds bytes read after the
     /// upgrade request. Start it with [`Actor::start`] on the worker that accepted it.
     pub fn new(
         session_id: SessionId,
         remote_addr: Arc<str>,
         stream: TcpStream,
         early: BytesMut,
-        registry: Addr<Registry>,
-        settings: Arc<ConnectionSettings>,
-        open_sockets: Arc<AtomicUsize>,
+        context: &ConnectionContext,
     ) -> Self {
+        let ConnectionContext {
+            registry,
+            routes,
+            settings,
+            open_sockets,
+        } = context.clone();
         open_sockets.fetch_add(1, Ordering::AcqRel);
         let reader = FrameReader::new(settings.limits.max_frame_bytes);
         let io = Rc::new(stream);
@@ -138,6 +159,7 @@ impl AgentConnection {
             session_id,
             remote_addr,
             registry,
+            routes,
             socket: Socket::new(io, early),
             outgoing: Rc::new(outgoing),
             sink: None,

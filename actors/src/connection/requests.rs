@@ -1,6 +1,7 @@
 //! What a connection does with a text frame from its agent: parse it once, answer what
 //! needs no table (pings, `list_mods`, `list_protocols`, `unregister_agent`), check a
-//! registration, stamp and forward messages, and forward the rest to the registry.
+//! registration, stamp messages and route them ([`Routes`](crate::routes::Routes)), and
+//! forward the rest to the registry.
 
 use super::{AgentConnection, RegistrationState};
 use crate::clock::{epoch_secs, monotonic_ms};
@@ -8,7 +9,8 @@ use crate::disconnect::Disconnect;
 use crate::outbound::OutFrame;
 use crate::protocol::command::{Command, Refusal, Registration, Request};
 use crate::protocol::{self, ErrorCode, Inbound, MessageKind, ProtocolError};
-use crate::registry::{ActivityResumed, RegisterAgent, RegistrationRefused, Route, SystemRequest};
+use crate::registry::{ActivityResumed, RegisterAgent, RegistrationRefused, SystemRequest};
+use crate::routes::Routed;
 use actix::prelude::*;
 use serde_json::{json, Value};
 
@@ -186,12 +188,15 @@ impl AgentConnection {
             return self.send_json(ctx, &frame);
         }
         let encoded = OutFrame::text(&Value::Object(frame).to_string());
-        self.registry.do_send(Route {
-            session_id: self.session_id,
-            sender_id: agent_id,
-            kind,
-            frame: encoded,
-            message_id,
-        });
+        let routed = self
+            .routes
+            .route(self.session_id, &agent_id, &kind, encoded);
+        if let (Routed::UnknownTarget, MessageKind::Direct(target)) = (routed, &kind) {
+            let error = ProtocolError::new(
+                ErrorCode::UnknownAgent,
+                format!("Agent {target} is not connected"),
+            );
+            self.send_json(ctx, &protocol::error_frame(&error, Some(&message_id)));
+        }
     }
 }

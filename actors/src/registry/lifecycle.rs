@@ -42,6 +42,7 @@ impl Registry {
         mut entry: AgentEntry,
         disconnect: Disconnect,
     ) {
+        self.routes.remove(agent_id, entry.session_id);
         if entry.inactive {
             self.inactive_count -= 1;
         }

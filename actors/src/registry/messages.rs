@@ -6,9 +6,9 @@
 
 use crate::disconnect::Disconnect;
 use crate::liveness::{ConnectionClock, SessionId};
-use crate::outbound::{OutFrame, Outbox};
+use crate::outbound::Outbox;
 use crate::protocol::command::{Registration, Request};
-use crate::protocol::{ErrorCode, MessageKind};
+use crate::protocol::ErrorCode;
 use crate::stats::StatsSnapshot;
 use actix::prelude::*;
 use bytestring::ByteString;
@@ -94,22 +94,6 @@ pub struct SystemRequest {
     pub session_id: SessionId,
     /// The request.
     pub request: Request,
-}
-
-/// A stamped message to route.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Route {
-    /// The sending connection.
-    pub session_id: SessionId,
-    /// The sender's registered id (already written into the frame).
-    pub sender_id: Arc<str>,
-    /// Where it goes.
-    pub kind: MessageKind,
-    /// The frame, encoded once for every recipient.
-    pub frame: OutFrame,
-    /// Its message id, for error frames.
-    pub message_id: String,
 }
 
 /// Application activity ended a silence longer than `activity_timeout` (sent by the

@@ -3,7 +3,8 @@
 //!
 //! It validates registrations and takeovers ([`registration`]), numbers incarnations
 //! and events and ends incarnations ([`lifecycle`]), routes messages and answers the
-//! requests that need the table ([`routing`]), and serves the admin API and the
+//! requests that need the table ([`routing`]; messages between agents go through the
+//! [`Routes`] it keeps, read by the connections), and serves the admin API and the
 //! shutdown sequence ([`admin`]). Whenever a connection ends, for any reason, the
 //! registry ends its incarnation with exactly one `agent.disconnected` and one
 //! `agent.cleaned_up`. Ends the registry decides itself (takeover, stale, admin, slow
@@ -31,6 +32,7 @@ use crate::heartbeat::Watch;
 use crate::identity::CertificateAuthority;
 use crate::liveness::{ConnectionClock, Liveness, SessionId};
 use crate::outbound::Outbox;
+use crate::routes::Routes;
 use crate::settings::Settings;
 use crate::stats::Stats;
 use actix::prelude::*;
@@ -107,6 +109,8 @@ pub struct Registry {
     heartbeat: Recipient<Watch>,
     sockets: HashMap<SessionId, Socket>,
     agents: HashMap<Arc<str>, AgentEntry>,
+    /// The agents' outboxes, for the connections to route messages (kept with `agents`).
+    routes: Arc<Routes>,
     /// Registrations per agent id ever seen: incarnations only grow.
     incarnations: HashMap<Arc<str>, u64>,
     certificates: CertificateAuthority,
@@ -118,13 +122,15 @@ pub struct Registry {
 
 impl Registry {
     /// A registry publishing to `events` as `source`, having agents watched by
-    /// `heartbeat`, signing certificates with `secret`.
+    /// `heartbeat`, signing certificates with `secret`, keeping `routes` for the
+    /// connections.
     pub fn new(
         settings: Arc<Settings>,
         source: EventSource,
         events: Recipient<Publish>,
         heartbeat: Recipient<Watch>,
         secret: Vec<u8>,
+        routes: Arc<Routes>,
     ) -> Self {
         let ttl = settings.identity.certificate_ttl;
         Self {
@@ -136,6 +142,7 @@ impl Registry {
             heartbeat,
             sockets: HashMap::new(),
             agents: HashMap::new(),
+            routes,
             incarnations: HashMap::new(),
             certificates: CertificateAuthority::new(secret, ttl),
             stats: Stats::new(),

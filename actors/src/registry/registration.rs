@@ -218,6 +218,9 @@ impl Handler<RegisterAgent> for Registry {
             clock: msg.clock,
             inactive: false,
         };
+        // After the answer: what is routed to the agent reaches its relay behind it.
+        self.routes
+            .enter(agent_id.clone(), session_id, socket.outbox);
         self.heartbeat.do_send(Watch::Track {
             session_id,
             agent_id: agent_id.clone(),

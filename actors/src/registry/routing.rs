@@ -1,27 +1,15 @@
-//! Routing messages between agents, and answering the system requests that need the
-//! table or the certificate authority.
+//! Answering the system requests that need the table or the certificate authority.
+//! (Messages between agents are routed by the connections, through [`Routes`](crate::routes::Routes).)
 
-use super::{Registry, Route, SystemRequest};
+use super::{Registry, SystemRequest};
 use crate::clock::epoch_secs;
 use crate::liveness::SessionId;
-use crate::outbound::{Batches, OutFrame};
 use crate::protocol::command::{Claim, Command, Request};
-use crate::protocol::{self, ErrorCode, MessageKind, ProtocolError};
+use crate::protocol::{self, ErrorCode, ProtocolError};
 use actix::prelude::*;
 use serde_json::{json, Value};
 
 impl Registry {
-    /// Delivers a routed frame to one agent. False if the agent is not registered.
-    fn deliver(&self, agent_id: &str, frame: OutFrame) -> bool {
-        let Some(entry) = self.agents.get(agent_id) else {
-            return false;
-        };
-        if let Some(socket) = self.sockets.get(&entry.session_id) {
-            socket.outbox.push(frame);
-        }
-        true
-    }
-
     /// The answer to a request the connection forwarded.
     fn answer(&mut self, session_id: SessionId, request: &Request) -> Value {
         let command = &request.command;
@@ -88,43 +76,6 @@ impl Handler<SystemRequest> for Registry {
         let answer = self.answer(msg.session_id, &msg.request);
         if let Some(socket) = self.sockets.get(&msg.session_id) {
             socket.outbox.push_json(&answer);
-        }
-    }
-}
-
-impl Handler<Route> for Registry {
-    type Result = ();
-
-    fn handle(&mut self, msg: Route, _ctx: &mut Self::Context) {
-        if self.agent_of(msg.session_id).as_deref() != Some(&*msg.sender_id) {
-            return; // The sender was replaced or ended while the message was in flight.
-        }
-        match msg.kind {
-            MessageKind::Direct(target) => {
-                if !self.deliver(&target, msg.frame) {
-                    let error = ProtocolError::new(
-                        ErrorCode::UnknownAgent,
-                        format!("Agent {target} is not connected"),
-                    );
-                    let frame = protocol::error_frame(&error, Some(&msg.message_id));
-                    self.deliver(&msg.sender_id, OutFrame::json(&frame));
-                }
-            }
-            MessageKind::Broadcast(exclude) => {
-                // One message per worker thread, which hands the copies out locally.
-                let mut copies = Batches::default();
-                for socket in self.sockets.values() {
-                    let Some(agent_id) = &socket.agent else {
-                        continue; // Not registered.
-                    };
-                    if *agent_id == msg.sender_id || exclude.iter().any(|e| **e == **agent_id) {
-                        continue;
-                    }
-                    copies.push(&socket.outbox, msg.frame.clone());
-                }
-                copies.send();
-            }
-            MessageKind::Mod => {}
         }
     }
 }

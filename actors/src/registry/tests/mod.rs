@@ -14,12 +14,14 @@ use crate::heartbeat::{StaleReason, Verdict};
 use crate::outbound::OutFrame;
 use crate::protocol::command::Registration;
 use crate::protocol::{Command, MessageKind, Request};
+use crate::routes::Routed;
 use crate::testing::{default_settings, json_of, take, Collector};
 use serde_json::json;
 
 /// A registry with collectors around it.
 pub(super) struct Harness {
     registry: Addr<Registry>,
+    routes: Arc<Routes>,
     events: Addr<Collector<Publish>>,
     watch: Addr<Collector<Watch>>,
     clock: ManualClock,
@@ -45,17 +47,20 @@ impl Harness {
         let events = Collector::start_new();
         let watch = Collector::start_new();
         let clock = ManualClock::starting_at(1_000_000);
+        let routes = Routes::new();
         let registry = Registry::new(
             Arc::new(settings),
             EventSource::new("test", "node-test"),
             events.clone().recipient(),
             watch.clone().recipient(),
             b"secret".to_vec(),
+            routes.clone(),
         )
         .with_clock(Clock::Manual(clock.clone()))
         .start();
         Self {
             registry,
+            routes,
             events,
             watch,
             clock,
@@ -143,12 +148,11 @@ pub(super) fn closed_with(orders: &[ConnectionOrder]) -> Option<Disconnect> {
     })
 }
 
-pub(super) fn message(kind: MessageKind, sender: &Agent, sender_id: &str) -> Route {
-    Route {
-        session_id: sender.session_id,
-        sender_id: sender_id.into(),
-        kind,
-        frame: OutFrame::text(r#"{"type":"message","data":{}}"#),
-        message_id: "m1".into(),
+impl Harness {
+    /// Routes a message from `sender`, registered as `sender_id`, as its connection does.
+    pub(super) fn route(&self, kind: MessageKind, sender: &Agent, sender_id: &str) -> Routed {
+        let frame = OutFrame::text(r#"{"type":"message","data":{}}"#);
+        self.routes
+            .route(sender.session_id, sender_id, &kind, frame)
     }
 }
