@@ -77,6 +77,7 @@ fn user_sources(
             .separator("__")
             .list_separator(",")
             .with_list_parse_key("events.publishers")
+            .with_list_parse_key("network.allowed_origins")
             .try_parsing(true),
     )
 }

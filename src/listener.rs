@@ -79,6 +79,15 @@ async fn upgrade(
         let error = "no WebSocket here: agents connect to / or /ws";
         return refuse(&mut framed, StatusCode::NOT_FOUND, error).await;
     }
+    if let Some(origin) = req.head().headers().get(actix_http::header::ORIGIN) {
+        let origin = String::from_utf8_lossy(origin.as_bytes());
+        if !state.settings.network.origin_allowed(&origin) {
+            let error = format!(
+                "origin {origin} may not open an agent WebSocket: list it in network.allowed_origins"
+            );
+            return refuse(&mut framed, StatusCode::FORBIDDEN, &error).await;
+        }
+    }
     if !state.accepting.load(Ordering::Acquire) {
         let error = "the server is shutting down";
         return refuse(&mut framed, StatusCode::SERVICE_UNAVAILABLE, error).await;

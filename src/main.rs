@@ -15,6 +15,7 @@
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 mod admin;
+mod check_config;
 mod config;
 mod events_cmd;
 mod listener;
@@ -44,7 +45,7 @@ enum Command {
     Serve,
     /// Print lifecycle events as they arrive.
     Events(events_cmd::EventsArgs),
-    /// Check the configuration and print it, without starting.
+    /// Check the configuration and print it as TOML (secrets redacted), without starting.
     CheckConfig,
 }
 
@@ -69,7 +70,7 @@ fn main() -> ExitCode {
         Command::Serve => serve(settings),
         Command::Events(args) => events_cmd::run(&settings, args),
         Command::CheckConfig => {
-            println!("{settings:#?}");
+            print!("{}", check_config::effective_toml(&settings));
             ExitCode::SUCCESS
         }
     }

@@ -208,8 +208,7 @@ fn forgeries(cert: &Value) -> Vec<(&'static str, Value)> {
 async fn forged_certificates_are_rejected_and_the_holder_keeps_its_id() {
     let server = TestServer::start(&[]);
     let (mut holder, _) = Agent::register(&server.ws_url(), "alice").await;
-    let mut claimer = Agent::connect(&server.ws_url()).await;
-    let genuine = certificate(&mut claimer, "alice", false).await;
+    let genuine = certificate(&mut holder, "alice", false).await;
     let mut attacker = Agent::connect(&server.ws_url()).await;
     for (what, forged) in forgeries(&genuine) {
         let answer = validate(&mut attacker, &forged).await;
@@ -261,7 +260,8 @@ async fn an_expired_certificate_is_rejected() {
     let server = TestServer::start(&[("TETHER__IDENTITY__CERTIFICATE_TTL", "0.3")]);
     let (mut holder, _) = Agent::register(&server.ws_url(), "alice").await;
     let mut attacker = Agent::connect(&server.ws_url()).await;
-    let cert = certificate(&mut attacker, "alice", false).await;
+    // The holder's own certificate, which the attacker got hold of.
+    let cert = certificate(&mut holder, "alice", false).await;
     // Poll the server until it considers the certificate expired.
     let deadline = tokio::time::Instant::now() + common::DEADLINE;
     loop {
@@ -282,8 +282,8 @@ async fn an_expired_certificate_is_rejected() {
     assert_eq!(response["success"], false, "{response}");
     assert_eq!(response["error_code"], "invalid_certificate", "{response}");
     still_holds(&server, &mut holder, "alice", 1).await;
-    // An expired claim no longer blocks a new claim.
-    let again = claim(&mut attacker, "alice", false).await;
+    // An expired claim no longer blocks a new claim (by the holder: the id is live).
+    let again = claim(&mut holder, "alice", false).await;
     assert_eq!(again["success"], true, "{again}");
 }
 
@@ -337,11 +337,47 @@ async fn force_reconnect_is_refused_when_the_network_disallows_it() {
     assert_eq!(response["success"], false, "{response}");
     assert_eq!(response["error_code"], "agent_id_in_use", "{response}");
     still_holds(&server, &mut holder, "alice", 1).await;
-    // A certificate is still accepted as proof.
-    let cert = certificate(&mut other, "alice", false).await;
-    let takeover = register_with(&mut other, "alice", json!({"certificate": cert})).await;
+    // Nor can another socket claim the live id to get a certificate (forced or not):
+    // there is no path from a fresh socket to a live agent's id.
+    for force in [false, true] {
+        let claimed = claim(&mut other, "alice", force).await;
+        assert_eq!(claimed["success"], false, "{claimed}");
+        assert_eq!(claimed["error_code"], "agent_id_in_use", "{claimed}");
+        let response = register_with(&mut other, "alice", json!({"force_reconnect": true})).await;
+        assert_eq!(response["error_code"], "agent_id_in_use", "{response}");
+    }
+    still_holds(&server, &mut holder, "alice", 1).await;
+}
+
+#[tokio::test]
+async fn only_the_holders_connection_may_claim_a_live_id_and_its_certificate_takes_it_back() {
+    let server = TestServer::start(&[]);
+    let (mut holder, _) = Agent::register(&server.ws_url(), "alice").await;
+    let mut stranger = Agent::connect(&server.ws_url()).await;
+    for force in [false, true] {
+        let refused = claim(&mut stranger, "alice", force).await;
+        assert_eq!(refused["error_code"], "agent_id_in_use", "{refused}");
+    }
+    // The holder asks for its own certificate, and a later connection of the same
+    // agent (after a half-open connection, say) takes the id back with it.
+    let cert = certificate(&mut holder, "alice", false).await;
+    let mut again = Agent::connect(&server.ws_url()).await;
+    let takeover = register_with(&mut again, "alice", json!({"certificate": cert})).await;
     assert_eq!(takeover["success"], true, "{takeover}");
+    assert_eq!(takeover["incarnation"], 2);
     assert_replaced(&mut holder, "alice").await;
+}
+
+#[tokio::test]
+async fn with_forcing_disallowed_a_forced_claim_does_not_revoke_an_outstanding_certificate() {
+    let server = TestServer::start(&[("TETHER__IDENTITY__ALLOW_FORCE_RECONNECT", "false")]);
+    let mut owner = Agent::connect(&server.ws_url()).await;
+    let cert = certificate(&mut owner, "alice", false).await;
+    let mut stranger = Agent::connect(&server.ws_url()).await;
+    let refused = claim(&mut stranger, "alice", true).await;
+    assert_eq!(refused["error_code"], "already_claimed", "{refused}");
+    let still = validate(&mut owner, &cert).await;
+    assert_eq!(still["valid"], true, "{still}");
 }
 
 #[tokio::test]

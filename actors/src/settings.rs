@@ -4,11 +4,11 @@
 //! environment, validates them, and hands them to the actors. Every duration is in
 //! seconds (fractions allowed), as in the configuration files.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// All of the server's settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// Listener, identity of the network and registration limits.
@@ -28,7 +28,7 @@ pub struct Settings {
 }
 
 /// `[network]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkSettings {
     /// Address the HTTP/WebSocket listener binds to.
@@ -45,10 +45,23 @@ pub struct NetworkSettings {
     pub registration_timeout: f64,
     /// Number of actix-web worker threads (0 = one per core).
     pub workers: usize,
+    /// Origins (`scheme://host[:port]`, or `*` for any) whose pages may open an agent
+    /// WebSocket. An upgrade that carries an `Origin` header not listed is refused 403;
+    /// native agents send none. Empty (the default): no browser page may connect.
+    pub allowed_origins: Vec<String>,
+}
+
+impl NetworkSettings {
+    /// Whether an upgrade carrying `Origin: origin` may proceed.
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        self.allowed_origins
+            .iter()
+            .any(|allowed| allowed == "*" || allowed.eq_ignore_ascii_case(origin))
+    }
 }
 
 /// `[heartbeat]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatSettings {
     /// Seconds of silence after which an agent is pinged.
@@ -64,7 +77,7 @@ pub struct HeartbeatSettings {
 }
 
 /// `[limits]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsSettings {
     /// Largest accepted frame (and reassembled continuation), in bytes.
@@ -81,10 +94,13 @@ pub struct LimitsSettings {
     pub slow_consumer_grace: f64,
     /// Invalid frames in a row that close a connection with 1008.
     pub max_invalid_frames: u32,
+    /// Most ids a broadcast's `exclude_agent_ids` may list (refused beyond with
+    /// `too_many_exclusions`).
+    pub max_broadcast_exclusions: usize,
 }
 
 /// `[identity]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentitySettings {
     /// Secret that signs certificates; generated at start-up when unset.
@@ -98,7 +114,7 @@ pub struct IdentitySettings {
 }
 
 /// `[admin]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSettings {
     /// Bearer token that protects every admin route but `/health`.
@@ -108,7 +124,7 @@ pub struct AdminSettings {
 }
 
 /// `[shutdown]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownSettings {
     /// Seconds agents get to leave after `network_shutdown` before they are closed.
@@ -116,7 +132,7 @@ pub struct ShutdownSettings {
 }
 
 /// `[events]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventsSettings {
     /// Publishers to start: any of `log`, `redis`, `kafka`, `rabbitmq`.
@@ -167,7 +183,7 @@ macro_rules! buffer_settings {
 buffer_settings!(RedisSettings, KafkaSettings, RabbitMqSettings);
 
 /// `[events.redis]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
     /// Connection URL.
@@ -195,7 +211,7 @@ pub struct RedisSettings {
 }
 
 /// `[events.kafka]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
     /// Comma-separated bootstrap servers.
@@ -235,7 +251,7 @@ pub struct KafkaSettings {
 }
 
 /// `[events.rabbitmq]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RabbitMqSettings {
     /// AMQP URL.

@@ -182,6 +182,20 @@ impl AgentConnection {
             Err(error) => return self.invalid_frame(ctx, error.0),
         };
         let message_id = protocol::stamp_message(&mut frame, &agent_id);
+        let max_exclusions = self.settings.limits.max_broadcast_exclusions;
+        if let MessageKind::Broadcast(exclude) = &kind {
+            if exclude.len() > max_exclusions {
+                let error = ProtocolError::new(
+                    ErrorCode::TooManyExclusions,
+                    format!(
+                        "exclude_agent_ids lists {} ids; the limit is {max_exclusions} \
+                         (limits.max_broadcast_exclusions)",
+                        exclude.len()
+                    ),
+                );
+                return self.send_json(ctx, &protocol::error_frame(&error, Some(&message_id)));
+            }
+        }
         if kind == MessageKind::Mod {
             let error = ErrorCode::UnsupportedMod.into();
             let frame = protocol::error_frame(&error, Some(&message_id));

@@ -40,6 +40,8 @@ pub enum ErrorCode {
     UnsupportedMod,
     /// `claim_agent_id` for an id claimed and not expired.
     AlreadyClaimed,
+    /// A broadcast listing more than `limits.max_broadcast_exclusions` ids.
+    TooManyExclusions,
 }
 
 impl ErrorCode {
@@ -61,6 +63,7 @@ impl ErrorCode {
             Self::UnsupportedFrame => "unsupported_frame",
             Self::UnsupportedMod => "unsupported_mod",
             Self::AlreadyClaimed => "already_claimed",
+            Self::TooManyExclusions => "too_many_exclusions",
         }
     }
 
@@ -82,6 +85,7 @@ impl ErrorCode {
             Self::UnsupportedFrame => "Binary frames are not supported; send JSON in text frames",
             Self::UnsupportedMod => "This network has no mods loaded",
             Self::AlreadyClaimed => "The agent id is already claimed",
+            Self::TooManyExclusions => "The broadcast excludes more agents than the network allows",
         }
     }
 }

@@ -167,9 +167,13 @@ pub fn message_kind(frame: &Map<String, Value>) -> Result<MessageKind, FrameErro
     }
 }
 
-/// Stamps a message from `sender_id`: sets `data.sender_id`, and fills `message_id`
-/// and `timestamp` when missing. Returns the message id.
+/// Stamps a message from `sender_id`: sets `data.sender_id` (and a top-level
+/// `sender_id`, if the frame has one: the server owns the field wherever it appears),
+/// and fills `message_id` and `timestamp` when missing. Returns the message id.
 pub fn stamp_message(frame: &mut Map<String, Value>, sender_id: &str) -> String {
+    if let Some(forged) = frame.get_mut("sender_id") {
+        *forged = Value::String(sender_id.to_owned());
+    }
     let Some(Value::Object(data)) = frame.get_mut("data") else {
         return String::new();
     };
@@ -345,7 +349,7 @@ mod tests {
     #[test]
     fn stamping_overrides_sender_and_fills_missing_ids() {
         let mut frame = match parse_frame(
-            r#"{"type":"message","data":{"message_type":"direct_message","target_agent_id":"b","sender_id":"mallory","x":1}}"#,
+            r#"{"type":"message","sender_id":"boss","data":{"message_type":"direct_message","target_agent_id":"b","sender_id":"mallory","x":1}}"#,
         )
         .unwrap()
         {
@@ -358,5 +362,9 @@ mod tests {
         assert_eq!(data["message_id"], id.as_str());
         assert!(data["timestamp"].is_u64());
         assert_eq!(data["x"], 1);
+        assert_eq!(
+            frame["sender_id"], "alice",
+            "the top-level copy is the server's too"
+        );
     }
 }

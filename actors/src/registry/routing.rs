@@ -15,7 +15,9 @@ impl Registry {
         let command = &request.command;
         let (name, request_id) = (command.name(), request.request_id.as_ref());
         let result = match command {
-            Command::ClaimAgentId(claim) => claim.clone().and_then(|claim| self.claim(claim)),
+            Command::ClaimAgentId(claim) => claim
+                .clone()
+                .and_then(|claim| self.claim(session_id, claim)),
             Command::ValidateCertificate { certificate } => Ok(
                 match self.certificates.validate(certificate, epoch_secs()) {
                     Ok(agent_id) => json!({"valid": true, "agent_id": agent_id}),
@@ -56,9 +58,26 @@ impl Registry {
         }
     }
 
-    /// `claim_agent_id`: a certificate for the id.
-    fn claim(&mut self, claim: Claim) -> Result<Value, ProtocolError> {
+    /// `claim_agent_id`: a certificate for the id. An id held by a live agent is claimed
+    /// only by that agent's own connection (a certificate is the proof that takes a
+    /// live id over, so no other socket may obtain one); `force` replaces an
+    /// outstanding certificate only where `identity.allow_force_reconnect` allows
+    /// forcing.
+    fn claim(&mut self, session_id: SessionId, claim: Claim) -> Result<Value, ProtocolError> {
         let Claim { agent_id, force } = claim;
+        if let Some(holder) = self.agents.get(agent_id.as_str()) {
+            if holder.session_id != session_id {
+                return Err(ProtocolError::new(
+                    ErrorCode::AgentIdInUse,
+                    format!(
+                        "Agent ID {agent_id} is held by a live connection; only that connection \
+                         may claim it (to take the id back, register with the certificate \
+                         claimed before)"
+                    ),
+                ));
+            }
+        }
+        let force = force && self.settings.identity.allow_force_reconnect;
         match self.certificates.claim(&agent_id, force, epoch_secs()) {
             Ok(certificate) => Ok(json!({"agent_id": agent_id, "certificate": certificate})),
             Err(error) => Err(ProtocolError::new(

@@ -1,0 +1,137 @@
+//! Hostile clients (issue 10, README "Security model"): each attack gets a clear error or
+//! close code, and takes no identity, memory or time it was not given.
+
+mod common;
+
+use common::{broadcast, direct, Agent, TestServer, DEADLINE};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends a WebSocket upgrade request with `extra` header lines; returns the response head.
+async fn upgrade_head(server: &TestServer, extra: &str) -> String {
+    let mut tcp = TcpStream::connect(&server.addr).await.unwrap();
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n",
+        server.addr
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    let read = async {
+        while !head.ends_with(b"\r\n\r\n") {
+            if tcp.read(&mut byte).await.unwrap() == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+    };
+    tokio::time::timeout(DEADLINE, read)
+        .await
+        .expect("no response head");
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[tokio::test]
+async fn a_page_of_an_unlisted_origin_cannot_open_an_agent_socket() {
+    let server = TestServer::start(&[]);
+    let head = upgrade_head(&server, "Origin: https://evil.example\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    // Native agents send no Origin and are upgraded as before.
+    let head = upgrade_head(&server, "").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut agent, _) = Agent::register(&server.ws_url(), "native").await;
+    agent.send(direct("native", json!("to myself"))).await;
+    agent.wait_for(|f| f["type"] == "message").await;
+}
+
+#[tokio::test]
+async fn listed_origins_are_upgraded_and_others_still_refused() {
+    let env = [(
+        "TETHER__NETWORK__ALLOWED_ORIGINS",
+        "https://app.example,http://localhost:3000",
+    )];
+    let server = TestServer::start(&env);
+    for origin in [
+        "https://app.example",
+        "HTTPS://APP.EXAMPLE",
+        "http://localhost:3000",
+    ] {
+        let head = upgrade_head(&server, &format!("Origin: {origin}\r\n")).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{origin}: {head}");
+    }
+    for origin in ["https://app.example.evil", "http://localhost:3001", "null"] {
+        let head = upgrade_head(&server, &format!("Origin: {origin}\r\n")).await;
+        assert!(head.starts_with("HTTP/1.1 403"), "{origin}: {head}");
+    }
+
+    let any = TestServer::start(&[("TETHER__NETWORK__ALLOWED_ORIGINS", "*")]);
+    let head = upgrade_head(&any, "Origin: https://anything.example\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+}
+
+#[tokio::test]
+async fn a_forged_sender_id_anywhere_in_a_message_is_replaced_by_the_real_one() {
+    let server = TestServer::start(&[]);
+    let (mut mallory, _) = Agent::register(&server.ws_url(), "mallory").await;
+    let (mut bob, _) = Agent::register(&server.ws_url(), "bob").await;
+    let mut frame = direct("bob", json!("from your boss"));
+    frame["sender_id"] = json!("boss");
+    frame["data"]["sender_id"] = json!("boss");
+    mallory.send(frame).await;
+    let got = bob.wait_for(|f| f["type"] == "message").await;
+    assert_eq!(got["sender_id"], "mallory", "{got}");
+    assert_eq!(got["data"]["sender_id"], "mallory", "{got}");
+}
+
+#[tokio::test]
+async fn a_broadcast_excluding_more_than_the_limit_is_refused_and_sends_nothing() {
+    let server = TestServer::start(&[("TETHER__LIMITS__MAX_BROADCAST_EXCLUSIONS", "3")]);
+    let (mut sender, _) = Agent::register(&server.ws_url(), "sender").await;
+    let (mut bystander, _) = Agent::register(&server.ws_url(), "bystander").await;
+    sender
+        .send(broadcast(&["a", "b", "c", "d"], json!("too picky")))
+        .await;
+    let refused = sender.wait_for(|f| f["type"] == "error").await;
+    assert_eq!(refused["error_code"], "too_many_exclusions", "{refused}");
+    assert!(refused["message_id"].is_string(), "{refused}");
+    // Within the limit it goes out; the bystander's first message is this one.
+    sender
+        .send(broadcast(&["a", "b", "c"], json!("fine")))
+        .await;
+    let got = bystander.wait_for(|f| f["type"] == "message").await;
+    assert_eq!(got["data"]["content"], "fine", "{got}");
+}
+
+#[test]
+fn check_config_prints_reusable_toml_with_every_secret_redacted() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .arg("check-config")
+        .env("TETHER__IDENTITY__SECRET", "hunter2-secret")
+        .env("TETHER__ADMIN__TOKEN", "hunter2-token")
+        .env(
+            "TETHER__EVENTS__RABBITMQ__URL",
+            "amqp://guest:hunter2-amqp@127.0.0.1:5672/%2f",
+        )
+        .output()
+        .expect("cannot run tether check-config");
+    assert!(output.status.success(), "{output:?}");
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        !printed.contains("hunter2"),
+        "a secret was printed:\n{printed}"
+    );
+    assert!(printed.contains("token = \"<redacted>\""), "{printed}");
+    assert!(printed.contains("[network]"), "{printed}");
+    // What it printed is a configuration file the server accepts.
+    let file = std::env::temp_dir().join(format!("tether-check-{}.toml", std::process::id()));
+    std::fs::write(&file, &printed).unwrap();
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["--config", file.to_str().unwrap(), "check-config"])
+        .output()
+        .unwrap();
+    std::fs::remove_file(&file).ok();
+    assert!(again.status.success(), "{again:?}");
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), printed);
+}
