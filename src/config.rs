@@ -137,6 +137,7 @@ pub fn validate(s: &Settings) -> Result<(), ConfigError> {
         }
     }
     let hb = &s.heartbeat;
+    positive("identity.claim_ttl", s.identity.claim_ttl)?;
     positive("heartbeat.interval", hb.interval)?;
     positive("heartbeat.ping_timeout", hb.ping_timeout)?;
     positive("heartbeat.agent_timeout", hb.agent_timeout)?;

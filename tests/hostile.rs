@@ -135,3 +135,65 @@ fn check_config_prints_reusable_toml_with_every_secret_redacted() {
     assert!(again.status.success(), "{again:?}");
     assert_eq!(String::from_utf8(again.stdout).unwrap(), printed);
 }
+
+async fn claim(agent: &mut Agent, agent_id: &str) -> serde_json::Value {
+    agent
+        .request(json!({"type":"system_request","command":"claim_agent_id","agent_id": agent_id}))
+        .await
+}
+
+#[tokio::test]
+async fn claims_are_bounded_per_connection_and_server_wide() {
+    let env = [
+        ("TETHER__LIMITS__MAX_CLAIMS_PER_CONNECTION", "3"),
+        ("TETHER__LIMITS__MAX_OUTSTANDING_CLAIMS", "5"),
+    ];
+    let server = TestServer::start(&env);
+    let mut first = Agent::connect(&server.ws_url()).await;
+    for i in 0..3 {
+        let granted = claim(&mut first, &format!("id-{i}")).await;
+        assert_eq!(granted["success"], true, "{granted}");
+    }
+    let refused = claim(&mut first, "id-3").await;
+    assert_eq!(refused["error_code"], "too_many_claims", "{refused}");
+    let mut second = Agent::connect(&server.ws_url()).await;
+    for i in 3..5 {
+        let granted = claim(&mut second, &format!("id-{i}")).await;
+        assert_eq!(granted["success"], true, "{granted}");
+    }
+    let full = claim(&mut second, "id-5").await;
+    assert_eq!(full["error_code"], "too_many_claims", "{full}");
+    // A registration binds its claim, which frees a place for a new one.
+    let mut third = Agent::connect(&server.ws_url()).await;
+    let registered = third
+        .request(
+            json!({"type":"system_request","command":"register_agent","agent_id":"id-0",
+                        "metadata":{}}),
+        )
+        .await;
+    assert_eq!(registered["success"], true, "{registered}");
+    let mut fourth = Agent::connect(&server.ws_url()).await;
+    let granted = claim(&mut fourth, "id-5").await;
+    assert_eq!(granted["success"], true, "{granted}");
+}
+
+#[tokio::test]
+async fn a_pre_claimed_certificate_cannot_take_the_id_from_the_agent_that_registered_it() {
+    let server = TestServer::start(&[]);
+    let mut mallory = Agent::connect(&server.ws_url()).await;
+    let preclaimed = claim(&mut mallory, "bob").await;
+    let certificate = preclaimed["certificate"].clone();
+    assert!(certificate.is_object(), "{preclaimed}");
+    let (mut bob, _) = Agent::register(&server.ws_url(), "bob").await;
+    let takeover = mallory
+        .request(
+            json!({"type":"system_request","command":"register_agent","agent_id":"bob",
+                        "metadata":{}, "certificate": certificate}),
+        )
+        .await;
+    assert_eq!(takeover["error_code"], "invalid_certificate", "{takeover}");
+    let pong = bob
+        .request(json!({"type":"system_request","command":"ping_agent"}))
+        .await;
+    assert_eq!(pong["success"], true, "bob still holds its id: {pong}");
+}

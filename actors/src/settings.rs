@@ -97,6 +97,11 @@ pub struct LimitsSettings {
     /// Most ids a broadcast's `exclude_agent_ids` may list (refused beyond with
     /// `too_many_exclusions`).
     pub max_broadcast_exclusions: usize,
+    /// `claim_agent_id` requests one connection may make (excess: `too_many_claims`).
+    pub max_claims_per_connection: u32,
+    /// Claims not yet bound to a registration the server holds at once (excess:
+    /// `too_many_claims`).
+    pub max_outstanding_claims: usize,
 }
 
 /// `[identity]`
@@ -111,6 +116,8 @@ pub struct IdentitySettings {
     pub certificate_ttl: f64,
     /// Whether `force_reconnect: true` may take over a live agent id.
     pub allow_force_reconnect: bool,
+    /// Seconds a claim holds its id without a registration.
+    pub claim_ttl: f64,
 }
 
 /// `[admin]`

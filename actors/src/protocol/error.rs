@@ -42,6 +42,8 @@ pub enum ErrorCode {
     AlreadyClaimed,
     /// A broadcast listing more than `limits.max_broadcast_exclusions` ids.
     TooManyExclusions,
+    /// A claim past `limits.max_claims_per_connection` or `limits.max_outstanding_claims`.
+    TooManyClaims,
 }
 
 impl ErrorCode {
@@ -64,6 +66,7 @@ impl ErrorCode {
             Self::UnsupportedMod => "unsupported_mod",
             Self::AlreadyClaimed => "already_claimed",
             Self::TooManyExclusions => "too_many_exclusions",
+            Self::TooManyClaims => "too_many_claims",
         }
     }
 
@@ -86,6 +89,7 @@ impl ErrorCode {
             Self::UnsupportedMod => "This network has no mods loaded",
             Self::AlreadyClaimed => "The agent id is already claimed",
             Self::TooManyExclusions => "The broadcast excludes more agents than the network allows",
+            Self::TooManyClaims => "Too many claims; register with the certificates already claimed",
         }
     }
 }

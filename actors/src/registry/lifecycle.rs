@@ -43,6 +43,7 @@ impl Registry {
         disconnect: Disconnect,
     ) {
         self.routes.remove(agent_id, entry.session_id);
+        self.certificates.released(agent_id);
         if entry.inactive {
             self.inactive_count -= 1;
         }
@@ -140,6 +141,7 @@ impl Handler<Connected> for Registry {
                 outbox: msg.outbox,
                 remote_addr: msg.remote_addr,
                 agent: None,
+                claims: 0,
             },
         );
     }

@@ -50,6 +50,9 @@ struct Socket {
     remote_addr: Arc<str>,
     /// The agent id this socket is currently registered as.
     agent: Option<Arc<str>>,
+    /// `claim_agent_id` requests this socket made (bounded by
+    /// `limits.max_claims_per_connection`).
+    claims: u32,
 }
 
 impl Socket {
@@ -133,6 +136,8 @@ impl Registry {
         routes: Arc<Routes>,
     ) -> Self {
         let ttl = settings.identity.certificate_ttl;
+        let claim_ttl = settings.identity.claim_ttl;
+        let max_unbound = settings.limits.max_outstanding_claims;
         Self {
             rules: Liveness::new(&settings.heartbeat),
             settings,
@@ -144,7 +149,8 @@ impl Registry {
             agents: HashMap::new(),
             routes,
             incarnations: HashMap::new(),
-            certificates: CertificateAuthority::new(secret, ttl),
+            certificates: CertificateAuthority::new(secret, ttl)
+                .with_claim_limits(claim_ttl, max_unbound),
             stats: Stats::new(),
             inactive_count: 0,
             shutting_down: false,

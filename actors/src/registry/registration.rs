@@ -221,6 +221,10 @@ impl Handler<RegisterAgent> for Registry {
         // After the answer: what is routed to the agent reaches its relay behind it.
         self.routes
             .enter(agent_id.clone(), session_id, socket.outbox);
+        // Any certificate presented was validated by `may_take`.
+        let presented = msg.registration.certificate.as_ref();
+        let hash = presented.and_then(|c| c.get("certificate_hash")?.as_str());
+        self.certificates.registered(&agent_id, session_id, hash);
         self.heartbeat.do_send(Watch::Track {
             session_id,
             agent_id: agent_id.clone(),

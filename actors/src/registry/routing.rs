@@ -3,6 +3,7 @@
 
 use super::{Registry, SystemRequest};
 use crate::clock::epoch_secs;
+use crate::identity::CertificateError;
 use crate::liveness::SessionId;
 use crate::protocol::command::{Claim, Command, Request};
 use crate::protocol::{self, ErrorCode, ProtocolError};
@@ -77,9 +78,30 @@ impl Registry {
                 ));
             }
         }
+        let max = self.settings.limits.max_claims_per_connection;
+        let Some(socket) = self.sockets.get_mut(&session_id) else {
+            return Err(ErrorCode::NotRegistered.into()); // Gone while the request was in flight.
+        };
+        if socket.claims >= max {
+            return Err(ProtocolError::new(
+                ErrorCode::TooManyClaims,
+                format!(
+                    "This connection made its {max} claims (limits.max_claims_per_connection); \
+                     open a new connection to claim more"
+                ),
+            ));
+        }
+        socket.claims += 1;
         let force = force && self.settings.identity.allow_force_reconnect;
-        match self.certificates.claim(&agent_id, force, epoch_secs()) {
+        match self
+            .certificates
+            .claim(&agent_id, session_id, force, epoch_secs())
+        {
             Ok(certificate) => Ok(json!({"agent_id": agent_id, "certificate": certificate})),
+            Err(error @ CertificateError::TooManyClaims(_)) => Err(ProtocolError::new(
+                ErrorCode::TooManyClaims,
+                error.to_string(),
+            )),
             Err(error) => Err(ProtocolError::new(
                 ErrorCode::AlreadyClaimed,
                 error.to_string(),
