@@ -197,3 +197,78 @@ async fn a_pre_claimed_certificate_cannot_take_the_id_from_the_agent_that_regist
         .await;
     assert_eq!(pong["success"], true, "bob still holds its id: {pong}");
 }
+
+/// A `/proc/PID/status` field of the server, in KiB.
+fn status_kib(server: &TestServer, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc status"))
+}
+
+#[tokio::test]
+async fn list_agents_requests_that_are_never_read_cannot_make_the_server_buffer_them() {
+    // Finding 1 of issue 10: 300 agents with 16 KiB of metadata each, one agent sends
+    // 130 list_agents and never reads: the server held 630 MiB.
+    let server = TestServer::start(&[("TETHER__NETWORK__MAX_CONNECTIONS", "1000")]);
+    let mut events = common::EventStream::subscribe(&server, None).await;
+    let padding = "x".repeat(16 * 1024 - 100);
+    let mut fleet = Vec::new();
+    for i in 0..300 {
+        let mut agent = Agent::connect(&server.ws_url()).await;
+        let answer = agent
+            .request(json!({"type":"system_request","command":"register_agent",
+                            "agent_id": format!("big-{i}"), "metadata": {"pad": padding}}))
+            .await;
+        assert_eq!(answer["success"], true, "{answer}");
+        fleet.push(agent);
+    }
+    // A page is bounded: the default page has 100 agents and says there is more.
+    let page = fleet[0]
+        .request(json!({"type":"system_request","command":"list_agents"}))
+        .await;
+    assert_eq!(
+        page["agents"].as_array().map(Vec::len),
+        Some(100),
+        "page size"
+    );
+    assert_eq!(page["has_more"], true);
+    let next = fleet[0]
+        .request(
+            json!({"type":"system_request","command":"list_agents","limit": 1000,
+                        "cursor": page["next_cursor"]}),
+        )
+        .await;
+    assert_eq!(next["agents"].as_array().map(Vec::len), Some(200));
+    assert_eq!(next["has_more"], false);
+
+    let before = status_kib(&server, "VmRSS:");
+    let mut attacker = Agent::connect_with_receive_buffer(&server.ws_url(), 4096).await;
+    let answer = attacker
+        .request(json!({"type":"system_request","command":"register_agent",
+                        "agent_id": "attacker", "metadata": {}}))
+        .await;
+    assert_eq!(answer["success"], true, "{answer}");
+    // 40 default pages of 1.6 MB: 64 MB if the server kept them (fewer than the
+    // finding's 130 pages of 4.8 MB, so that the debug build answers them quickly).
+    for _ in 0..40 {
+        attacker
+            .send(json!({"type":"system_request","command":"list_agents"}))
+            .await;
+    }
+    let end = events
+        .wait_for(|e| e["type"] == "agent.disconnected" && e["data"]["agent_id"] == "attacker")
+        .await;
+    assert_eq!(end["data"]["reason"], "slow_consumer", "{end}");
+    assert_eq!(end["data"]["close_code"], 4003, "{end}");
+    let peak = status_kib(&server, "VmHWM:");
+    let grown_mib = peak.saturating_sub(before) / 1024;
+    assert!(grown_mib < 32, "the server's peak RSS grew {grown_mib} MiB");
+    // A bystander still gets its direct messages.
+    let (a, b) = fleet.split_at_mut(1);
+    a[0].send(direct("big-1", json!("still here"))).await;
+    let got = b[0].wait_for(|f| f["type"] == "message").await;
+    assert_eq!(got["data"]["content"], "still here");
+}

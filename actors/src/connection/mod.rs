@@ -154,7 +154,9 @@ impl AgentConnection {
         open_sockets.fetch_add(1, Ordering::AcqRel);
         let reader = FrameReader::new(settings.limits.max_frame_bytes);
         let io = Rc::new(stream);
-        let outgoing = Outgoing::new(io.clone(), settings.limits.max_message_queue_size);
+        let limits = &settings.limits;
+        let ceiling = limits.max_pending_bytes.saturating_mul(2);
+        let outgoing = Outgoing::new(io.clone(), limits.max_message_queue_size, ceiling);
         Self {
             session_id,
             remote_addr,
@@ -249,11 +251,14 @@ impl AgentConnection {
     }
 
     /// A slow consumer is an agent whose kernel buffer stays full: more frames queued
-    /// than `max_message_queue_size`, or more bytes than `max_pending_bytes` for longer
-    /// than `slow_consumer_grace`.
+    /// than `max_message_queue_size`, more bytes than `max_pending_bytes` for longer
+    /// than `slow_consumer_grace`, or a frame that would take the queue past twice
+    /// `max_pending_bytes` (at once: what a client is sent stays bounded in memory).
     fn judge_backlog(&mut self, ctx: &mut Context<Self>) {
         let limits = &self.settings.limits;
-        if self.outgoing.pending_frames() > limits.max_message_queue_size {
+        if self.outgoing.overflowed()
+            || self.outgoing.pending_frames() > limits.max_message_queue_size
+        {
             return self.close(ctx, Disconnect::SLOW_CONSUMER, false);
         }
         if self.outgoing.pending_bytes() <= limits.max_pending_bytes {

@@ -47,21 +47,34 @@ pub struct Outgoing {
     /// Queued frames past which the actor is asked again even if it is watching (it
     /// closes a slow consumer that has more).
     frame_limit: usize,
+    /// Queued bytes never exceed this (but for the rest of a frame already partly
+    /// written): a frame that would is dropped and the agent is a slow consumer.
+    byte_ceiling: usize,
+    /// A frame was dropped at the ceiling: the actor closes the connection.
+    overflowed: Cell<bool>,
     /// The actor to ask for attention (weak: the relay's table must not keep it alive).
     owner: OnceCell<WeakRecipient<Attend>>,
 }
 
 impl Outgoing {
-    /// The writing half of `io`, whose actor closes it past `frame_limit` queued frames.
-    pub fn new(io: Rc<TcpStream>, frame_limit: usize) -> Self {
+    /// The writing half of `io`, whose actor closes it past `frame_limit` queued
+    /// frames or when a frame would take the queue past `byte_ceiling` bytes.
+    pub fn new(io: Rc<TcpStream>, frame_limit: usize, byte_ceiling: usize) -> Self {
         Self {
             io,
             backlog: RefCell::default(),
             accepting: Cell::new(true),
             watched: Cell::new(false),
             frame_limit,
+            byte_ceiling,
+            overflowed: Cell::new(false),
             owner: OnceCell::new(),
         }
+    }
+
+    /// Whether a frame was dropped at the byte ceiling.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.get()
     }
 
     /// Sets the actor that attends to the backlog.
@@ -85,6 +98,10 @@ impl Outgoing {
         let mut guard = self.backlog.borrow_mut();
         let backlog = &mut *guard;
         if !backlog.frames.is_empty() {
+            if backlog.bytes + frame.len() > self.byte_ceiling {
+                self.overflowed.set(true);
+                return Ok(());
+            }
             backlog.bytes += frame.len();
             backlog.frames.push_back(frame);
             return Ok(());
@@ -97,8 +114,12 @@ impl Outgoing {
         if written < frame.len() {
             let rest = frame.slice(written..);
             backlog.front_started = written > 0;
+            // The rest of a started frame is kept (the stream must stay framed).
             backlog.bytes += rest.len();
             backlog.frames.push_back(rest);
+            if backlog.bytes > self.byte_ceiling {
+                self.overflowed.set(true);
+            }
         }
         Ok(())
     }
@@ -157,7 +178,7 @@ impl Outgoing {
     }
 
     fn ask_attention(&self, failure: Option<io::Error>) {
-        let over_limit = self.pending_frames() == self.frame_limit + 1;
+        let over_limit = self.pending_frames() == self.frame_limit + 1 || self.overflowed();
         if self.watched.replace(true) && failure.is_none() && !over_limit {
             return;
         }

@@ -99,7 +99,7 @@ impl AgentConnection {
             Command::ClaimAgentId(_)
             | Command::ValidateCertificate { .. }
             | Command::GetNetworkInfo
-            | Command::ListAgents => self.registry.do_send(SystemRequest {
+            | Command::ListAgents(_) => self.registry.do_send(SystemRequest {
                 session_id: self.session_id,
                 request,
             }),

@@ -14,6 +14,40 @@ pub struct Request {
     pub request_id: Option<Value>,
 }
 
+/// Agents per `list_agents` page when the request gives no `limit` (OpenAgents clients
+/// give none: they get the first page and `has_more`).
+pub const DEFAULT_PAGE: usize = 100;
+
+/// The largest `limit` a `list_agents` request may ask for.
+pub const MAX_PAGE: usize = 1000;
+
+/// Which page of a listing: at most `limit` entries after `cursor` (an agent id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// Entries wanted, 1 to [`MAX_PAGE`].
+    pub limit: usize,
+    /// The last id of the previous page (`next_cursor` of its answer).
+    pub cursor: Option<String>,
+}
+
+impl Page {
+    /// Reads `limit` and `cursor`; a missing, non-integer or out-of-range limit is
+    /// clamped to 1..=[`MAX_PAGE`] ([`DEFAULT_PAGE`] when absent).
+    fn read(fields: &mut Map<String, Value>) -> Self {
+        let limit = match fields.get("limit").and_then(Value::as_u64) {
+            Some(limit) => usize::try_from(limit)
+                .unwrap_or(MAX_PAGE)
+                .clamp(1, MAX_PAGE),
+            None => DEFAULT_PAGE,
+        };
+        let cursor = match fields.remove("cursor") {
+            Some(Value::String(cursor)) => Some(cursor),
+            _ => None,
+        };
+        Self { limit, cursor }
+    }
+}
+
 /// A system request's command with its checked fields (PROTOCOL.md §3–6).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
@@ -33,8 +67,8 @@ pub enum Command {
     },
     /// `get_network_info`.
     GetNetworkInfo,
-    /// `list_agents`.
-    ListAgents,
+    /// `list_agents`: one page of the registered agents, in id order.
+    ListAgents(Page),
     /// `list_mods` (none are loaded).
     ListMods,
     /// `list_protocols` (none are loaded).
@@ -85,7 +119,7 @@ impl Command {
             Self::ClaimAgentId(_) => "claim_agent_id",
             Self::ValidateCertificate { .. } => "validate_certificate",
             Self::GetNetworkInfo => "get_network_info",
-            Self::ListAgents => "list_agents",
+            Self::ListAgents(_) => "list_agents",
             Self::ListMods => "list_mods",
             Self::ListProtocols => "list_protocols",
             Self::UnregisterAgent => "unregister_agent",
@@ -122,7 +156,7 @@ impl Command {
                 certificate: fields.remove("certificate").unwrap_or(Value::Null),
             },
             "get_network_info" => Self::GetNetworkInfo,
-            "list_agents" => Self::ListAgents,
+            "list_agents" => Self::ListAgents(Page::read(fields)),
             "list_mods" => Self::ListMods,
             "list_protocols" => Self::ListProtocols,
             "unregister_agent" => Self::UnregisterAgent,

@@ -5,10 +5,11 @@ use super::{Registry, SystemRequest};
 use crate::clock::epoch_secs;
 use crate::identity::CertificateError;
 use crate::liveness::SessionId;
-use crate::protocol::command::{Claim, Command, Request};
+use crate::protocol::command::{Claim, Command, Page, Request};
 use crate::protocol::{self, ErrorCode, ProtocolError};
 use actix::prelude::*;
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 impl Registry {
     /// The answer to a request the connection forwarded.
@@ -37,26 +38,47 @@ impl Registry {
                 "mods": [],
                 "agent_count": self.agents.len(),
             }})),
-            Command::ListAgents if self.agent_of(session_id).is_none() => {
+            Command::ListAgents(_) if self.agent_of(session_id).is_none() => {
                 Err(ErrorCode::NotRegistered.into())
             }
-            Command::ListAgents => {
-                let agents: Vec<Value> = self
-                    .agents
-                    .iter()
-                    .map(|(id, entry)| {
-                        json!({"agent_id": &**id, "name": entry.name(id), "connected": true,
-                               "metadata": entry.metadata})
-                    })
-                    .collect();
-                Ok(json!({ "agents": agents }))
-            }
+            Command::ListAgents(page) => Ok(self.agents_page(page)),
             _ => Err(ErrorCode::UnknownCommand.into()),
         };
         match result {
             Ok(fields) => protocol::response_ok(name, request_id, fields),
             Err(error) => protocol::response_error(name, request_id, &error),
         }
+    }
+
+    /// One `list_agents` page: the agents after `page.cursor` in id order, at most
+    /// `page.limit` of them, found in one pass (no sort of the whole table).
+    fn agents_page(&self, page: &Page) -> Value {
+        let after = page.cursor.as_deref().unwrap_or("");
+        let mut ids: Vec<&Arc<str>> = self
+            .agents
+            .keys()
+            .filter(|id| page.cursor.is_none() || &***id > after)
+            .collect();
+        let has_more = ids.len() > page.limit;
+        if has_more {
+            ids.select_nth_unstable(page.limit);
+            ids.truncate(page.limit);
+        }
+        ids.sort_unstable();
+        let agents: Vec<Value> = ids
+            .iter()
+            .map(|id| {
+                let entry = &self.agents[*id];
+                json!({"agent_id": &***id, "name": entry.name(id), "connected": true,
+                       "metadata": entry.metadata})
+            })
+            .collect();
+        let next_cursor = if has_more {
+            ids.last().map(|id| &***id)
+        } else {
+            None
+        };
+        json!({"agents": agents, "has_more": has_more, "next_cursor": next_cursor})
     }
 
     /// `claim_agent_id`: a certificate for the id. An id held by a live agent is claimed
@@ -114,6 +136,13 @@ impl Handler<SystemRequest> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: SystemRequest, _ctx: &mut Self::Context) {
+        let gone = self
+            .sockets
+            .get(&msg.session_id)
+            .is_none_or(|socket| !socket.orders.connected());
+        if gone {
+            return; // Nobody to answer: do not build what nobody reads.
+        }
         let answer = self.answer(msg.session_id, &msg.request);
         if let Some(socket) = self.sockets.get(&msg.session_id) {
             socket.outbox.push_json(&answer);

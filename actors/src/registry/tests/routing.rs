@@ -1,6 +1,7 @@
 //! Direct and broadcast routing, and requests that need the table.
 
 use super::*;
+use crate::protocol::command::Page;
 
 #[actix::test]
 async fn a_direct_message_reaches_its_target_and_an_unknown_target_is_reported() {
@@ -68,7 +69,10 @@ async fn list_agents_needs_a_registered_connection() {
     let mut h = Harness::new();
     let stranger = h.connect().await;
     let request = Request {
-        command: Command::ListAgents,
+        command: Command::ListAgents(Page {
+            limit: 10,
+            cursor: None,
+        }),
         request_id: None,
     };
     let ask = SystemRequest {
