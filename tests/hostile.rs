@@ -272,3 +272,49 @@ async fn list_agents_requests_that_are_never_read_cannot_make_the_server_buffer_
     let got = b[0].wait_for(|f| f["type"] == "message").await;
     assert_eq!(got["data"]["content"], "still here");
 }
+
+#[tokio::test]
+async fn a_request_flood_is_answered_rate_limited_then_closed_1008() {
+    let env = [
+        ("TETHER__LIMITS__MAX_REQUESTS_PER_SECOND", "1"),
+        ("TETHER__LIMITS__REQUEST_BURST", "3"),
+    ];
+    let server = TestServer::start(&env);
+    let (mut bystander, _) = Agent::register(&server.ws_url(), "bystander").await;
+    let mut flooder = Agent::connect(&server.ws_url()).await;
+    for i in 0..50 {
+        flooder
+            .send(json!({"type":"system_request","command":"ping_agent","request_id": i}))
+            .await;
+    }
+    let (mut answered, mut limited) = (0, 0);
+    use futures_util::StreamExt;
+    let close_code = loop {
+        let next = tokio::time::timeout(DEADLINE, flooder.raw().next()).await;
+        match next.expect("no close within the deadline") {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) => {
+                let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+                match frame["success"].as_bool() {
+                    Some(true) => answered += 1,
+                    _ => {
+                        assert_eq!(frame["error_code"], "rate_limited", "{frame}");
+                        limited += 1;
+                    }
+                }
+            }
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame))) => {
+                break frame.map(|f| u16::from(f.code));
+            }
+            Some(Ok(_)) => {}
+            other => panic!("the connection ended without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(close_code, Some(1008));
+    assert!((3..50).contains(&answered), "answered {answered}");
+    assert!(limited >= 1, "limited {limited}");
+    // The bystander's own requests are not limited by the flooder's.
+    let pong = bystander
+        .request(json!({"type":"system_request","command":"ping_agent"}))
+        .await;
+    assert_eq!(pong["success"], true, "{pong}");
+}

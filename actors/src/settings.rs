@@ -97,6 +97,12 @@ pub struct LimitsSettings {
     /// Most ids a broadcast's `exclude_agent_ids` may list (refused beyond with
     /// `too_many_exclusions`).
     pub max_broadcast_exclusions: usize,
+    /// System requests a connection may make per second, sustained (excess:
+    /// `rate_limited`).
+    pub max_requests_per_second: u32,
+    /// Requests a connection may make at once above the sustained rate; this many
+    /// refused in a row close it 1008.
+    pub request_burst: u32,
     /// `claim_agent_id` requests one connection may make (excess: `too_many_claims`).
     pub max_claims_per_connection: u32,
     /// Claims not yet bound to a registration the server holds at once (excess:

@@ -91,6 +91,13 @@ pub struct ConnectionContext {
     pub open_sockets: Arc<AtomicUsize>,
 }
 
+/// A connection's budget of system requests.
+fn request_budget(limits: &LimitsSettings) -> governor::DefaultDirectRateLimiter {
+    let rate = std::num::NonZeroU32::new(limits.max_requests_per_second.max(1)).expect("≥ 1");
+    let burst = std::num::NonZeroU32::new(limits.request_burst.max(1)).expect("≥ 1");
+    governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
+}
+
 /// How far a connection's close has got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Closing {
@@ -119,6 +126,10 @@ pub struct AgentConnection {
     state: RegistrationState,
     /// Invalid frames received in a row.
     invalid_in_row: u32,
+    /// The budget of system requests (`limits.max_requests_per_second`, `request_burst`).
+    requests: governor::DefaultDirectRateLimiter,
+    /// Requests refused by `requests` in a row.
+    limited_in_row: u32,
     /// How the connection ends, once known.
     end: Option<Disconnect>,
     closing: Closing,
@@ -155,6 +166,7 @@ impl AgentConnection {
         let reader = FrameReader::new(settings.limits.max_frame_bytes);
         let io = Rc::new(stream);
         let limits = &settings.limits;
+        let requests = request_budget(limits);
         let ceiling = limits.max_pending_bytes.saturating_mul(2);
         let outgoing = Outgoing::new(io.clone(), limits.max_message_queue_size, ceiling);
         Self {
@@ -170,6 +182,8 @@ impl AgentConnection {
             clock: Arc::new(ConnectionClock::starting_at(monotonic_ms())),
             state: RegistrationState::Unregistered,
             invalid_in_row: 0,
+            requests,
+            limited_in_row: 0,
             end: None,
             closing: Closing::No,
             reported: false,

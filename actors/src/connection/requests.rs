@@ -78,6 +78,23 @@ impl AgentConnection {
     }
 
     pub(super) fn on_request(&mut self, ctx: &mut Context<Self>, request: Request) {
+        if self.requests.check().is_err() {
+            self.limited_in_row += 1;
+            let burst = self.settings.limits.request_burst;
+            if self.limited_in_row >= burst {
+                return self.close(ctx, Disconnect::POLICY_VIOLATION, true);
+            }
+            let rate = self.settings.limits.max_requests_per_second;
+            let error = ProtocolError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "This connection sends more than {rate} requests per second \
+                     (limits.max_requests_per_second); {burst} refused in a row close it"
+                ),
+            );
+            return self.refuse_request(ctx, &request, error);
+        }
+        self.limited_in_row = 0;
         let registered = matches!(self.state, RegistrationState::Registered(_));
         if !registered && !request.command.allowed_unregistered() {
             let mut frame = protocol::error_frame(&ErrorCode::NotRegistered.into(), None);

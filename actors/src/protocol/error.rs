@@ -44,6 +44,8 @@ pub enum ErrorCode {
     TooManyExclusions,
     /// A claim past `limits.max_claims_per_connection` or `limits.max_outstanding_claims`.
     TooManyClaims,
+    /// A request past `limits.max_requests_per_second` (and its burst).
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -67,6 +69,7 @@ impl ErrorCode {
             Self::AlreadyClaimed => "already_claimed",
             Self::TooManyExclusions => "too_many_exclusions",
             Self::TooManyClaims => "too_many_claims",
+            Self::RateLimited => "rate_limited",
         }
     }
 
@@ -90,6 +93,7 @@ impl ErrorCode {
             Self::AlreadyClaimed => "The agent id is already claimed",
             Self::TooManyExclusions => "The broadcast excludes more agents than the network allows",
             Self::TooManyClaims => "Too many claims; register with the certificates already claimed",
+            Self::RateLimited => "Too many requests on this connection; slow down",
         }
     }
 }
