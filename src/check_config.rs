@@ -28,20 +28,9 @@ pub fn effective_toml(settings: &Settings) -> String {
     )
 }
 
-/// `scheme://user:password@host…` with the password redacted; other URLs unchanged.
+/// `url` with its password (if any) shown as [`REDACTED`].
 pub fn redact_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:{REDACTED}@{host}{path}"),
-        None => url.to_owned(),
-    }
+    tether_actors::publisher::broker::mask_url_password(url, REDACTED)
 }
 
 #[cfg(test)]

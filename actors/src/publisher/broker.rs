@@ -110,22 +110,22 @@ pub trait Broker: Unpin + 'static {
 
 /// `url` with any password replaced by `***`, for logs.
 pub fn redact_url(url: &str) -> String {
+    mask_url_password(url, "***")
+}
+
+/// `scheme://user:password@host…` with the password replaced by `mask`; other URLs
+/// unchanged (also used by `tether check-config`).
+pub fn mask_url_password(url: &str, mask: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_owned();
     };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}{path}")
-            } else {
-                format!("{scheme}://{user}@{host}{path}")
-            }
-        }
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:{mask}@{host}{path}"),
         None => url.to_owned(),
     }
 }
