@@ -7,6 +7,7 @@ use common::{broadcast, direct, Agent, TestServer, DEADLINE};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
 
 /// Sends a WebSocket upgrade request with `extra` header lines; returns the response head.
 async fn upgrade_head(server: &TestServer, extra: &str) -> String {
@@ -317,4 +318,92 @@ async fn a_request_flood_is_answered_rate_limited_then_closed_1008() {
         .request(json!({"type":"system_request","command":"ping_agent"}))
         .await;
     assert_eq!(pong["success"], true, "{pong}");
+}
+
+#[tokio::test]
+async fn deeply_nested_json_and_megabyte_ids_get_clear_errors_and_hurt_nobody() {
+    let server = TestServer::start(&[]);
+    let (mut peer, _) = Agent::register(&server.ws_url(), "peer").await;
+    let (mut good, _) = Agent::register(&server.ws_url(), "good").await;
+    let mut hostile = Agent::connect(&server.ws_url()).await;
+
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let answer = hostile
+        .request(json!({"type":"system_request","command":"ping_agent","timestamp": 1}))
+        .await;
+    assert_eq!(answer["success"], true);
+    hostile.send_raw(Message::text(deep)).await;
+    let error = hostile.wait_for(|f| f["type"] == "error").await;
+    assert_eq!(error["error_code"], "invalid_frame", "{error}");
+    let nested_data = format!(
+        r#"{{"type":"message","data":{{"message_type":"broadcast_message","x":{}1{}}}}}"#,
+        "[".repeat(50_000),
+        "]".repeat(50_000)
+    );
+    hostile.send_raw(Message::text(nested_data)).await;
+    let error = hostile.wait_for(|f| f["type"] == "error").await;
+    assert_eq!(error["error_code"], "invalid_frame", "{error}");
+
+    let huge_id = "a".repeat(1_000_000);
+    let refused = hostile
+        .request(json!({"type":"system_request","command":"register_agent","agent_id": huge_id}))
+        .await;
+    assert_eq!(refused["error_code"], "invalid_agent_id", "{refused}");
+
+    peer.send(direct("good", json!("unaffected"))).await;
+    let got = good.wait_for(|f| f["type"] == "message").await;
+    assert_eq!(got["data"]["content"], "unaffected");
+}
+
+#[tokio::test]
+async fn a_handshake_without_a_key_is_refused_400_and_an_old_version_426() {
+    let server = TestServer::start(&[]);
+    for (request, status) in [
+        ("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n", "400"),
+        // RFC 6455 §4.4: an unsupported version is answered 426 Upgrade Required.
+        ("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n", "426"),
+    ] {
+        let mut tcp = TcpStream::connect(&server.addr).await.unwrap();
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 12];
+        tokio::time::timeout(DEADLINE, tcp.read_exact(&mut head))
+            .await
+            .expect("no answer")
+            .unwrap();
+        let head = String::from_utf8_lossy(&head);
+        assert_eq!(head, format!("HTTP/1.1 {status}"), "{request:?}");
+    }
+    // The server still upgrades a correct handshake.
+    let (_agent, _) = Agent::register(&server.ws_url(), "after-bad-handshakes").await;
+}
+
+#[tokio::test]
+async fn admin_routes_stay_closed_to_path_tricks_without_the_token() {
+    let server = TestServer::start(&[("TETHER__ADMIN__TOKEN", "the-admin-token")]);
+    let client = reqwest::Client::new();
+    for path in [
+        "/stats",
+        "/stats/",
+        "//stats",
+        "/./stats",
+        "/health/../stats",
+        "/%73tats",
+        "/agents/%2e%2e/stats",
+        "/events",
+        "/agents?x=/health",
+    ] {
+        let response = client.get(server.http(path)).send().await.unwrap();
+        let status = response.status().as_u16();
+        assert!(
+            status == 401 || status == 404,
+            "{path} answered {status} without the token"
+        );
+    }
+    let open = client
+        .get(server.http("/stats"))
+        .bearer_auth("the-admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(open.status().as_u16(), 200);
 }
