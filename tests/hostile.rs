@@ -4,6 +4,7 @@
 mod common;
 
 use common::{broadcast, direct, Agent, TestServer, DEADLINE};
+use futures_util::SinkExt;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -406,4 +407,78 @@ async fn admin_routes_stay_closed_to_path_tricks_without_the_token() {
         .await
         .unwrap();
     assert_eq!(open.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn a_request_head_dribbled_byte_by_byte_is_cut_off() {
+    let server = TestServer::start(&[]);
+    let mut tcp = TcpStream::connect(&server.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let head =
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-Slow: ";
+    let mut cut_off = false;
+    for byte in head.iter().chain(std::iter::repeat(&b'a')) {
+        if tcp.write_all(&[*byte]).await.is_err() {
+            cut_off = true;
+            break;
+        }
+        // The attack itself: one byte every 100 ms, never finishing the head.
+        let mut probe = [0u8; 64];
+        match tokio::time::timeout(std::time::Duration::from_millis(100), tcp.read(&mut probe))
+            .await
+        {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                cut_off = true;
+                break;
+            }
+            Ok(Ok(_)) => {} // An error response: the end of stream follows.
+            Err(_) => {}
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "a dribbling client was never cut off"
+        );
+    }
+    assert!(cut_off);
+    // actix-http's client_request_timeout (5 s) ends it, not the deadline.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn control_pings_from_a_client_that_never_reads_end_it_with_memory_bounded() {
+    // A short heartbeat: a client that never reads never answers its pings either.
+    let server = TestServer::start(&[("TETHER__HEARTBEAT__INTERVAL", "1")]);
+    let mut events = common::EventStream::subscribe(&server, None).await;
+    let mut flooder = Agent::connect_with_receive_buffer(&server.ws_url(), 4096).await;
+    let answer = flooder
+        .request(json!({"type":"system_request","command":"register_agent",
+                        "agent_id": "pinger", "metadata": {}}))
+        .await;
+    assert_eq!(answer["success"], true, "{answer}");
+    let before = status_kib(&server, "VmRSS:");
+    let payload = vec![b'p'; 125];
+    for _ in 0..20_000 {
+        if flooder
+            .raw()
+            .send(Message::Ping(payload.clone().into()))
+            .await
+            .is_err()
+        {
+            break; // Closed by the server.
+        }
+    }
+    let end = events
+        .wait_for(|e| e["type"] == "agent.disconnected" && e["data"]["agent_id"] == "pinger")
+        .await;
+    // Pongs go to the kernel's send buffer first (up to tcp_wmem, a few MiB on
+    // loopback): past it the queue makes a slow consumer (4003); within it the
+    // unanswered heartbeat makes the agent stale (4002). Either way it ends.
+    let code = end["data"]["close_code"].as_u64();
+    assert!(matches!(code, Some(4002 | 4003)), "{end}");
+    let grown_mib = status_kib(&server, "VmHWM:").saturating_sub(before) / 1024;
+    assert!(grown_mib < 16, "the server's peak RSS grew {grown_mib} MiB");
 }
