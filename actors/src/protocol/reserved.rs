@@ -7,9 +7,11 @@
 //! parse again. A frame with such a key anywhere would be altered or break later readers,
 //! so it is refused as `invalid_frame`; every other key is forwarded as sent.
 //!
-//! The check costs nothing for ordinary frames: only a frame whose text holds the token
-//! literally, or a `\u` escape that could spell it, is scanned (a second, allocation-free
-//! pass of the deserializer over its keys).
+//! The check costs nothing for ordinary frames: only a frame whose text holds
+//! `RawValue` literally, or a `\u` escape of a character the token is made of (printable
+//! ASCII, `\u0020`–`\u007f`), is scanned (a second, allocation-free pass of the
+//! deserializer over its keys). Escapes of other characters, such as the `\u00e9` that
+//! Python's `json.dumps` writes for every non-ASCII letter, do not trigger it.
 
 use std::fmt;
 
@@ -20,11 +22,18 @@ pub const RESERVED_KEY: &str = "$serde_json::private::RawValue";
 
 /// `true` when some object in `text` (valid JSON) has the reserved key.
 pub fn has_reserved_key(text: &str) -> bool {
-    if !text.contains("RawValue") && !text.contains("\\u") {
+    if !text.contains("RawValue") && !escapes_printable_ascii(text) {
         return false;
     }
     let mut reader = serde_json::Deserializer::from_str(text);
     KeyScan.deserialize(&mut reader).unwrap_or(false)
+}
+
+/// Whether `text` holds an escape `\u002x`–`\u007x`: the only escapes that can spell a
+/// character of [`RESERVED_KEY`].
+fn escapes_printable_ascii(text: &str) -> bool {
+    text.match_indices("\\u00")
+        .any(|(at, _)| matches!(text.as_bytes().get(at + 4), Some(b'2'..=b'7')))
 }
 
 /// Visits a JSON value, answering whether any object key in it is [`RESERVED_KEY`].
@@ -119,6 +128,15 @@ mod tests {
         ] {
             assert!(!has_reserved_key(text), "{text}");
         }
+    }
+
+    #[test]
+    fn only_escapes_of_printable_ascii_can_spell_the_key() {
+        assert!(!escapes_printable_ascii(
+            r#"{"text":"caf\u00e9 \u0001 \ud83d\ude00"}"#
+        ));
+        assert!(escapes_printable_ascii(r#"{"k":"\u0024"}"#));
+        assert!(escapes_printable_ascii(r#"{"k":"\u007A"}"#));
     }
 
     #[test]

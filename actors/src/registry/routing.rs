@@ -1,7 +1,7 @@
 //! Answering the system requests that need the table or the certificate authority.
 //! (Messages between agents are routed by the connections, through [`Routes`](crate::routes::Routes).)
 
-use super::{Registry, SystemRequest};
+use super::{AgentEntry, Registry, SystemRequest};
 use crate::clock::epoch_secs;
 use crate::identity::CertificateError;
 use crate::liveness::SessionId;
@@ -53,31 +53,27 @@ impl Registry {
     /// One `list_agents` page: the agents after `page.cursor` in id order, at most
     /// `page.limit` of them, found in one pass (no sort of the whole table).
     fn agents_page(&self, page: &Page) -> Value {
-        let after = page.cursor.as_deref().unwrap_or("");
-        let mut ids: Vec<&Arc<str>> = self
+        let after = page.cursor.as_deref();
+        let mut page_entries: Vec<(&Arc<str>, &AgentEntry)> = self
             .agents
-            .keys()
-            .filter(|id| page.cursor.is_none() || &***id > after)
-            .collect();
-        let has_more = ids.len() > page.limit;
-        if has_more {
-            ids.select_nth_unstable(page.limit);
-            ids.truncate(page.limit);
-        }
-        ids.sort_unstable();
-        let agents: Vec<Value> = ids
             .iter()
-            .map(|id| {
-                let entry = &self.agents[*id];
+            .filter(|(id, _)| after.is_none_or(|after| &***id > after))
+            .collect();
+        let has_more = page_entries.len() > page.limit;
+        if has_more {
+            page_entries.select_nth_unstable_by_key(page.limit, |(id, _)| *id);
+            page_entries.truncate(page.limit);
+        }
+        page_entries.sort_unstable_by_key(|(id, _)| *id);
+        let agents: Vec<Value> = page_entries
+            .iter()
+            .map(|(id, entry)| {
                 json!({"agent_id": &***id, "name": entry.name(id), "connected": true,
                        "metadata": entry.metadata})
             })
             .collect();
-        let next_cursor = if has_more {
-            ids.last().map(|id| &***id)
-        } else {
-            None
-        };
+        let last = page_entries.last().map(|(id, _)| &***id);
+        let next_cursor = if has_more { last } else { None };
         json!({"agents": agents, "has_more": has_more, "next_cursor": next_cursor})
     }
 
@@ -136,16 +132,10 @@ impl Handler<SystemRequest> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: SystemRequest, _ctx: &mut Self::Context) {
-        let gone = self
-            .sockets
-            .get(&msg.session_id)
-            .is_none_or(|socket| !socket.orders.connected());
-        if gone {
-            return; // Nobody to answer: do not build what nobody reads.
-        }
-        let answer = self.answer(msg.session_id, &msg.request);
-        if let Some(socket) = self.sockets.get(&msg.session_id) {
-            socket.outbox.push_json(&answer);
-        }
+        let outbox = match self.sockets.get(&msg.session_id) {
+            Some(socket) if socket.orders.connected() => socket.outbox,
+            _ => return, // Nobody to answer: do not build what nobody reads.
+        };
+        outbox.push_json(&self.answer(msg.session_id, &msg.request));
     }
 }
