@@ -482,3 +482,129 @@ async fn control_pings_from_a_client_that_never_reads_end_it_with_memory_bounded
     let grown_mib = status_kib(&server, "VmHWM:").saturating_sub(before) / 1024;
     assert!(grown_mib < 16, "the server's peak RSS grew {grown_mib} MiB");
 }
+
+#[tokio::test]
+async fn incarnations_only_grow_though_the_ids_that_left_are_forgotten() {
+    // Finding 6 of issue 10: a counter per id ever seen was kept forever.
+    let server = TestServer::start(&[("TETHER__LIMITS__REMEMBERED_AGENT_IDS", "5")]);
+    let mut events = common::EventStream::subscribe(&server, None).await;
+    let mut last = 0;
+    for _ in 0..2 {
+        let (agent, welcome) = Agent::register(&server.ws_url(), "returning").await;
+        let incarnation = welcome["incarnation"].as_u64().unwrap();
+        assert!(incarnation > last, "{welcome}");
+        last = incarnation;
+        agent.close().await;
+        events
+            .wait_for(|e| e["type"] == "agent.cleaned_up" && e["subject"] == "returning")
+            .await;
+    }
+    assert_eq!(
+        last, 2,
+        "incarnations count from 1 while nothing is forgotten"
+    );
+    for i in 0..40 {
+        let id = format!("passer-{i}");
+        let (agent, _) = Agent::register(&server.ws_url(), &id).await;
+        agent.close().await;
+        events
+            .wait_for(|e| e["type"] == "agent.cleaned_up" && e["subject"] == id.as_str())
+            .await;
+    }
+    let stats = server.get_json("/stats").await;
+    assert_eq!(
+        stats["connections"]["remembered_agent_ids"], 5,
+        "memory for ids that left is bounded: {stats}"
+    );
+    // "returning" was forgotten; its next incarnation is still above its last.
+    let (_agent, welcome) = Agent::register(&server.ws_url(), "returning").await;
+    let incarnation = welcome["incarnation"].as_u64().unwrap();
+    assert!(incarnation > last, "incarnation {incarnation} after {last}");
+}
+
+#[tokio::test]
+async fn registration_metadata_is_bounded_server_wide() {
+    let env = [
+        ("TETHER__LIMITS__MAX_METADATA_BYTES", "4096"),
+        ("TETHER__LIMITS__MAX_METADATA_BYTES_TOTAL", "10000"),
+    ];
+    let server = TestServer::start(&env);
+    let padding = "m".repeat(3000);
+    let mut fleet = Vec::new();
+    for i in 0..3 {
+        let mut agent = Agent::connect(&server.ws_url()).await;
+        let answer = agent
+            .request(json!({"type":"system_request","command":"register_agent",
+                            "agent_id": format!("meta-{i}"), "metadata": {"pad": padding}}))
+            .await;
+        assert_eq!(answer["success"], true, "{answer}");
+        fleet.push(agent);
+    }
+    let mut fourth = Agent::connect(&server.ws_url()).await;
+    let refused = fourth
+        .request(json!({"type":"system_request","command":"register_agent",
+                        "agent_id": "meta-3", "metadata": {"pad": padding}}))
+        .await;
+    assert_eq!(refused["error_code"], "server_full", "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("limits.max_metadata_bytes_total")),
+        "{refused}"
+    );
+    let stats = server.get_json("/stats").await;
+    let held = stats["connections"]["metadata_bytes"].as_u64().unwrap();
+    assert!((9000..=10_000).contains(&held), "{stats}");
+    // Small metadata still fits, and a departure frees its share.
+    let (_small, _) = Agent::register(&server.ws_url(), "small").await;
+    fleet.pop().unwrap().close().await;
+    let mut again = Agent::connect(&server.ws_url()).await;
+    let answer = again
+        .request(json!({"type":"system_request","command":"register_agent",
+                        "agent_id": "meta-3", "metadata": {"pad": padding}}))
+        .await;
+    assert_eq!(answer["success"], true, "{answer}");
+}
+
+#[tokio::test]
+async fn a_flood_of_tiny_fragments_costs_only_the_message_it_spells() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let server = TestServer::start(&[]);
+    let (mut good, _) = Agent::register(&server.ws_url(), "good").await;
+    let (mut flooder, _) = Agent::register(&server.ws_url(), "flooder").await;
+    let before = status_kib(&server, "VmRSS:");
+    let text = direct("good", json!("f".repeat(20_000))).to_string();
+    let bytes = text.as_bytes();
+    let frames = bytes.len() * 6; // one byte, then five empty continuations
+    let sink = flooder.raw();
+    for (i, byte) in bytes.iter().enumerate() {
+        let opcode = if i == 0 { Data::Text } else { Data::Continue };
+        let fin = i == bytes.len() - 1;
+        for _ in 0..5 {
+            if i > 0 {
+                let empty = Frame::message(Vec::new(), OpCode::Data(Data::Continue), false);
+                sink.feed(Message::Frame(empty)).await.unwrap();
+            }
+        }
+        let frame = Frame::message(vec![*byte], OpCode::Data(opcode), fin);
+        sink.feed(Message::Frame(frame)).await.unwrap();
+        if i % 1000 == 0 {
+            sink.flush().await.unwrap();
+        }
+    }
+    sink.flush().await.unwrap();
+    let got = good.wait_for(|f| f["type"] == "message").await;
+    assert_eq!(
+        got["data"]["content"].as_str().map(str::len),
+        Some(20_000),
+        "the message of {frames} fragments arrived whole"
+    );
+    let grown_mib = status_kib(&server, "VmHWM:").saturating_sub(before) / 1024;
+    assert!(grown_mib < 8, "the server's peak RSS grew {grown_mib} MiB");
+    // The flooder is still connected and served.
+    let pong = flooder
+        .request(json!({"type":"system_request","command":"ping_agent"}))
+        .await;
+    assert_eq!(pong["success"], true, "{pong}");
+}

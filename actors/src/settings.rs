@@ -108,6 +108,12 @@ pub struct LimitsSettings {
     /// Claims not yet bound to a registration the server holds at once (excess:
     /// `too_many_claims`).
     pub max_outstanding_claims: usize,
+    /// Registration metadata the server holds for all registered agents, in bytes
+    /// (excess: `server_full`).
+    pub max_metadata_bytes_total: usize,
+    /// Ids that left whose last incarnation number is remembered; beyond, the oldest
+    /// are forgotten and later first numbers start above theirs.
+    pub remembered_agent_ids: usize,
 }
 
 /// `[identity]`

@@ -161,6 +161,8 @@ impl Stats {
             } else {
                 self.registrations_succeeded as f64 * 100.0 / attempted as f64
             },
+            metadata_bytes: 0,
+            remembered_agent_ids: 0,
         }
     }
 }
@@ -212,6 +214,10 @@ pub struct StatsSnapshot {
     pub cleanups_per_minute: u64,
     /// Successful registrations / attempted, in percent.
     pub success_rate: f64,
+    /// Bytes of registration metadata held (`limits.max_metadata_bytes_total`).
+    pub metadata_bytes: usize,
+    /// Ids that left whose last incarnation is remembered (`limits.remembered_agent_ids`).
+    pub remembered_agent_ids: usize,
 }
 
 #[cfg(test)]

@@ -70,9 +70,11 @@ impl Handler<GetStats> for Registry {
     type Result = MessageResult<GetStats>;
 
     fn handle(&mut self, _msg: GetStats, _ctx: &mut Self::Context) -> Self::Result {
-        let snapshot =
+        let mut snapshot =
             self.stats
                 .snapshot(self.agents.len(), self.inactive_count, self.sockets.len());
+        snapshot.metadata_bytes = self.metadata_bytes;
+        snapshot.remembered_agent_ids = self.incarnations.remembered();
         MessageResult(snapshot)
     }
 }

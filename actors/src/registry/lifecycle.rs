@@ -44,6 +44,8 @@ impl Registry {
     ) {
         self.routes.remove(agent_id, entry.session_id);
         self.certificates.released(agent_id);
+        self.incarnations.departed(agent_id, entry.incarnation);
+        self.metadata_bytes -= entry.metadata.get().len();
         if entry.inactive {
             self.inactive_count -= 1;
         }

@@ -16,6 +16,7 @@
 //! [`ConnectionOrder`]s, the heartbeat's [`Watch`], the bus's [`Publish`].
 
 mod admin;
+mod incarnations;
 mod lifecycle;
 pub mod messages;
 mod registration;
@@ -36,6 +37,7 @@ use crate::routes::Routes;
 use crate::settings::Settings;
 use crate::stats::Stats;
 use actix::prelude::*;
+use incarnations::Incarnations;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -114,8 +116,10 @@ pub struct Registry {
     agents: HashMap<Arc<str>, AgentEntry>,
     /// The agents' outboxes, for the connections to route messages (kept with `agents`).
     routes: Arc<Routes>,
-    /// Registrations per agent id ever seen: incarnations only grow.
-    incarnations: HashMap<Arc<str>, u64>,
+    /// Last incarnation numbers of ids that left: incarnations only grow.
+    incarnations: Incarnations,
+    /// Bytes of registration metadata held in `agents`.
+    metadata_bytes: usize,
     certificates: CertificateAuthority,
     stats: Stats,
     inactive_count: usize,
@@ -138,6 +142,7 @@ impl Registry {
         let ttl = settings.identity.certificate_ttl;
         let claim_ttl = settings.identity.claim_ttl;
         let max_unbound = settings.limits.max_outstanding_claims;
+        let remembered = settings.limits.remembered_agent_ids;
         Self {
             rules: Liveness::new(&settings.heartbeat),
             settings,
@@ -148,7 +153,8 @@ impl Registry {
             sockets: HashMap::new(),
             agents: HashMap::new(),
             routes,
-            incarnations: HashMap::new(),
+            incarnations: Incarnations::new(remembered),
+            metadata_bytes: 0,
             certificates: CertificateAuthority::new(secret, ttl)
                 .with_claim_limits(claim_ttl, max_unbound),
             stats: Stats::new(),

@@ -127,10 +127,9 @@ impl Registry {
     }
 
     /// The next incarnation of `agent_id`: incarnations of an id only grow.
-    fn next_incarnation(&mut self, agent_id: &Arc<str>) -> u64 {
-        let count = self.incarnations.entry(agent_id.clone()).or_insert(0);
-        *count += 1;
-        *count
+    fn next_incarnation(&self, agent_id: &str) -> u64 {
+        let current = self.agents.get(agent_id).map(|entry| entry.incarnation);
+        self.incarnations.next(agent_id, current)
     }
 
     /// The `register_agent` success answer.
@@ -186,6 +185,24 @@ impl Handler<RegisterAgent> for Registry {
             return self.refuse(session_id, &msg, error, Some(Disconnect::SERVER_FULL));
         }
 
+        let metadata = serde_json::value::to_raw_value(&msg.registration.metadata)
+            .expect("a JSON object always serializes");
+        let replaced = self.agents.get(msg.registration.agent_id.as_str());
+        let freed = replaced.map_or(0, |entry| entry.metadata.get().len());
+        let held = self.metadata_bytes - freed + metadata.get().len();
+        let budget = self.settings.limits.max_metadata_bytes_total;
+        if held > budget {
+            let error = ProtocolError::new(
+                ErrorCode::ServerFull,
+                format!(
+                    "The network holds its most registration metadata ({budget} bytes, \
+                     limits.max_metadata_bytes_total); register with less metadata or \
+                     try again later"
+                ),
+            );
+            return self.refuse(session_id, &msg, error, Some(Disconnect::SERVER_FULL));
+        }
+
         let agent_id: Arc<str> = Arc::from(msg.registration.agent_id.as_str());
         let incarnation = self.next_incarnation(&agent_id);
         let session = uuid::Uuid::new_v4();
@@ -210,8 +227,7 @@ impl Handler<RegisterAgent> for Registry {
             session_uuid: session,
             incarnation,
             seq: 0,
-            metadata: serde_json::value::to_raw_value(&msg.registration.metadata)
-                .expect("a JSON object always serializes"),
+            metadata,
             remote_addr: remote_addr.clone(),
             connected_at: SystemTime::now(),
             connected_mono_ms: self.clock.now_ms(),
@@ -239,6 +255,8 @@ impl Handler<RegisterAgent> for Registry {
             takeover: takeover.map(Takeover::as_str),
         };
         publish(&self.events, &self.source, &agent_id, &mut entry, payload);
+        self.metadata_bytes += entry.metadata.get().len();
+        self.incarnations.registered(&agent_id);
         self.agents.insert(agent_id, entry);
         self.stats.registered(self.agents.len());
     }
