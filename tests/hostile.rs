@@ -200,6 +200,12 @@ async fn a_pre_claimed_certificate_cannot_take_the_id_from_the_agent_that_regist
     assert_eq!(pong["success"], true, "bob still holds its id: {pong}");
 }
 
+/// Fails if the server logged a panic.
+fn assert_no_panic(server: &TestServer) {
+    let logs = server.logs();
+    assert!(!logs.contains("panicked"), "the server panicked:\n{logs}");
+}
+
 /// A `/proc/PID/status` field of the server, in KiB.
 fn status_kib(server: &TestServer, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
@@ -273,6 +279,7 @@ async fn list_agents_requests_that_are_never_read_cannot_make_the_server_buffer_
     a[0].send(direct("big-1", json!("still here"))).await;
     let got = b[0].wait_for(|f| f["type"] == "message").await;
     assert_eq!(got["data"]["content"], "still here");
+    assert_no_panic(&server);
 }
 
 #[tokio::test]
@@ -319,6 +326,7 @@ async fn a_request_flood_is_answered_rate_limited_then_closed_1008() {
         .request(json!({"type":"system_request","command":"ping_agent"}))
         .await;
     assert_eq!(pong["success"], true, "{pong}");
+    assert_no_panic(&server);
 }
 
 #[tokio::test]
@@ -327,6 +335,7 @@ async fn deeply_nested_json_and_megabyte_ids_get_clear_errors_and_hurt_nobody() 
     let (mut peer, _) = Agent::register(&server.ws_url(), "peer").await;
     let (mut good, _) = Agent::register(&server.ws_url(), "good").await;
     let mut hostile = Agent::connect(&server.ws_url()).await;
+    let before = status_kib(&server, "VmRSS:");
 
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     let answer = hostile
@@ -354,6 +363,9 @@ async fn deeply_nested_json_and_megabyte_ids_get_clear_errors_and_hurt_nobody() 
     peer.send(direct("good", json!("unaffected"))).await;
     let got = good.wait_for(|f| f["type"] == "message").await;
     assert_eq!(got["data"]["content"], "unaffected");
+    let grown_mib = status_kib(&server, "VmHWM:").saturating_sub(before) / 1024;
+    assert!(grown_mib < 16, "the server's peak RSS grew {grown_mib} MiB");
+    assert_no_panic(&server);
 }
 
 #[tokio::test]
@@ -481,6 +493,7 @@ async fn control_pings_from_a_client_that_never_reads_end_it_with_memory_bounded
     assert!(matches!(code, Some(4002 | 4003)), "{end}");
     let grown_mib = status_kib(&server, "VmHWM:").saturating_sub(before) / 1024;
     assert!(grown_mib < 16, "the server's peak RSS grew {grown_mib} MiB");
+    assert_no_panic(&server);
 }
 
 #[tokio::test]
@@ -607,4 +620,5 @@ async fn a_flood_of_tiny_fragments_costs_only_the_message_it_spells() {
         .request(json!({"type":"system_request","command":"ping_agent"}))
         .await;
     assert_eq!(pong["success"], true, "{pong}");
+    assert_no_panic(&server);
 }

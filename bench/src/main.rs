@@ -66,6 +66,13 @@ enum Command {
         #[command(flatten)]
         args: workloads::idle_memory::Args,
     },
+    /// Bystanders under attack: direct-message latency while a hostile client attacks.
+    Hostile {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: workloads::hostile::Args,
+    },
     /// Close latency: time from a client's close frame to the server's FIN.
     CloseLatency {
         #[command(flatten)]
@@ -214,6 +221,14 @@ async fn harness(command: Command) -> ExitCode {
             })
             .await
         }
+        Command::Hostile { common, args } => {
+            one(&common, |ctx| {
+                Box::pin(
+                    async move { workloads::hostile::run(&ctx, &args).await.map(|t| (ctx, t)) },
+                )
+            })
+            .await
+        }
         Command::CloseLatency { common, args } => {
             one(&common, |ctx| {
                 Box::pin(async move {
@@ -356,6 +371,16 @@ async fn smoke(out: Option<PathBuf>, tether_bin: Option<PathBuf>) -> Result<(), 
                 agents: vec![300],
                 settle: 1.0,
                 dialers: 16,
+            }
+        )
+    );
+    step!(
+        "hostile",
+        workloads::hostile::run(
+            &ctx,
+            &workloads::hostile::Args {
+                fleet: 50,
+                seconds: 0.5,
             }
         )
     );

@@ -7,6 +7,7 @@ pub mod close_latency;
 pub mod dead_detection;
 pub mod event_publishing;
 pub mod heartbeat;
+pub mod hostile;
 pub mod idle_memory;
 pub mod publisher_throughput;
 pub mod registration;
