@@ -258,6 +258,44 @@
     return fields.some((f) => typeof f === "string" && f.toLowerCase().includes(query));
   }
 
+  let rowElements = new Map();
+
+  function newRow(id) {
+    const cleanup = el("button", {
+      type: "button", class: "cleanup", "data-action": "cleanup", "data-agent-id": id,
+      textContent: "Clean up", title: "DELETE /agents/" + id,
+    });
+    return el("tr", { "data-agent-id": id },
+      el("td", { class: "agent" }, el("span", { class: "id" }, id), el("span", { class: "name" })),
+      el("td", {}, el("span", { class: "state" })),
+      el("td", { class: "mono" }),
+      el("td", {}),
+      el("td", {}),
+      el("td", { class: "num" }),
+      el("td", {}, cleanup));
+  }
+
+  function setText(node, text) {
+    if (node.textContent !== text) node.textContent = text;
+  }
+
+  function updateRow(row, a) {
+    const cells = row.cells;
+    const state = a.state || dash;
+    if (row.dataset.state !== state) row.dataset.state = state;
+    const name = cells[0].lastChild;
+    setText(name, a.name && a.name !== a.agent_id ? a.name : "");
+    const badge = cells[1].firstChild;
+    badge.dataset.state = state;
+    setText(badge, state);
+    setText(cells[2], typeof a.node_id === "string" ? a.node_id : dash);
+    const since = new Date(a.connected_at);
+    cells[3].title = a.connected_at || "";
+    setText(cells[3], isNaN(since) ? dash : ago(since.getTime() / 1000));
+    setText(cells[4], ago(a.last_seen));
+    setText(cells[5], ms(a.round_trip_ms));
+  }
+
   function renderAgents() {
     const query = $("search").value.trim().toLowerCase();
     const shown = [];
@@ -267,27 +305,24 @@
       matching += 1;
       if (shown.length < MAX_ROWS) shown.push(agent);
     }
+    // Rows are kept per agent and updated in place, so a re-render never swaps the
+    // button under a pointer (or a WebDriver element reference).
+    const kept = new Map();
     const rows = shown.map((a) => {
-      const since = new Date(a.connected_at);
-      return el("tr", { "data-agent-id": a.agent_id, "data-state": a.state },
-        el("td", { class: "agent" },
-          el("span", { class: "id" }, a.agent_id),
-          a.name && a.name !== a.agent_id ? el("span", { class: "name" }, a.name) : null),
-        el("td", {}, el("span", { class: "state", "data-state": a.state }, a.state || dash)),
-        el("td", { class: "mono" }, typeof a.node_id === "string" ? a.node_id : dash),
-        el("td", { title: a.connected_at || "" }, isNaN(since) ? dash : ago(since.getTime() / 1000)),
-        el("td", {}, ago(a.last_seen)),
-        el("td", { class: "num" }, ms(a.round_trip_ms)),
-        el("td", {}, el("button", {
-          type: "button", class: "cleanup", "data-action": "cleanup", "data-agent-id": a.agent_id,
-          textContent: "Clean up", title: "DELETE /agents/" + a.agent_id,
-        })));
+      const row = rowElements.get(a.agent_id) || newRow(a.agent_id);
+      updateRow(row, a);
+      kept.set(a.agent_id, row);
+      return row;
     });
+    rowElements = kept;
     if (rows.length === 0) {
       rows.push(el("tr", { class: "empty" }, el("td", { colSpan: 7 },
         agents.length === 0 ? "No agent registered" : "No agent matches")));
     }
-    $("agent-rows").replaceChildren(...rows);
+    const body = $("agent-rows");
+    const same = body.children.length === rows.length &&
+      rows.every((row, i) => body.children[i] === row);
+    if (!same) body.replaceChildren(...rows);
     const count = $("agent-count");
     count.dataset.shown = String(shown.length);
     count.dataset.matching = String(matching);
@@ -395,8 +430,14 @@
     if (data.reason) parts.push(data.reason);
     if (data.error_code) parts.push(data.error_code);
     if (data.close_code) parts.push("close " + data.close_code);
-    if (isNum(data.duration_secs)) parts.push(duration(data.duration_secs));
-    if (type === "agent.registered" && data.node_id) parts.push("node " + data.node_id);
+    if (data.takeover) parts.push("takeover: " + data.takeover);
+    if (data.proof) parts.push("by incarnation " + data.by_incarnation + " (" + data.proof + ")");
+    if (isNum(data.inactive_secs)) parts.push("quiet " + duration(data.inactive_secs));
+    if (isNum(data.connected_secs)) parts.push("connected " + duration(data.connected_secs));
+    if (isNum(data.duration_secs)) parts.push("took " + duration(data.duration_secs));
+    if (data.name && type.startsWith("network.")) parts.push(data.name);
+    if (type === "agent.registered" && data.remote_addr) parts.push(data.remote_addr);
+    if (data.node_id) parts.push("node " + data.node_id);
     return parts.join(" · ");
   }
 
