@@ -169,7 +169,9 @@ fn row_in_state(agent_id: &str, state: &str) -> String {
 }
 
 fn event_listed(kind: &str, subject: &str) -> String {
-    format!("document.querySelector('#events li[data-type=\"{kind}\"][data-subject=\"{subject}\"]')")
+    format!(
+        "document.querySelector('#events li[data-type=\"{kind}\"][data-subject=\"{subject}\"]')"
+    )
 }
 
 fn text_is(id: &str, text: &str) -> String {
@@ -180,6 +182,26 @@ fn text_is(id: &str, text: &str) -> String {
 fn keep_alive(mut agent: Agent) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         agent.answer_pings(usize::MAX).await;
+    })
+}
+
+/// Keeps an agent active (a system request every 300 ms, an application frame) and
+/// answers its pings, until aborted.
+fn keep_busy(mut agent: Agent) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            agent
+                .request(json!({"type":"system_request","command":"get_network_info"}))
+                .await;
+            if agent
+                .pending()
+                .iter()
+                .any(|f| f["type"] == "system_request" && f["command"] == "ping_agent")
+            {
+                agent.answer_pings(1).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
     })
 }
 
@@ -385,10 +407,7 @@ async fn an_agent_without_application_traffic_turns_inactive_in_its_row_and_back
         .wait("alice's row, active", &row_in_state("alice", "active"))
         .await;
     browser
-        .wait(
-            "alice's row, inactive",
-            &row_in_state("alice", "inactive"),
-        )
+        .wait("alice's row, inactive", &row_in_state("alice", "inactive"))
         .await;
     browser
         .wait("one inactive agent", &text_is("agents-inactive", "1"))
@@ -487,7 +506,11 @@ async fn with_an_admin_token_the_page_asks_for_it_then_shows_the_data() {
         .await;
 
     // A wrong token: asked again, and told it was refused.
-    let input = browser.client.find(Locator::Id("token-input")).await.unwrap();
+    let input = browser
+        .client
+        .find(Locator::Id("token-input"))
+        .await
+        .unwrap();
     input.send_keys("wrong").await.unwrap();
     browser
         .client
@@ -505,7 +528,11 @@ async fn with_an_admin_token_the_page_asks_for_it_then_shows_the_data() {
         )
         .await;
 
-    let input = browser.client.find(Locator::Id("token-input")).await.unwrap();
+    let input = browser
+        .client
+        .find(Locator::Id("token-input"))
+        .await
+        .unwrap();
     input.send_keys(TOKEN).await.unwrap();
     browser
         .client
@@ -533,7 +560,9 @@ async fn with_an_admin_token_the_page_asks_for_it_then_shows_the_data() {
 
     // Kept for this tab: a reload needs no prompt.
     browser.client.refresh().await.unwrap();
-    browser.wait("alice's row after a reload", &row("alice")).await;
+    browser
+        .wait("alice's row after a reload", &row("alice"))
+        .await;
     assert!(browser
         .eval("return document.getElementById('token-prompt').hidden;")
         .await
@@ -543,8 +572,8 @@ async fn with_an_admin_token_the_page_asks_for_it_then_shows_the_data() {
 }
 
 #[tokio::test]
-async fn a_token_in_the_url_fragment_opens_the_page_and_leaves_the_address_bar_but_a_query_token_does_not()
-{
+async fn a_token_in_the_url_fragment_opens_the_page_and_leaves_the_address_bar_but_a_query_token_does_not(
+) {
     let server = TestServer::start(&[("TETHER__ADMIN__TOKEN", TOKEN)]);
     let (_alice, _) = Agent::register(&server.ws_url(), "alice").await;
     let browser = Browser::start(1280, 900).await;
@@ -584,15 +613,18 @@ async fn a_token_in_the_url_fragment_opens_the_page_and_leaves_the_address_bar_b
 }
 
 /// With `TETHER_DASHBOARD_SCREENSHOT=docs/dashboard.png`: the page at desktop width
-/// with 200 agents, a few of them inactive, and a few events (a refused registration,
-/// a stale agent, a clean-up), saved as PNG. Without the variable it does nothing.
+/// with 200 agents (25 of them inactive) and a few events (a refused registration,
+/// a stale agent, a clean-up), saved as PNG; `TETHER_DASHBOARD_SCREENSHOT_PHONE=path`
+/// adds one at phone width. Without the variable it does nothing.
 #[tokio::test]
 async fn screenshot_of_the_page_under_load() {
     let Ok(path) = std::env::var("TETHER_DASHBOARD_SCREENSHOT") else {
         eprintln!("TETHER_DASHBOARD_SCREENSHOT not set: no screenshot taken");
         return;
     };
-    let server = TestServer::start(&FAST);
+    let mut env = FAST.to_vec();
+    env.push(("TETHER__HEARTBEAT__ACTIVITY_TIMEOUT", "3"));
+    let server = TestServer::start(&env);
     let browser = Browser::start(1440, 1100).await;
     browser.goto(&server.http("/dashboard")).await;
     browser
@@ -605,7 +637,13 @@ async fn screenshot_of_the_page_under_load() {
     let mut alive = Vec::new();
     for i in 0..200 {
         let id = format!("agent-{i:03}");
-        alive.push(keep_alive(Agent::register(&server.ws_url(), &id).await.0));
+        let (agent, _) = Agent::register(&server.ws_url(), &id).await;
+        // One in eight stays quiet (answering pings only) and turns inactive.
+        alive.push(if i % 8 == 5 {
+            keep_alive(agent)
+        } else {
+            keep_busy(agent)
+        });
     }
     let (mut silent, _) = Agent::register(&server.ws_url(), "flaky-worker").await;
     let mut refused = Agent::connect(&server.ws_url()).await;
@@ -621,10 +659,10 @@ async fn screenshot_of_the_page_under_load() {
         )
         .await;
     browser
-        .wait(
-            "200 agents",
-            &text_is("agent-count", "showing 200 of 200"),
-        )
+        .wait("200 agents", &text_is("agent-count", "showing 200 of 200"))
+        .await;
+    browser
+        .wait("25 inactive agents", &text_is("agents-inactive", "25"))
         .await;
     browser
         .wait(
@@ -639,6 +677,14 @@ async fn screenshot_of_the_page_under_load() {
     }
     std::fs::write(&path, png).unwrap();
     eprintln!("dashboard screenshot written to {path}");
+    // The same page at phone width, to look at (not committed).
+    if let Ok(phone) = std::env::var("TETHER_DASHBOARD_SCREENSHOT_PHONE") {
+        browser.client.set_window_size(390, 1400).await.unwrap();
+        browser
+            .wait("a phone-width viewport", "window.innerWidth <= 420")
+            .await;
+        std::fs::write(&phone, browser.client.screenshot().await.unwrap()).unwrap();
+    }
     for task in alive {
         task.abort();
     }

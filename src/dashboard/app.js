@@ -168,6 +168,9 @@
     set("agents-registered", int(c.registered_agents));
     set("agents-active", int(c.active_agents));
     set("agents-inactive", int(c.inactive_agents));
+    const registered = c.registered_agents || 0;
+    $("bar-active").style.width = registered ? (100 * (c.active_agents || 0) / registered) + "%" : "0";
+    $("bar-inactive").style.width = registered ? (100 * (c.inactive_agents || 0) / registered) + "%" : "0";
     set("open-sockets", int(c.open_sockets));
     set("peak-concurrent", int(c.peak_concurrent));
     set("stale-declared", int(c.stale_declared));
@@ -181,6 +184,11 @@
     set("registrations-attempted", int(c.registrations_attempted));
     set("average-connection", duration(c.average_connection_secs));
     set("takeovers", int(c.takeovers));
+    set("disconnections", int(c.disconnections));
+    const reasons = Object.entries(c.disconnections_by_reason || {})
+      .sort((a, b) => b[1] - a[1]).slice(0, 3)
+      .map(([reason, n]) => reason + " " + int(n));
+    set("disconnection-reasons", reasons.length ? reasons.join(" · ") : "none yet");
     set("uptime", duration(c.uptime_secs));
     const rtt = h.round_trip_ms && typeof h.round_trip_ms === "object"
       ? h.round_trip_ms
