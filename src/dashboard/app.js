@@ -149,7 +149,7 @@
       statsInFlight = false;
     }
     try {
-      const health = await fetch("/health", { cache: "no-store" });
+      const health = await fetch("/health", { headers: headers(), cache: "no-store" });
       const report = await health.json();
       const badge = $("health");
       badge.dataset.status = report.status || "unknown";
@@ -394,9 +394,12 @@
     return any ? { event, id, data: data.join("\n") } : null;
   }
 
+  // Each start follows the stream anew; a loop left from before a token prompt ends.
+  let eventsGeneration = 0;
   async function followEvents() {
+    const generation = ++eventsGeneration;
     let backoff = 500;
-    while (!authBlocked) {
+    while (!authBlocked && generation === eventsGeneration) {
       const controller = new AbortController();
       eventsAbort = controller;
       try {
