@@ -9,7 +9,8 @@
 #     stopped; installed with apt-get if missing);
 #   - tansu (a Kafka-compatible broker) installed with cargo and listening on
 #     127.0.0.1:9092 (its build is cached in ~/.cargo/bin);
-#   - a Python venv in .venv with openagents==0.5.1 for the compatibility test.
+#   - a Python venv in .venv with openagents==0.5.1 for the compatibility test;
+#   - Debian's chromium and chromium-driver for the dashboard test (tests/dashboard.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -66,6 +67,10 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openagents' 2>/dev
   .venv/bin/pip install -q --disable-pip-version-check openagents==0.5.1 requests packaging >&2
 fi
 export TETHER_TEST_PYTHON="$root/.venv/bin/python"
+
+# --- Headless Chromium for the dashboard test (Debian's packages, never a downloaded browser) ---
+command -v chromedriver >/dev/null || apt_install chromium chromium-driver
+export TETHER_TEST_CHROMEDRIVER=/usr/bin/chromedriver
 
 if [ $# -eq 0 ]; then
   # The benchmark harness in its smoke configuration (a few hundred agents, seconds),

@@ -17,6 +17,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 mod admin;
 mod check_config;
 mod config;
+mod dashboard;
 mod events_cmd;
 mod listener;
 mod publishers;

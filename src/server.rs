@@ -2,7 +2,7 @@
 //! listener, and the shutdown sequence run on SIGINT or SIGTERM.
 
 use crate::state::AppState;
-use crate::{admin, listener, publishers, sse};
+use crate::{admin, dashboard, listener, publishers, sse};
 use actix::prelude::*;
 use actix_web::middleware::from_fn;
 use actix_web::{web, App};
@@ -100,6 +100,9 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
             .route("/", web::get().to(listener::not_an_upgrade))
             .route("/ws", web::get().to(listener::not_an_upgrade))
             .route("/health", web::get().to(admin::health))
+            .route("/dashboard", web::get().to(dashboard::page))
+            .route("/dashboard/app.js", web::get().to(dashboard::script))
+            .route("/dashboard/app.css", web::get().to(dashboard::style))
             .service(
                 web::scope("")
                     .wrap(from_fn(admin::require_token))
