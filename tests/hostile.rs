@@ -622,3 +622,55 @@ async fn a_flood_of_tiny_fragments_costs_only_the_message_it_spells() {
     assert_eq!(pong["success"], true, "{pong}");
     assert_no_panic(&server);
 }
+
+#[tokio::test]
+async fn no_log_line_carries_a_secret_a_token_or_a_broker_password() {
+    let env = [
+        ("RUST_LOG", "debug"),
+        ("TETHER__IDENTITY__SECRET", "hunter2-secret"),
+        ("TETHER__ADMIN__TOKEN", "hunter2-token"),
+        ("TETHER__EVENTS__PUBLISHERS", "log,redis"),
+        // Nothing listens on port 1: the publisher logs its failed connections.
+        (
+            "TETHER__EVENTS__REDIS__URL",
+            "redis://:hunter2-redis@127.0.0.1:1/",
+        ),
+        ("TETHER__EVENTS__REDIS__RETRY_INITIAL", "0.05"),
+        ("TETHER__EVENTS__REDIS__RETRY_MAX", "0.2"),
+    ];
+    let server = TestServer::start(&env);
+    let http = common::http();
+    for token in ["hunter2-token", "hunter2-wrong"] {
+        let status = http
+            .get(server.http("/stats"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status.as_u16() == 200, token == "hunter2-token");
+    }
+    let (mut agent, _) = Agent::register(&server.ws_url(), "logged").await;
+    let claimed = claim(&mut agent, "logged").await;
+    assert_eq!(claimed["success"], true, "{claimed}");
+    let hash = claimed["certificate"]["certificate_hash"]
+        .as_str()
+        .expect("a certificate hash")
+        .to_owned();
+    agent.close().await;
+    // Wait until the publisher has failed to connect at least twice (it logs each).
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while server.logs().matches("redis").count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", server.logs());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let logs = server.logs();
+    assert!(
+        !logs.contains("hunter2"),
+        "a secret reached the log:\n{logs}"
+    );
+    assert!(
+        !logs.contains(&hash),
+        "a certificate reached the log:\n{logs}"
+    );
+}
