@@ -10,7 +10,8 @@
 #   - tansu (a Kafka-compatible broker) installed with cargo and listening on
 #     127.0.0.1:9092 (its build is cached in ~/.cargo/bin);
 #   - a Python venv in .venv with openagents==0.5.1 for the compatibility test;
-#   - Debian's chromium and chromium-driver for the dashboard test (tests/dashboard.rs).
+#   - Debian's chromium and chromium-driver for the dashboard test (tests/dashboard.rs);
+#   - Debian's prometheus (server and promtool) for the metrics tests (tests/observability.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -71,6 +72,10 @@ export TETHER_TEST_PYTHON="$root/.venv/bin/python"
 # --- Headless Chromium for the dashboard test (Debian's packages, never a downloaded browser) ---
 command -v chromedriver >/dev/null || apt_install chromium chromium-driver
 export TETHER_TEST_CHROMEDRIVER=/usr/bin/chromedriver
+
+# --- Prometheus and promtool for the metrics tests (each test starts its own server) ---
+command -v promtool >/dev/null && command -v prometheus >/dev/null || apt_install prometheus
+export TETHER_TEST_PROMTOOL="$(command -v promtool)" TETHER_TEST_PROMETHEUS="$(command -v prometheus)"
 
 if [ $# -eq 0 ]; then
   # The benchmark harness in its smoke configuration (a few hundred agents, seconds),

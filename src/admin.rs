@@ -38,7 +38,7 @@ pub async fn require_token(
 }
 
 /// A 401 response unless the request carries the admin token (if one is set).
-fn denied(req: &HttpRequest, state: &AppState) -> Option<HttpResponse> {
+pub(crate) fn denied(req: &HttpRequest, state: &AppState) -> Option<HttpResponse> {
     let token = state.settings.admin.token.as_ref()?;
     let given = req
         .headers()
@@ -52,7 +52,7 @@ fn denied(req: &HttpRequest, state: &AppState) -> Option<HttpResponse> {
     })
 }
 
-fn unavailable(error: impl std::fmt::Display) -> HttpResponse {
+pub(crate) fn unavailable(error: impl std::fmt::Display) -> HttpResponse {
     HttpResponse::ServiceUnavailable()
         .json(json!({"error": format!("the server is stopping: {error}")}))
 }
@@ -104,6 +104,44 @@ pub async fn remove_agent(state: web::Data<AppState>, id: web::Path<String>) -> 
     }
 }
 
+/// `GET /livez` (never requires the token): the process serves HTTP.
+pub async fn livez() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz` (never requires the token): 200 while the server accepts agents;
+/// 503 with the reason while shutting down or at `network.max_connections`.
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let not_ready = |reason: String| {
+        HttpResponse::ServiceUnavailable().json(json!({"status": "not_ready", "reason": reason}))
+    };
+    if !state.accepting.load(std::sync::atomic::Ordering::Acquire) {
+        return not_ready("the server is shutting down".into());
+    }
+    let stats = match state.registry.send(GetStats).await {
+        Ok(stats) => stats,
+        Err(e) => return unavailable(e),
+    };
+    if stats.shutting_down {
+        return not_ready("the server is shutting down".into());
+    }
+    let max = state.settings.network.max_connections;
+    if stats.registered_agents >= max {
+        return not_ready(format!(
+            "{max} agents registered: network.max_connections reached"
+        ));
+    }
+    let limit = state.socket_limit();
+    if state.open_sockets() >= limit {
+        return not_ready(format!("{limit} sockets open: the socket limit is reached"));
+    }
+    HttpResponse::Ok().json(json!({
+        "status": "ready",
+        "registered_agents": stats.registered_agents,
+        "max_connections": max,
+    }))
+}
+
 /// `GET /health` (never requires the token).
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let (stats, events) =
@@ -139,8 +177,8 @@ pub fn health_report(stats: &StatsSnapshot, events: &BusStatus) -> Value {
     let rate_status = if stats.registrations_attempted >= MIN_ATTEMPTS_FOR_RATE
         && stats.success_rate < MIN_SUCCESS_RATE
     {
-        recommendations.push("Many registrations are refused: look at agent.registration_failed events for their error codes".to_owned());
-        "critical"
+        recommendations.push("Many registrations are refused: look at agent.registration_failed events (or tether_registrations_refused_total) for their error codes; clients cause this, so it is never critical".to_owned());
+        "warning"
     } else {
         "healthy"
     };
@@ -163,6 +201,17 @@ pub fn health_report(stats: &StatsSnapshot, events: &BusStatus) -> Value {
     checks.insert("cleanup_rate".into(), json!({
         "status": cleanup_status, "value": stats.cleanups_per_minute, "threshold": cleanup_threshold,
     }));
+
+    let shutdown_status = if stats.shutting_down {
+        recommendations.push("The server is shutting down: it accepts no agents".to_owned());
+        "critical"
+    } else {
+        "healthy"
+    };
+    checks.insert(
+        "shutdown".into(),
+        json!({"status": shutdown_status, "shutting_down": stats.shutting_down}),
+    );
 
     for publisher in &events.publishers {
         let status = if publisher.failed {

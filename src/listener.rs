@@ -77,6 +77,7 @@ async fn upgrade(
     let path = req.path();
     if path != "/" && path != "/ws" {
         let error = "no WebSocket here: agents connect to / or /ws";
+        crate::metrics::upgrade("not_found");
         return refuse(&mut framed, StatusCode::NOT_FOUND, error).await;
     }
     if let Some(origin) = req.head().headers().get(actix_http::header::ORIGIN) {
@@ -85,21 +86,25 @@ async fn upgrade(
             let error = format!(
                 "origin {origin} may not open an agent WebSocket: list it in network.allowed_origins"
             );
+            crate::metrics::upgrade("forbidden_origin");
             return refuse(&mut framed, StatusCode::FORBIDDEN, &error).await;
         }
     }
     if !state.accepting.load(Ordering::Acquire) {
         let error = "the server is shutting down";
+        crate::metrics::upgrade("shutting_down");
         return refuse(&mut framed, StatusCode::SERVICE_UNAVAILABLE, error).await;
     }
     let limit = state.socket_limit();
     if state.open_sockets() >= limit {
         let error = format!("the server holds its limit of {limit} sockets; try again later");
+        crate::metrics::upgrade("too_many_sockets");
         return refuse(&mut framed, StatusCode::SERVICE_UNAVAILABLE, &error).await;
     }
     let response = match handshake(req.head()) {
         Ok(mut response) => response.finish().drop_body(),
         Err(error) => {
+            crate::metrics::upgrade("bad_handshake");
             let response = Response::from(&error);
             return respond(&mut framed, response).await;
         }
@@ -107,6 +112,7 @@ async fn upgrade(
     framed
         .send(h1::Message::Item((response, BodySize::None)))
         .await?;
+    crate::metrics::upgrade("accepted");
     let parts = framed.into_parts();
     let session_id = state.next_session.fetch_add(1, Ordering::Relaxed);
     let remote_addr: Arc<str> = req

@@ -20,6 +20,7 @@ mod config;
 mod dashboard;
 mod events_cmd;
 mod listener;
+mod metrics;
 mod publishers;
 mod server;
 mod sse;

@@ -2,7 +2,7 @@
 //! listener, and the shutdown sequence run on SIGINT or SIGTERM.
 
 use crate::state::AppState;
-use crate::{admin, dashboard, listener, publishers, sse};
+use crate::{admin, dashboard, listener, metrics, publishers, sse};
 use actix::prelude::*;
 use actix_web::middleware::from_fn;
 use actix_web::{web, App};
@@ -42,6 +42,8 @@ fn network_event(source: &EventSource, payload: NetworkEvent<'_>) -> Publish {
 /// Runs the server until it is told to stop; returns what the shutdown did.
 pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<ShutdownSummary> {
     let settings = Arc::new(settings);
+    // Before any actor starts: what is recorded before the recorder exists is lost.
+    metrics::install();
     let node_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let source = EventSource::new(&settings.network.id, &node_id);
 
@@ -100,6 +102,9 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
             .route("/", web::get().to(listener::not_an_upgrade))
             .route("/ws", web::get().to(listener::not_an_upgrade))
             .route("/health", web::get().to(admin::health))
+            .route("/livez", web::get().to(admin::livez))
+            .route("/readyz", web::get().to(admin::readyz))
+            .route("/metrics", web::get().to(metrics::metrics))
             .route("/dashboard", web::get().to(dashboard::page))
             .route("/dashboard/app.js", web::get().to(dashboard::script))
             .route("/dashboard/app.css", web::get().to(dashboard::style))

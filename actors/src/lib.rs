@@ -25,6 +25,7 @@ pub mod event;
 pub mod heartbeat;
 pub mod identity;
 pub mod liveness;
+pub mod metrics;
 pub mod outbound;
 pub mod protocol;
 pub mod publisher;

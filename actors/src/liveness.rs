@@ -24,6 +24,8 @@ pub struct ConnectionClock {
     /// Round trip of the last answered ping in microseconds (now − the echoed ping
     /// timestamp); `u32::MAX` when none was measured since the heartbeat last read it.
     ping_rtt_us: AtomicU32,
+    /// Round trip of the last answered ping in microseconds, kept (`u32::MAX`: none).
+    last_ping_rtt_us: AtomicU32,
     /// Outbound frames the kernel has not accepted yet (shown as `queue_length`).
     queued_frames: AtomicU32,
 }
@@ -35,6 +37,7 @@ impl ConnectionClock {
             last_seen_ms: AtomicU64::new(now_ms),
             last_activity_ms: AtomicU64::new(now_ms),
             ping_rtt_us: AtomicU32::new(u32::MAX),
+            last_ping_rtt_us: AtomicU32::new(u32::MAX),
             queued_frames: AtomicU32::new(0),
         }
     }
@@ -56,8 +59,17 @@ impl ConnectionClock {
     /// 0..1 hour (a wrong echo, a wall-clock step) are ignored.
     pub fn answered_ping(&self, rtt_secs: f64) {
         if (0.0..3600.0).contains(&rtt_secs) {
-            self.ping_rtt_us
-                .store((rtt_secs * 1e6) as u32, Ordering::Relaxed);
+            let rtt_us = (rtt_secs * 1e6) as u32;
+            self.ping_rtt_us.store(rtt_us, Ordering::Relaxed);
+            self.last_ping_rtt_us.store(rtt_us, Ordering::Relaxed);
+        }
+    }
+
+    /// The round trip of the last answered ping, in milliseconds.
+    pub fn last_ping_rtt_ms(&self) -> Option<f64> {
+        match self.last_ping_rtt_us.load(Ordering::Relaxed) {
+            u32::MAX => None,
+            rtt => Some(f64::from(rtt) / 1000.0),
         }
     }
 

@@ -140,6 +140,8 @@ pub struct AdminSettings {
     pub token: Option<String>,
     /// Allow a non-loopback listener without a token.
     pub allow_unauthenticated: bool,
+    /// Serve `/metrics` without the token (for scrapers on a trusted network).
+    pub metrics_public: bool,
 }
 
 /// `[shutdown]`

@@ -67,9 +67,12 @@ pub struct Stats {
     pub disconnections_by_reason: BTreeMap<&'static str, u64>,
     /// Most agents registered at once.
     pub peak_concurrent: usize,
+    /// Seconds registered, summed over the incarnations that ended.
+    pub connected_secs_total: f64,
     registrations_window: RateWindow,
     cleanups_window: RateWindow,
     stale_window: RateWindow,
+    connections_window: RateWindow,
 }
 
 impl Stats {
@@ -87,9 +90,11 @@ impl Stats {
             stale_declared: 0,
             disconnections_by_reason: BTreeMap::new(),
             peak_concurrent: 0,
+            connected_secs_total: 0.0,
             registrations_window: RateWindow::new(),
             cleanups_window: RateWindow::new(),
             stale_window: RateWindow::new(),
+            connections_window: RateWindow::new(),
         }
     }
 
@@ -119,8 +124,16 @@ impl Stats {
         self.registrations_failed += 1;
     }
 
-    /// Records the end of an incarnation.
-    pub fn ended(&mut self, reason: &'static str) {
+    /// Records a WebSocket connection accepted.
+    pub fn socket_opened(&mut self) {
+        self.sockets_opened += 1;
+        let second = self.second();
+        self.connections_window.record(second);
+    }
+
+    /// Records the end of an incarnation that lasted `connected_secs`.
+    pub fn ended(&mut self, reason: &'static str, connected_secs: f64) {
+        self.connected_secs_total += connected_secs;
         self.disconnections += 1;
         self.cleanups += 1;
         *self.disconnections_by_reason.entry(reason).or_default() += 1;
@@ -161,8 +174,16 @@ impl Stats {
             } else {
                 self.registrations_succeeded as f64 * 100.0 / attempted as f64
             },
+            connections_per_minute: self.connections_window.last_minute(second),
+            average_connection_secs: if self.disconnections == 0 {
+                0.0
+            } else {
+                self.connected_secs_total / self.disconnections as f64
+            },
+            connected_secs_total: self.connected_secs_total,
             metadata_bytes: 0,
             remembered_agent_ids: 0,
+            shutting_down: false,
         }
     }
 }
@@ -214,6 +235,14 @@ pub struct StatsSnapshot {
     pub cleanups_per_minute: u64,
     /// Successful registrations / attempted, in percent.
     pub success_rate: f64,
+    /// WebSocket connections accepted in the last minute.
+    pub connections_per_minute: u64,
+    /// Mean seconds an ended incarnation was registered.
+    pub average_connection_secs: f64,
+    /// Seconds registered, summed over the incarnations that ended.
+    pub connected_secs_total: f64,
+    /// Whether the server is shutting down (it accepts no agents).
+    pub shutting_down: bool,
     /// Bytes of registration metadata held (`limits.max_metadata_bytes_total`).
     pub metadata_bytes: usize,
     /// Ids that left whose last incarnation is remembered (`limits.remembered_agent_ids`).

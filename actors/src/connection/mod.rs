@@ -201,6 +201,7 @@ impl AgentConnection {
             return;
         }
         self.end = Some(disconnect);
+        crate::metrics::connection_closed(disconnect);
         self.report_end();
         if !drain {
             self.outgoing.discard_pending();

@@ -36,6 +36,7 @@ impl AgentConnection {
 
     pub(super) fn invalid_frame(&mut self, ctx: &mut Context<Self>, error: String) {
         self.invalid_in_row += 1;
+        crate::metrics::frame_rejected("invalid_frame");
         let error = ProtocolError::new(ErrorCode::InvalidFrame, error);
         self.send_json(ctx, &protocol::error_frame(&error, None));
         if self.invalid_in_row >= self.settings.limits.max_invalid_frames {
@@ -80,6 +81,7 @@ impl AgentConnection {
     pub(super) fn on_request(&mut self, ctx: &mut Context<Self>, request: Request) {
         if self.requests.check().is_err() {
             self.limited_in_row += 1;
+            crate::metrics::frame_rejected("rate_limited");
             let burst = self.settings.limits.request_burst;
             if self.limited_in_row >= burst {
                 return self.close(ctx, Disconnect::POLICY_VIOLATION, true);
@@ -191,6 +193,7 @@ impl AgentConnection {
                 ErrorCode::NotRegistered,
                 "Register with register_agent before sending messages",
             );
+            crate::metrics::message_refused("unknown", "not_registered");
             return self.send_json(ctx, &protocol::error_frame(&error, None));
         };
         let agent_id = agent_id.clone();
@@ -210,11 +213,13 @@ impl AgentConnection {
                         exclude.len()
                     ),
                 );
+                crate::metrics::message_refused("broadcast", "too_many_exclusions");
                 return self.send_json(ctx, &protocol::error_frame(&error, Some(&message_id)));
             }
         }
         if kind == MessageKind::Mod {
             let error = ErrorCode::UnsupportedMod.into();
+            crate::metrics::message_refused("mod", "unsupported_mod");
             let frame = protocol::error_frame(&error, Some(&message_id));
             return self.send_json(ctx, &frame);
         }
@@ -222,6 +227,7 @@ impl AgentConnection {
         let routed = self
             .routes
             .route(self.session_id, &agent_id, &kind, encoded);
+        crate::metrics::message_routed(&kind, &routed);
         if let (Routed::UnknownTarget, MessageKind::Direct(target)) = (routed, &kind) {
             let error = ProtocolError::new(
                 ErrorCode::UnknownAgent,

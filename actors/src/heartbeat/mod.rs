@@ -227,6 +227,7 @@ impl Heartbeat {
                 agent.pinged_at = None;
                 if let Some(rtt_us) = agent.clock.take_ping_rtt_us() {
                     self.ping_rtt.record(rtt_us);
+                    crate::metrics::ping_answered(u64::from(rtt_us));
                 }
             } else if now >= pinged_at + t.ping_timeout {
                 return self.stale(session_id, StaleReason::PingTimeout, last_seen);

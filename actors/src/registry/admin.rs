@@ -29,6 +29,8 @@ impl Registry {
             metadata: entry.metadata.clone(),
             remote_addr: entry.remote_addr.to_string(),
             queue_length: entry.clock.queued_frames(),
+            node_id: self.source.node_id.to_string(),
+            round_trip_ms: entry.clock.last_ping_rtt_ms(),
         }
     }
 }
@@ -75,6 +77,7 @@ impl Handler<GetStats> for Registry {
                 .snapshot(self.agents.len(), self.inactive_count, self.sockets.len());
         snapshot.metadata_bytes = self.metadata_bytes;
         snapshot.remembered_agent_ids = self.incarnations.remembered();
+        snapshot.shutting_down = self.shutting_down;
         MessageResult(snapshot)
     }
 }

@@ -71,7 +71,9 @@ impl Registry {
             steps: CLEANUP_STEPS,
         };
         publish(&self.events, &self.source, agent_id, &mut entry, payload);
-        self.stats.ended(disconnect.reason.as_str());
+        let lasted_secs = lasted_ms as f64 / 1000.0;
+        self.stats.ended(disconnect.reason.as_str(), lasted_secs);
+        crate::metrics::incarnation_ended(lasted_secs);
         self.check_waiters();
     }
 
@@ -117,6 +119,7 @@ impl Registry {
     /// Counts a refused registration and publishes `agent.registration_failed`.
     pub(super) fn registration_failed(&mut self, agent_id: Option<&str>, code: ErrorCode) {
         self.stats.refused();
+        crate::metrics::registration_refused(code.as_str());
         let payload = AgentEvent::RegistrationFailed {
             error_code: code.as_str(),
         };
@@ -130,7 +133,7 @@ impl Handler<Connected> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: Connected, _ctx: &mut Self::Context) {
-        self.stats.sockets_opened += 1;
+        self.stats.socket_opened();
         if self.shutting_down {
             let notice =
                 protocol::notification("network_shutdown", None, "The network is shutting down");

@@ -130,6 +130,10 @@ pub struct AgentInfo {
     pub remote_addr: String,
     /// Frames waiting in the outbound queue.
     pub queue_length: usize,
+    /// The node the agent is connected to.
+    pub node_id: String,
+    /// Round trip of its last answered ping, in milliseconds.
+    pub round_trip_ms: Option<f64>,
 }
 
 /// Lists registered agents (admin API).

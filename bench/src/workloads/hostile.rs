@@ -77,8 +77,7 @@ struct Attacked {
 
 /// Runs the workload and returns its table; `Err` when no run could run at all.
 pub async fn run(ctx: &Ctx, args: &Args) -> Result<Vec<Table>, String> {
-    let mut per_attack: Vec<Vec<(Option<f64>, Option<f64>, Option<f64>, u64, u64, u64)>> =
-        vec![Vec::new(); ATTACKS.len()];
+    let mut per_attack: Vec<Vec<PhaseResult>> = vec![Vec::new(); ATTACKS.len()];
     let mut any_ok = false;
     for _ in 0..ctx.repeat {
         match once(ctx, args).await {
@@ -102,10 +101,9 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Vec<Table>, String> {
         args.fleet, args.seconds
     ));
     for (attack, runs) in ATTACKS.iter().zip(per_attack) {
-        let pick =
-            |f: &dyn Fn(&(Option<f64>, Option<f64>, Option<f64>, u64, u64, u64)) -> Option<f64>| {
-                median(&runs.iter().filter_map(f).collect::<Vec<_>>())
-            };
+        let pick = |f: &dyn Fn(&PhaseResult) -> Option<f64>| {
+            median(&runs.iter().filter_map(f).collect::<Vec<_>>())
+        };
         let row: Row = vec![
             text("attack", attack.label()),
             num(
@@ -140,6 +138,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Vec<Table>, String> {
     }
 }
 
+/// p50, p99, max (ms), bystander messages, attacker frames, attacker connections.
 type PhaseResult = (Option<f64>, Option<f64>, Option<f64>, u64, u64, u64);
 
 async fn once(ctx: &Ctx, args: &Args) -> Result<Vec<PhaseResult>, String> {
