@@ -54,7 +54,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Vec<Table>, String> {
         row.push(("× Tether KiB/agent".into(), ratio));
     }
     table.notes.push(
-        "RSS is VmRSS of the server process (and its children) from /proc; KiB/agent = (RSS with the fleet − RSS before any agent) / registered agents; the 100k projection is baseline + 100 000 × KiB/agent. Tether runs its default configuration (heartbeat 30 s, log publisher to a file) with max_connections raised; agents are idle (no pings are due within the measurement).".into(),
+        "RSS is VmRSS of the server process (and its children) from /proc; KiB/agent = (RSS with the fleet − RSS before any agent) / registered agents; the 100k projection is baseline + 100 000 × KiB/agent. Tether runs its default configuration (heartbeat 30 s, log publisher to a file) with max_connections raised; agents are idle (no pings are due within the measurement). /metrics = 50 scrapes with the fleet registered (after a warm-up), request to last byte over loopback, Tether only (target < 1 ms at 19 900 agents).".into(),
     );
     finish(ctx, &mut table);
     if any_ok {
@@ -76,6 +76,10 @@ async fn once(ctx: &Ctx, args: &Args, system: System, n: u64) -> Result<crate::s
         .settled_rss(Duration::from_secs_f64(args.settle))
         .await;
     let fds = procfs::open_fds(server.pid);
+    let scrape = match &server.http_url {
+        Some(http) if held_ok(&result) => scrape_times(http).await,
+        _ => None,
+    };
     release(&pool).await;
     pool.shutdown().await;
     server.stop().await;
@@ -96,6 +100,40 @@ async fn once(ctx: &Ctx, args: &Args, system: System, n: u64) -> Result<crate::s
         ),
         opt("server fds", fds.map(|f| f as f64), 0, "unreadable"),
     ];
+    match scrape {
+        Some((p50, max)) => {
+            row.push(num("/metrics p50 ms", p50, 3));
+            row.push(num("/metrics max ms", max, 3));
+        }
+        None => {
+            row.push(super::na("/metrics p50 ms", "no /metrics"));
+            row.push(super::na("/metrics max ms", "no /metrics"));
+        }
+    }
     held.note_failures(&mut row);
     Ok(row)
+}
+
+fn held_ok(result: &Result<super::Held, String>) -> bool {
+    result.as_ref().is_ok_and(|held| held.ok > 0)
+}
+
+/// Times 50 scrapes of `/metrics` with the fleet registered (after one warm-up):
+/// median and slowest, in milliseconds, request to last byte over loopback.
+async fn scrape_times(http: &str) -> Option<(f64, f64)> {
+    let client = reqwest::Client::new();
+    let url = format!("{http}/metrics");
+    client.get(&url).send().await.ok()?.bytes().await.ok()?;
+    let mut ms = Vec::new();
+    for _ in 0..50 {
+        let started = std::time::Instant::now();
+        let response = client.get(&url).send().await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        response.bytes().await.ok()?;
+        ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    ms.sort_by(f64::total_cmp);
+    Some((ms[ms.len() / 2], ms[ms.len() - 1]))
 }
