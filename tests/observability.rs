@@ -185,6 +185,26 @@ async fn answered_pings_fill_the_round_trip_histogram() {
 }
 
 #[tokio::test]
+async fn a_scraper_asking_for_openmetrics_gets_the_classic_format_it_can_read() {
+    let server = TestServer::start(&[]);
+    let response = common::http()
+        .get(server.http("/metrics"))
+        .header(
+            "Accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(content_type.starts_with("text/plain; version=0.0.4"), "{content_type}");
+    let text = response.text().await.unwrap();
+    assert!(!text.contains("# EOF"), "{text}");
+    assert!(text.contains("# TYPE tether_connections_total counter"), "{text}");
+}
+
+#[tokio::test]
 async fn metrics_need_the_admin_token_unless_opened_to_scrapers() {
     let server = TestServer::start(&[("TETHER__ADMIN__TOKEN", "s3cret")]);
     assert_eq!(get_metrics(&server, None).await.status(), 401);
