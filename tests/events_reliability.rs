@@ -368,6 +368,17 @@ async fn a_publisher_restarted_past_its_intensity_is_failed_while_the_server_kee
     let response = reqwest::get(server.http("/health")).await.unwrap();
     assert_eq!(response.status(), 503);
     wait_log(&server, &["publisher redis FAILED"]).await;
+    let metrics = reqwest::get(server.http("/metrics")).await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    for line in [
+        r#"tether_publisher_failed{publisher="redis"} 1"#,
+        r#"tether_publisher_up{publisher="redis"} 0"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line} in:\n{metrics}"
+        );
+    }
 
     // It stays failed (no reconnection) and the server keeps serving agents.
     let mut sse = sse(&server).await;

@@ -197,11 +197,20 @@ async fn a_scraper_asking_for_openmetrics_gets_the_classic_format_it_can_read() 
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
-    assert!(content_type.starts_with("text/plain; version=0.0.4"), "{content_type}");
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
     let text = response.text().await.unwrap();
     assert!(!text.contains("# EOF"), "{text}");
-    assert!(text.contains("# TYPE tether_connections_total counter"), "{text}");
+    assert!(
+        text.contains("# TYPE tether_connections_total counter"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
