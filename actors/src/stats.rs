@@ -1,5 +1,6 @@
 //! Connection metrics kept by the registry, and the snapshot served at `/stats`.
 
+use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -265,27 +266,29 @@ mod tests {
     }
 }
 
-/// Buckets of [`RttHistogram`]: 8 per power of two of microseconds.
-const RTT_BUCKETS: usize = 240;
-
-/// Ping round trips of the last one to two minutes, in log-linear buckets (eight per
-/// power of two, so a percentile is within 1/16 of the true value), kept by the
-/// heartbeat actor.
+/// Ping round trips of the last one to two minutes (two one-minute windows of
+/// `hdrhistogram`, three significant digits), kept by the heartbeat actor for
+/// `/stats`. Prometheus gets every round trip through `metrics` as well.
 #[derive(Debug, Clone)]
 pub struct RttHistogram {
     /// The window being filled.
-    current: Box<[u64; RTT_BUCKETS]>,
+    current: Histogram<u64>,
     /// The window before it.
-    previous: Box<[u64; RTT_BUCKETS]>,
+    previous: Histogram<u64>,
     /// When `current` started.
     current_since: Instant,
 }
 
+/// Longest round trip kept, in microseconds (an hour; longer ones are clamped).
+const RTT_MAX_US: u64 = 3_600_000_000;
+
 impl Default for RttHistogram {
     fn default() -> Self {
+        let window =
+            || Histogram::new_with_bounds(1, RTT_MAX_US, 3).expect("1 ≤ low < high, 3 digits");
         Self {
-            current: Box::new([0; RTT_BUCKETS]),
-            previous: Box::new([0; RTT_BUCKETS]),
+            current: window(),
+            previous: window(),
             current_since: Instant::now(),
         }
     }
@@ -295,25 +298,6 @@ impl Default for RttHistogram {
 const RTT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl RttHistogram {
-    fn bucket(us: u32) -> usize {
-        if us < 8 {
-            return us as usize;
-        }
-        let msb = 31 - us.leading_zeros();
-        let sub = (us >> (msb - 3)) & 7;
-        ((msb - 2) * 8 + sub) as usize
-    }
-
-    /// The smallest value that falls in `bucket`.
-    fn lower_bound(bucket: usize) -> u64 {
-        if bucket < 8 {
-            return bucket as u64;
-        }
-        let msb = bucket as u32 / 8 + 2;
-        let sub = bucket as u64 % 8;
-        (8 + sub) << (msb - 3)
-    }
-
     /// Starts a new window when the current one is a minute old. Called by the owner
     /// once per sweep (and by [`summary`](Self::summary)), not per sample.
     pub fn rotate(&mut self) {
@@ -322,47 +306,33 @@ impl RttHistogram {
             return;
         }
         if age >= RTT_WINDOW * 2 {
-            self.previous.fill(0);
+            self.previous.reset();
         } else {
             std::mem::swap(&mut self.previous, &mut self.current);
         }
-        self.current.fill(0);
+        self.current.reset();
         self.current_since = Instant::now();
     }
 
     /// Records one round trip in the current window.
     pub fn record(&mut self, rtt_us: u32) {
-        self.current[Self::bucket(rtt_us)] += 1;
+        self.current
+            .saturating_record(u64::from(rtt_us).clamp(1, RTT_MAX_US));
     }
 
     /// Samples in the window and their p50 and p99 in milliseconds (`None` without
-    /// samples). A percentile is reported as the middle of its bucket.
+    /// samples).
     pub fn summary(&mut self) -> (u64, Option<f64>, Option<f64>) {
         self.rotate();
-        let counts: Vec<u64> = self
-            .current
-            .iter()
-            .zip(self.previous.iter())
-            .map(|(a, b)| a + b)
-            .collect();
-        let total: u64 = counts.iter().sum();
-        let percentile = |p: f64| -> Option<f64> {
-            if total == 0 {
-                return None;
-            }
-            let rank = ((p * total as f64).ceil() as u64).max(1);
-            let mut seen = 0;
-            for (bucket, count) in counts.iter().enumerate() {
-                seen += count;
-                if seen >= rank {
-                    let low = Self::lower_bound(bucket);
-                    let high = Self::lower_bound(bucket + 1);
-                    return Some((low + high) as f64 / 2.0 / 1000.0);
-                }
-            }
-            None
-        };
-        (total, percentile(0.50), percentile(0.99))
+        let mut both = self.current.clone();
+        both.add(&self.previous)
+            .expect("windows share their bounds");
+        let total = both.len();
+        if total == 0 {
+            return (0, None, None);
+        }
+        let ms = |q: f64| Some(both.value_at_quantile(q) as f64 / 1000.0);
+        (total, ms(0.50), ms(0.99))
     }
 }
 
@@ -371,33 +341,7 @@ mod rtt_tests {
     use super::RttHistogram;
 
     #[test]
-    fn buckets_are_ordered_and_contain_their_values() {
-        for us in [
-            0u32,
-            1,
-            7,
-            8,
-            15,
-            16,
-            17,
-            100,
-            999,
-            1000,
-            65_535,
-            3_600_000_000,
-        ] {
-            let bucket = RttHistogram::bucket(us);
-            assert!(RttHistogram::lower_bound(bucket) <= u64::from(us), "{us}");
-            assert!(
-                RttHistogram::lower_bound(bucket + 1) > u64::from(us),
-                "{us}"
-            );
-        }
-        assert!(RttHistogram::bucket(u32::MAX - 1) < 240);
-    }
-
-    #[test]
-    fn percentiles_are_within_a_sixteenth_of_the_samples() {
+    fn percentiles_are_within_a_thousandth_of_the_samples() {
         let mut histogram = RttHistogram::default();
         for us in 1..=1000u32 {
             histogram.record(us * 10); // 10 µs .. 10 ms
@@ -405,8 +349,8 @@ mod rtt_tests {
         let (samples, p50, p99) = histogram.summary();
         assert_eq!(samples, 1000);
         let (p50, p99) = (p50.unwrap(), p99.unwrap());
-        assert!((p50 - 5.0).abs() <= 5.0 / 16.0, "p50 {p50}");
-        assert!((p99 - 9.9).abs() <= 9.9 / 16.0, "p99 {p99}");
+        assert!((p50 - 5.0).abs() <= 5.0 / 1000.0, "p50 {p50}");
+        assert!((p99 - 9.9).abs() <= 9.9 / 1000.0, "p99 {p99}");
     }
 
     #[test]
