@@ -112,6 +112,15 @@ impl Browser {
         self.client.goto(url).await.expect("navigation failed");
     }
 
+    /// Waits until the page's event stream is live.
+    async fn wait_live(&self) {
+        self.wait(
+            "the event stream to be live",
+            "document.getElementById('live').dataset.state === 'live'",
+        )
+        .await;
+    }
+
     /// Runs `script` (a function body: `return …`) in the page.
     async fn eval(&self, script: &str) -> Value {
         self.client
@@ -256,12 +265,7 @@ async fn connected_agents_show_as_rows_and_in_the_active_count_at_desktop_and_ph
             "document.querySelector('#publishers li[data-publisher=\"log\"][data-status=\"healthy\"]')",
         )
         .await;
-    browser
-        .wait(
-            "the event stream to be live",
-            "document.getElementById('live').dataset.state === 'live'",
-        )
-        .await;
+    browser.wait_live().await;
 
     // The search box filters the rows client-side.
     let search = browser.client.find(Locator::Id("search")).await.unwrap();
@@ -333,12 +337,7 @@ async fn an_agent_that_stops_answering_pings_is_listed_stale_then_disconnected_a
     let server = TestServer::start(&FAST);
     let browser = Browser::start(1280, 900).await;
     browser.goto(&server.http("/dashboard")).await;
-    browser
-        .wait(
-            "the event stream to be live",
-            "document.getElementById('live').dataset.state === 'live'",
-        )
-        .await;
+    browser.wait_live().await;
 
     let steady = keep_alive(Agent::register(&server.ws_url(), "steady").await.0);
     let (mut silent, _) = Agent::register(&server.ws_url(), "silent").await;
@@ -551,12 +550,7 @@ async fn with_an_admin_token_the_page_asks_for_it_then_shows_the_data() {
         .await
         .as_bool()
         .unwrap());
-    browser
-        .wait(
-            "the event stream to be live",
-            "document.getElementById('live').dataset.state === 'live'",
-        )
-        .await;
+    browser.wait_live().await;
 
     // Kept for this tab: a reload needs no prompt.
     browser.client.refresh().await.unwrap();
@@ -627,12 +621,7 @@ async fn screenshot_of_the_page_under_load() {
     let server = TestServer::start(&env);
     let browser = Browser::start(1440, 1100).await;
     browser.goto(&server.http("/dashboard")).await;
-    browser
-        .wait(
-            "the event stream to be live",
-            "document.getElementById('live').dataset.state === 'live'",
-        )
-        .await;
+    browser.wait_live().await;
 
     let mut alive = Vec::new();
     for i in 0..200 {
