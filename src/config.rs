@@ -216,6 +216,7 @@ pub fn validate(s: &Settings) -> Result<(), ConfigError> {
         ));
     }
     positive("limits.slow_consumer_grace", limits.slow_consumer_grace)?;
+    positive("limits.close_grace", limits.close_grace)?;
     positive("identity.certificate_ttl", s.identity.certificate_ttl)?;
     if s.identity.secret.as_deref() == Some("") {
         return Err(invalid("identity.secret", "must not be empty when set"));

@@ -182,7 +182,12 @@ async fn a_mod_message_is_answered_with_unsupported_mod() {
 // one cut off as slow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_is_closed_4003_while_the_others_keep_receiving() {
-    let server = TestServer::start(&[("TETHER__LIMITS__MAX_MESSAGE_QUEUE_SIZE", "4")]);
+    // The close grace is long: the test reads the close frame only once it has seen the
+    // cut-off on its event stream, which a loaded CI host may take seconds to deliver.
+    let server = TestServer::start(&[
+        ("TETHER__LIMITS__MAX_MESSAGE_QUEUE_SIZE", "4"),
+        ("TETHER__LIMITS__CLOSE_GRACE", "60"),
+    ]);
     let url = server.ws_url();
     let mut events = EventStream::subscribe(&server, None).await;
     // `slow` does not read until it is cut off; its small receive buffer keeps the
@@ -233,6 +238,7 @@ async fn a_slow_consumer_is_closed_4003_while_the_others_keep_receiving() {
     stop.store(true, Ordering::Release);
     // The slow agent starts reading now: its backlog, then the close frame. (The
     // server gives a close frame a few seconds to get through a full socket.)
+    let cut_off = std::time::Instant::now();
     let slow_reads = tokio::spawn(async move { slow.closed().await });
     assert_eq!(
         disconnected["data"]["reason"], "slow_consumer",
@@ -252,7 +258,13 @@ async fn a_slow_consumer_is_closed_4003_while_the_others_keep_receiving() {
         "the reader must get every message meant for it"
     );
 
-    assert_eq!(slow_reads.await.unwrap(), Closed::Code(4003));
+    let closed = slow_reads.await.unwrap();
+    assert_eq!(
+        closed,
+        Closed::Code(4003),
+        "the slow agent read to the end {:?} after the test saw it cut off",
+        cut_off.elapsed()
+    );
 
     // Sender and reader are unaffected.
     sender.send(direct("reader", json!("after"))).await;

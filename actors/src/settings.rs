@@ -92,6 +92,9 @@ pub struct LimitsSettings {
     pub max_pending_bytes: usize,
     /// Seconds an agent's queued bytes may stay over `max_pending_bytes`.
     pub slow_consumer_grace: f64,
+    /// Seconds a closing connection has to take the frames before its close frame
+    /// (and the close frame); then its socket is dropped without it.
+    pub close_grace: f64,
     /// Invalid frames in a row that close a connection with 1008.
     pub max_invalid_frames: u32,
     /// Most ids a broadcast's `exclude_agent_ids` may list (refused beyond with

@@ -46,9 +46,6 @@ use tokio::net::TcpStream;
 /// (and the tasks woken from other threads, which wait for a turn) for long.
 const READS_PER_TURN: usize = 1;
 
-/// Longest a closing connection spends writing its backlog and close frame.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
-
 /// How long a backlog waits for write readiness before the kernel is asked again.
 const WRITE_RETRY: Duration = Duration::from_millis(50);
 
@@ -209,10 +206,11 @@ impl AgentConnection {
         self.closing = Closing::CloseFrameQueued;
         self.outgoing.stop_accepting();
         let frame = OutFrame::close(disconnect.code, disconnect.reason.as_str());
-        if let Err(error) = self.outgoing.write(frame.0) {
+        if let Err(error) = self.outgoing.write_close(frame.0) {
             return self.lost(ctx, error);
         }
-        ctx.run_later(CLOSE_GRACE, |act, ctx| {
+        let grace = secs(self.settings.limits.close_grace);
+        ctx.run_later(grace, |act, ctx| {
             if act.closing == Closing::CloseFrameQueued {
                 ctx.stop(); // The agent did not read its backlog in time.
             }

@@ -95,10 +95,20 @@ impl Outgoing {
     /// Writes `frame` now if nothing is queued before it; queues what the kernel does
     /// not take.
     pub fn write(&self, frame: Bytes) -> io::Result<()> {
+        self.write_bounded(frame, true)
+    }
+
+    /// Writes the close frame: like [`write`](Self::write), but never dropped at the
+    /// byte ceiling (it is a few bytes, and the last frame the connection writes).
+    pub fn write_close(&self, frame: Bytes) -> io::Result<()> {
+        self.write_bounded(frame, false)
+    }
+
+    fn write_bounded(&self, frame: Bytes, bounded: bool) -> io::Result<()> {
         let mut guard = self.backlog.borrow_mut();
         let backlog = &mut *guard;
         if !backlog.frames.is_empty() {
-            if backlog.bytes + frame.len() > self.byte_ceiling {
+            if bounded && backlog.bytes + frame.len() > self.byte_ceiling {
                 self.overflowed.set(true);
                 return Ok(());
             }
@@ -212,5 +222,66 @@ fn send(io: &TcpStream, buf: &[u8]) -> io::Result<usize> {
     match io.try_write(buf) {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket2::SockRef::from(io).send(buf),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connected pair whose far end never reads (its buffers stay small).
+    async fn unread_pair() -> (Rc<TcpStream>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let far = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (near, _) = listener.accept().await.unwrap();
+        socket2::SockRef::from(&near)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        socket2::SockRef::from(&far)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        (Rc::new(near), far)
+    }
+
+    #[actix::test]
+    async fn a_frame_past_the_byte_ceiling_is_dropped_but_the_close_frame_never_is() {
+        let (io, _far) = unread_pair().await;
+        let outgoing = Outgoing::new(io, 100, 64 * 1024);
+        let frame = Bytes::from(vec![b'x'; 16 * 1024]);
+        while outgoing.pending_frames() == 0 {
+            outgoing.write(frame.clone()).unwrap();
+        }
+        while !outgoing.overflowed() {
+            outgoing.write(frame.clone()).unwrap();
+        }
+        let (frames, bytes) = (outgoing.pending_frames(), outgoing.pending_bytes());
+        assert!(bytes <= 64 * 1024 + frame.len(), "{bytes} bytes queued");
+
+        outgoing
+            .write_close(Bytes::from_static(b"\x88\x02\x0f\xa3"))
+            .unwrap();
+        assert_eq!(
+            outgoing.pending_frames(),
+            frames + 1,
+            "the close frame is queued"
+        );
+        assert_eq!(outgoing.pending_bytes(), bytes + 4);
+    }
+
+    #[actix::test]
+    async fn discarding_keeps_the_rest_of_a_started_frame_so_the_stream_stays_framed() {
+        let (io, _far) = unread_pair().await;
+        let outgoing = Outgoing::new(io, 100, usize::MAX);
+        let frame = Bytes::from(vec![b'x'; 1024 * 1024]);
+        outgoing.write(frame.clone()).unwrap(); // The kernel takes part of it.
+        outgoing.write(frame.clone()).unwrap();
+        let started = outgoing.pending_bytes() - frame.len();
+        assert!(started > 0 && started < frame.len(), "{started}");
+
+        outgoing.discard_pending();
+        assert_eq!(outgoing.pending_frames(), 1);
+        assert_eq!(outgoing.pending_bytes(), started);
     }
 }
