@@ -10,6 +10,7 @@ use actix_web::middleware::Next;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 use tether_actors::bus::{BusStatus, GetBusStatus};
+use tether_actors::cluster::{ClusterNodes, GetClusterStatus};
 use tether_actors::heartbeat::GetHeartbeatStats;
 use tether_actors::registry::{GetAgent, GetStats, ListAgents, RemoveAgent};
 use tether_actors::stats::StatsSnapshot;
@@ -134,6 +135,19 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let limit = state.socket_limit();
     if state.open_sockets() >= limit {
         return not_ready(format!("{limit} sockets open: the socket limit is reached"));
+    }
+    if let Some(cluster) = &state.cluster {
+        match cluster.send(GetClusterStatus).await {
+            Ok(status) if status.ready() => {}
+            Ok(status) => {
+                return not_ready(format!(
+                    "not a live member of its cluster yet (member {}, lease confirmed: {}, \
+                     subscribed: {}): Redis unreachable, or the node is joining",
+                    status.member, status.joined, status.subscribed
+                ))
+            }
+            Err(e) => return unavailable(e),
+        }
     }
     HttpResponse::Ok().json(json!({
         "status": "ready",
@@ -271,4 +285,20 @@ pub fn health_report(stats: &StatsSnapshot, events: &BusStatus) -> Value {
         "registered_agents": stats.registered_agents,
         "uptime_secs": stats.uptime_secs,
     })
+}
+
+/// `GET /cluster/nodes`: the live nodes of the cluster (admin token rules).
+pub async fn cluster_nodes(state: web::Data<AppState>) -> HttpResponse {
+    let Some(cluster) = &state.cluster else {
+        return HttpResponse::NotFound().json(json!({
+            "error": "this node is not clustered (cluster.enabled is false)"
+        }));
+    };
+    match cluster.send(ClusterNodes).await {
+        Ok(Ok(nodes)) => HttpResponse::Ok().json(json!({ "nodes": nodes })),
+        Ok(Err(unavailable)) => HttpResponse::ServiceUnavailable().json(json!({
+            "error": unavailable.0, "error_code": "cluster_unavailable"
+        })),
+        Err(e) => unavailable(e),
+    }
 }

@@ -221,6 +221,7 @@ pub fn validate(s: &Settings) -> Result<(), ConfigError> {
     if s.identity.secret.as_deref() == Some("") {
         return Err(invalid("identity.secret", "must not be empty when set"));
     }
+    validate_cluster(s)?;
     if s.shutdown.timeout.is_nan() || s.shutdown.timeout < 0.0 {
         return Err(invalid("shutdown.timeout", "must be zero or more seconds"));
     }
@@ -321,6 +322,48 @@ pub fn validate(s: &Settings) -> Result<(), ConfigError> {
         ),
     ] {
         positive(key, value)?;
+    }
+    Ok(())
+}
+
+/// `[cluster]`: checked only when enabled (a single node ignores it).
+fn validate_cluster(s: &Settings) -> Result<(), ConfigError> {
+    let cluster = &s.cluster;
+    if !cluster.enabled {
+        return Ok(());
+    }
+    if s.identity.secret.is_none() && s.identity.secret_file.is_none() {
+        return Err(invalid(
+            "identity.secret",
+            "is required when cluster.enabled is true: every node must sign and check \
+             certificates with the same secret (set identity.secret or identity.secret_file)",
+        ));
+    }
+    positive("cluster.node_lease", cluster.node_lease)?;
+    if cluster.node_lease < 1.0 {
+        return Err(invalid("cluster.node_lease", "must be at least 1 second"));
+    }
+    positive("cluster.takeover_timeout", cluster.takeover_timeout)?;
+    if cluster.prefix.is_empty() || cluster.prefix.contains(['{', '}', ' ']) {
+        return Err(invalid(
+            "cluster.prefix",
+            "must be non-empty, without braces or spaces",
+        ));
+    }
+    if !cluster.redis_url.starts_with("redis://") && !cluster.redis_url.starts_with("rediss://") {
+        return Err(invalid(
+            "cluster.redis_url",
+            "must be a redis:// or rediss:// URL",
+        ));
+    }
+    if !cluster.advertise_url.is_empty()
+        && !cluster.advertise_url.starts_with("ws://")
+        && !cluster.advertise_url.starts_with("wss://")
+    {
+        return Err(invalid(
+            "cluster.advertise_url",
+            "must be a ws:// or wss:// URL (or empty)",
+        ));
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_actors::bus::{CloseSubscribers, EventBus, FlushAll, GetBusStatus, Publish};
+use tether_actors::cluster::{Cluster, TellLeaseLost};
 use tether_actors::connection::{ConnectionContext, ConnectionSettings};
 use tether_actors::event::{EventSource, LifecycleEvent, NetworkEvent};
 use tether_actors::heartbeat::Heartbeat;
@@ -47,6 +48,11 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
     let node_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let source = EventSource::new(&settings.network.id, &node_id);
 
+    // Bound first: a cluster node advertises the port it listens on.
+    let tcp = std::net::TcpListener::bind((settings.network.host.as_str(), settings.network.port))?;
+    tcp.set_nonblocking(true)?;
+    let local = tcp.local_addr()?;
+
     let bus_arbiter = Arbiter::new();
     let registry_arbiter = Arbiter::new();
     let heartbeat_arbiter = Arbiter::new();
@@ -58,9 +64,32 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
     let rules = Liveness::new(&settings.heartbeat);
     let (heartbeat_tx, heartbeat_rx) = tokio::sync::oneshot::channel();
     let routes = Routes::new();
+    let cluster_arbiter = Arbiter::new();
+    let cluster = if settings.cluster.enabled {
+        let mut cluster_settings = settings.cluster.clone();
+        if cluster_settings.advertise_url.is_empty() {
+            cluster_settings.advertise_url = format!("ws://{local}/ws");
+        }
+        let node = Cluster::new(
+            cluster_settings,
+            &node_id,
+            settings.network.max_connections,
+            routes.clone(),
+            bus.clone().recipient(),
+            source.clone(),
+        )
+        .map_err(|e| std::io::Error::other(e.0))?;
+        Some(Cluster::start_in_arbiter(
+            &cluster_arbiter.handle(),
+            move |_| node,
+        ))
+    } else {
+        None
+    };
     let registry = {
         let (settings, source, events) = (settings.clone(), source.clone(), bus.clone());
         let routes = routes.clone();
+        let cluster = cluster.clone();
         let heartbeat_arbiter = heartbeat_arbiter.handle();
         Registry::start_in_arbiter(&registry_arbiter.handle(), move |ctx| {
             let verdicts = ctx.address().recipient();
@@ -69,7 +98,15 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
             });
             let _ = heartbeat_tx.send(heartbeat.clone());
             let watch = heartbeat.recipient();
-            Registry::new(settings, source, events.recipient(), watch, secret, routes)
+            let registry =
+                Registry::new(settings, source, events.recipient(), watch, secret, routes);
+            match cluster {
+                Some(cluster) => {
+                    cluster.do_send(TellLeaseLost(ctx.address().recipient()));
+                    registry.with_cluster(cluster)
+                }
+                None => registry,
+            }
         })
     };
     let heartbeat = heartbeat_rx
@@ -84,6 +121,7 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
                 limits: settings.limits.clone(),
                 registration_timeout: settings.network.registration_timeout,
                 liveness: rules,
+                cluster: cluster.clone(),
             }),
             open_sockets: Arc::new(AtomicUsize::new(0)),
         },
@@ -94,6 +132,7 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
         source: source.clone(),
         next_session: Arc::new(AtomicU64::new(1)),
         accepting: Arc::new(AtomicBool::new(true)),
+        cluster,
     };
     let app_state = web::Data::new(state.clone());
     let app = move || {
@@ -115,13 +154,12 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
                     .route("/agents", web::get().to(admin::list_agents))
                     .route("/agents/{id}", web::get().to(admin::get_agent))
                     .route("/agents/{id}", web::delete().to(admin::remove_agent))
-                    .route("/events", web::get().to(sse::events)),
+                    .route("/events", web::get().to(sse::events))
+                    .route("/cluster/nodes", web::get().to(admin::cluster_nodes)),
             )
     };
-    let tcp = std::net::TcpListener::bind((settings.network.host.as_str(), settings.network.port))?;
-    tcp.set_nonblocking(true)?;
     // Tests and scripts read this line to learn the port (network.port may be 0).
-    println!("tether listening on http://{}", tcp.local_addr()?);
+    println!("tether listening on http://{local}");
     let server = listener::serve(state.clone(), tcp, settings.network.workers, app)?;
     log::info!(
         "network {} ({}) node {node_id}: heartbeat every {} s, ping timeout {} s, publishers {:?}",

@@ -4,6 +4,7 @@ use actix::Addr;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use tether_actors::bus::EventBus;
+use tether_actors::cluster::Cluster;
 use tether_actors::connection::ConnectionContext;
 use tether_actors::event::EventSource;
 use tether_actors::heartbeat::Heartbeat;
@@ -30,6 +31,8 @@ pub struct AppState {
     pub next_session: Arc<AtomicU64>,
     /// False once shutdown began: new WebSocket upgrades are refused.
     pub accepting: Arc<AtomicBool>,
+    /// The cluster actor, when `cluster.enabled`.
+    pub cluster: Option<Addr<Cluster>>,
 }
 
 impl AppState {

@@ -26,6 +26,9 @@ pub enum EndReason {
     ProtocolError,
     /// Its connection failed (I/O error, internal fault).
     Error,
+    /// Its node left the cluster (lease lost): the node closed it 4009, or a surviving
+    /// node ended it after the node was lost.
+    NodeLost,
 }
 
 impl EndReason {
@@ -41,6 +44,7 @@ impl EndReason {
             Self::SlowConsumer => "slow_consumer",
             Self::ProtocolError => "protocol_error",
             Self::Error => "error",
+            Self::NodeLost => "node_lost",
         }
     }
 }
@@ -89,6 +93,9 @@ impl Disconnect {
     pub const SLOW_CONSUMER: Self = Self::new(4003, EndReason::SlowConsumer);
     /// 4008: the socket did not register within `network.registration_timeout`.
     pub const REGISTRATION_TIMEOUT: Self = Self::new(4008, EndReason::ProtocolError);
+    /// 4009: this node lost its cluster lease; the agent reconnects (its end is
+    /// published by the node that noticed the loss).
+    pub const NODE_LOST: Self = Self::new(4009, EndReason::NodeLost);
 
     /// Whether the frames already queued are written before the close frame: not for a
     /// slow consumer, whose backlog is the problem.

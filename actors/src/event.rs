@@ -129,8 +129,8 @@ pub enum AgentEvent<'a> {
         session_id: &'a str,
         /// Why the incarnation ended.
         reason: &'static str,
-        /// The close code sent to the agent.
-        close_code: u16,
+        /// The close code sent to the agent (none when its node was lost).
+        close_code: Option<u16>,
         /// Registration metadata.
         metadata: &'a RawValue,
     },
@@ -359,7 +359,7 @@ mod tests {
         let payload = AgentEvent::Disconnected {
             session_id: "s-1",
             reason: EndReason::Stale.as_str(),
-            close_code: 4002,
+            close_code: Some(4002),
             metadata: &metadata,
         };
         let event = LifecycleEvent::agent(&source, "alice".into(), 3, 4, &payload);

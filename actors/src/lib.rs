@@ -3,6 +3,7 @@
 //! - [`connection`]: one actor per agent WebSocket.
 //! - [`registry`]: the table of agents, lifecycle owner and message router.
 //! - [`heartbeat`]: pings, stale detection and inactivity, on a timer wheel.
+//! - [`cluster`]: membership of a network of several nodes, through Redis.
 //! - [`bus`] and [`publisher`]: lifecycle events fanned out to publishers.
 //! - [`protocol`], [`event`] and [`disconnect`]: the wire types, error and close codes.
 //! - [`liveness`] and [`clock`]: what alive, stale and inactive mean; time sources.
@@ -19,6 +20,7 @@
 
 pub mod bus;
 pub mod clock;
+pub mod cluster;
 pub mod connection;
 pub mod disconnect;
 pub mod event;

@@ -24,6 +24,13 @@ pub const SLOW_CONSUMER_CUTOFFS: &str = "tether_slow_consumer_cutoffs_total";
 /// Refused registrations, by `error_code` (counter).
 pub const REGISTRATIONS_REFUSED: &str = "tether_registrations_refused_total";
 
+/// Times this node lost its cluster lease and closed its agents (counter).
+pub const CLUSTER_LEASES_LOST: &str = "tether_cluster_leases_lost_total";
+/// Incarnations of lost nodes' agents this node ended as their reaper (counter).
+pub const CLUSTER_NODE_LOST_AGENTS: &str = "tether_cluster_node_lost_agents_total";
+/// Messages this node sent through Redis to agents of other nodes, by `kind` (counter).
+pub const CLUSTER_MESSAGES_FORWARDED: &str = "tether_cluster_messages_forwarded_total";
+
 /// How long incarnations stayed registered, in seconds (histogram).
 pub const CONNECTION_DURATION: &str = "tether_connection_duration_seconds";
 /// Buckets of [`CONNECTION_DURATION`], in seconds: 1 s to 1 day.
@@ -129,6 +136,22 @@ fn close_code_label(code: u16) -> &'static str {
         4002 => "4002",
         4003 => "4003",
         4008 => "4008",
+        4009 => "4009",
         _ => "other",
     }
+}
+
+/// This node lost its cluster lease.
+pub fn cluster_fenced() {
+    counter!(CLUSTER_LEASES_LOST).increment(1);
+}
+
+/// This node ended an incarnation of a lost node's agent.
+pub fn node_lost_agent() {
+    counter!(CLUSTER_NODE_LOST_AGENTS).increment(1);
+}
+
+/// A message of `kind` (`direct`, `broadcast`) went through Redis to other nodes.
+pub fn cross_node_message(kind: &'static str) {
+    counter!(CLUSTER_MESSAGES_FORWARDED, "kind" => kind).increment(1);
 }

@@ -131,6 +131,38 @@ impl Routes {
     }
 }
 
+impl Routes {
+    /// Hands `frame` to the agent `agent_id` of this node (a message that came from
+    /// another node); false if it is not registered here.
+    pub fn deliver(&self, agent_id: &str, frame: OutFrame) -> bool {
+        match self.read().get(agent_id) {
+            Some(route) => {
+                route.outbox.push(frame);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Hands `frame` to every agent of this node but those in `exclude` (a broadcast
+    /// from another node); the number of copies.
+    pub fn spread(&self, exclude: &[&str], frame: OutFrame) -> usize {
+        let excluded: HashSet<&str> = exclude.iter().copied().collect();
+        let table = self.read();
+        let mut copies = Batches::default();
+        let mut sent = 0;
+        for (agent_id, route) in table.iter() {
+            if !excluded.contains(&**agent_id) {
+                copies.push(&route.outbox, frame.clone());
+                sent += 1;
+            }
+        }
+        drop(table);
+        copies.send();
+        sent
+    }
+}
+
 /// The sender and a broadcast's `exclude_agent_ids`.
 enum Exclusions<'a> {
     Few(&'a str, &'a [String]),

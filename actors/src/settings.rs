@@ -25,6 +25,28 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     /// Lifecycle event publishing.
     pub events: EventsSettings,
+    /// Several nodes as one network, coordinated through Redis.
+    pub cluster: ClusterSettings,
+}
+
+/// `[cluster]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// False (the default): one node, exactly as without a cluster.
+    pub enabled: bool,
+    /// The Redis every node of the cluster shares.
+    pub redis_url: String,
+    /// Prefix of every key and channel of this cluster in that Redis.
+    pub prefix: String,
+    /// Seconds a node's lease lasts; refreshed at a third of it. A node whose lease
+    /// runs out is lost: its agents end (`node_lost`).
+    pub node_lease: f64,
+    /// The `ws://` URL agents use to reach this node; empty: from `network.host` and
+    /// the port listened on.
+    pub advertise_url: String,
+    /// Seconds a takeover waits for the node holding the id.
+    pub takeover_timeout: f64,
 }
 
 /// `[network]`

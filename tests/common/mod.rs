@@ -427,6 +427,11 @@ impl EventStream {
         }
     }
 
+    /// Events read but not yet taken.
+    pub fn pending(&self) -> Vec<Value> {
+        self.pending.iter().cloned().collect()
+    }
+
     /// Collects events until one matches `last` (inclusive), returning them all in order.
     pub async fn collect_until(&mut self, last: impl Fn(&Value) -> bool) -> Vec<Value> {
         let mut events = Vec::new();

@@ -72,6 +72,8 @@ pub struct ConnectionSettings {
     pub registration_timeout: f64,
     /// The liveness rules (when activity ends an inactive period).
     pub liveness: Liveness,
+    /// The cluster, if clustered: what the local routing table cannot deliver goes there.
+    pub cluster: Option<Addr<crate::cluster::Cluster>>,
 }
 
 /// What every connection is given by the server: whom it reports to, where it routes

@@ -5,6 +5,7 @@
 
 use super::{AgentConnection, RegistrationState};
 use crate::clock::{epoch_secs, monotonic_ms};
+use crate::cluster::{Forward, Spread};
 use crate::disconnect::Disconnect;
 use crate::outbound::OutFrame;
 use crate::protocol::command::{Command, Refusal, Registration, Request};
@@ -223,11 +224,33 @@ impl AgentConnection {
             let frame = protocol::error_frame(&error, Some(&message_id));
             return self.send_json(ctx, &frame);
         }
-        let encoded = OutFrame::text(&Value::Object(frame).to_string());
+        let text = Value::Object(frame).to_string();
+        let encoded = OutFrame::text(&text);
         let routed = self
             .routes
             .route(self.session_id, &agent_id, &kind, encoded);
         crate::metrics::message_routed(&kind, &routed);
+        if let Some(cluster) = &self.settings.cluster {
+            match (routed, &kind) {
+                (Routed::UnknownTarget, MessageKind::Direct(target)) => {
+                    return cluster.do_send(Forward {
+                        target: target.clone(),
+                        frame: text,
+                        sender_id: agent_id.to_string(),
+                        message_id,
+                    });
+                }
+                (Routed::Sent(_), MessageKind::Broadcast(exclude)) => {
+                    let mut exclude = exclude.clone();
+                    exclude.push(agent_id.to_string());
+                    return cluster.do_send(Spread {
+                        exclude,
+                        frame: text,
+                    });
+                }
+                _ => {}
+            }
+        }
         if let (Routed::UnknownTarget, MessageKind::Direct(target)) = (routed, &kind) {
             let error = ProtocolError::new(
                 ErrorCode::UnknownAgent,

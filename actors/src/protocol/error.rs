@@ -46,6 +46,9 @@ pub enum ErrorCode {
     TooManyClaims,
     /// A request past `limits.max_requests_per_second` (and its burst).
     RateLimited,
+    /// The cluster (its Redis) is unreachable, or this node is rejoining it:
+    /// retryable.
+    ClusterUnavailable,
 }
 
 impl ErrorCode {
@@ -70,6 +73,7 @@ impl ErrorCode {
             Self::TooManyExclusions => "too_many_exclusions",
             Self::TooManyClaims => "too_many_claims",
             Self::RateLimited => "rate_limited",
+            Self::ClusterUnavailable => "cluster_unavailable",
         }
     }
 
@@ -94,6 +98,9 @@ impl ErrorCode {
             Self::TooManyExclusions => "The broadcast excludes more agents than the network allows",
             Self::TooManyClaims => "Too many claims; register with the certificates already claimed",
             Self::RateLimited => "Too many requests on this connection; slow down",
+            Self::ClusterUnavailable => {
+                "The network's cluster is unreachable from this node; retry shortly"
+            }
         }
     }
 }

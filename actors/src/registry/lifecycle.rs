@@ -5,6 +5,7 @@ use super::{ActivityResumed, Connected, ConnectionEnded, ConnectionOrder};
 use super::{AgentEntry, Registry, Socket};
 use crate::bus::Publish;
 use crate::clock::epoch_secs;
+use crate::cluster::{LeaseLost, Progress, Release};
 use crate::disconnect::Disconnect;
 use crate::event::{AgentEvent, EventSource, LifecycleEvent, CLEANUP_STEPS};
 use crate::heartbeat::{StaleReason, Verdict, Watch};
@@ -43,6 +44,14 @@ impl Registry {
         disconnect: Disconnect,
     ) {
         self.routes.remove(agent_id, entry.session_id);
+        if let Some(cluster) = &self.cluster {
+            if self.retaking.as_deref() != Some(&**agent_id) {
+                cluster.do_send(Release {
+                    agent_id: agent_id.clone(),
+                    incarnation: entry.incarnation,
+                });
+            }
+        }
         self.certificates.released(agent_id);
         self.incarnations.departed(agent_id, entry.incarnation);
         self.metadata_bytes -= entry.metadata.get().len();
@@ -54,7 +63,7 @@ impl Registry {
         let payload = AgentEvent::Disconnected {
             session_id: &session_uuid,
             reason: disconnect.reason.as_str(),
-            close_code: disconnect.code,
+            close_code: Some(disconnect.code),
             metadata: &metadata,
         };
         publish(&self.events, &self.source, agent_id, &mut entry, payload);
@@ -114,6 +123,18 @@ impl Registry {
         };
         publish(&self.events, &self.source, &agent_id, entry, payload);
         self.evict(&agent_id, Disconnect::STALE, None);
+    }
+
+    /// Tells the cluster the seq of `agent_id`'s last event (the next are a reaper's
+    /// if this node is lost).
+    fn progress(&self, agent_id: &Arc<str>) {
+        if let (Some(cluster), Some(entry)) = (&self.cluster, self.agents.get(agent_id)) {
+            cluster.do_send(Progress {
+                agent_id: agent_id.clone(),
+                incarnation: entry.incarnation,
+                seq: entry.seq,
+            });
+        }
     }
 
     /// Counts a refused registration and publishes `agent.registration_failed`.
@@ -198,6 +219,7 @@ impl Handler<ActivityResumed> for Registry {
             inactive_secs: idle_ms as f64 / 1000.0,
         };
         publish(&self.events, &self.source, &agent_id, entry, payload);
+        self.progress(&agent_id);
     }
 }
 
@@ -236,7 +258,43 @@ impl Handler<Verdict> for Registry {
                     inactive_secs,
                 };
                 publish(&self.events, &self.source, &agent_id, entry, payload);
+                self.progress(&agent_id);
             }
         }
+    }
+}
+
+impl Handler<LeaseLost> for Registry {
+    type Result = ();
+
+    /// This node may no longer hold its ids: every agent is closed 4009 and forgotten
+    /// without publishing its end, which the node that noticed the loss publishes
+    /// (once, cluster-wide).
+    fn handle(&mut self, _msg: LeaseLost, _ctx: &mut Self::Context) {
+        let now = self.clock.now_ms();
+        let agents: Vec<(Arc<str>, AgentEntry)> = self.agents.drain().collect();
+        for (agent_id, entry) in agents {
+            self.routes.remove(&agent_id, entry.session_id);
+            self.certificates.released(&agent_id);
+            self.metadata_bytes -= entry.metadata.get().len();
+            if entry.inactive {
+                self.inactive_count -= 1;
+            }
+            self.heartbeat.do_send(Watch::Untrack {
+                session_id: entry.session_id,
+            });
+            let lasted_secs = now.saturating_sub(entry.connected_mono_ms) as f64 / 1000.0;
+            self.stats
+                .ended(Disconnect::NODE_LOST.reason.as_str(), lasted_secs);
+            crate::metrics::incarnation_ended(lasted_secs);
+            if let Some(socket) = self.sockets.get_mut(&entry.session_id) {
+                socket.agent = None;
+                socket.order(ConnectionOrder::Close {
+                    disconnect: Disconnect::NODE_LOST,
+                    notice: None,
+                });
+            }
+        }
+        self.check_waiters();
     }
 }

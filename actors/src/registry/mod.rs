@@ -28,6 +28,7 @@ pub use messages::*;
 
 use crate::bus::Publish;
 use crate::clock::Clock;
+use crate::cluster::Cluster;
 use crate::event::EventSource;
 use crate::heartbeat::Watch;
 use crate::identity::CertificateAuthority;
@@ -125,6 +126,11 @@ pub struct Registry {
     inactive_count: usize,
     shutting_down: bool,
     waiters: Vec<(Drained, oneshot::Sender<()>)>,
+    /// The cluster this node belongs to, if clustered: ids are claimed there.
+    cluster: Option<Addr<Cluster>>,
+    /// The id a local takeover is re-registering (its old incarnation's end must not
+    /// release the claim the new one holds).
+    retaking: Option<Arc<str>>,
 }
 
 impl Registry {
@@ -161,7 +167,15 @@ impl Registry {
             inactive_count: 0,
             shutting_down: false,
             waiters: Vec::new(),
+            cluster: None,
+            retaking: None,
         }
+    }
+
+    /// The same registry claiming ids in `cluster`.
+    pub fn with_cluster(mut self, cluster: Addr<Cluster>) -> Self {
+        self.cluster = Some(cluster);
+        self
     }
 
     /// The same registry deciding liveness on `clock` (the heartbeat's, in tests).

@@ -4,6 +4,7 @@
 use super::lifecycle::publish;
 use super::{AgentEntry, ConnectionOrder, RegisterAgent, RegistrationRefused, Registry};
 use crate::clock::epoch_secs;
+use crate::cluster::{Claim, ClaimOutcome, Release};
 use crate::disconnect::Disconnect;
 use crate::event::AgentEvent;
 use crate::heartbeat::{StaleReason, Watch};
@@ -162,12 +163,11 @@ impl Registry {
 impl Handler<RegisterAgent> for Registry {
     type Result = ();
 
-    fn handle(&mut self, msg: RegisterAgent, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: RegisterAgent, ctx: &mut Self::Context) {
         let session_id = msg.session_id;
-        let Some(socket) = self.sockets.get(&session_id) else {
+        if !self.sockets.contains_key(&session_id) {
             return; // The socket closed while the request was in flight.
-        };
-        let remote_addr = socket.remote_addr.clone();
+        }
         if self.shutting_down {
             let error = ErrorCode::ShuttingDown.into();
             return self.refuse(session_id, &msg, error, Some(Disconnect::SHUTDOWN));
@@ -204,11 +204,72 @@ impl Handler<RegisterAgent> for Registry {
         }
 
         let agent_id: Arc<str> = Arc::from(msg.registration.agent_id.as_str());
-        let incarnation = self.next_incarnation(&agent_id);
         let session = uuid::Uuid::new_v4();
+        let Some(cluster) = self.cluster.clone() else {
+            let incarnation = self.next_incarnation(&agent_id);
+            return self.admit(msg, takeover, metadata, session, incarnation);
+        };
+        // Clustered: the id is claimed in Redis first. The registry waits for the
+        // answer (one round trip), so nothing it holds changes meanwhile.
+        let claim = Claim {
+            agent_id,
+            session: session.to_string(),
+            metadata: metadata.get().to_owned(),
+        };
+        let claimed = fut::wrap_future(cluster.send(claim));
+        ctx.wait(claimed.map(move |outcome, act: &mut Self, _| {
+            let error = match outcome {
+                Ok(Ok(ClaimOutcome::Granted { incarnation })) => {
+                    return act.admit(msg, takeover, metadata, session, incarnation);
+                }
+                Ok(Ok(ClaimOutcome::HeldElsewhere { member })) => ProtocolError::new(
+                    ErrorCode::AgentIdInUse,
+                    format!(
+                        "Agent {} is connected to another node of the network ({member}); \
+                         a takeover across nodes is not supported yet: retry once it left",
+                        msg.registration.agent_id
+                    ),
+                ),
+                Ok(Err(unavailable)) => {
+                    ProtocolError::new(ErrorCode::ClusterUnavailable, unavailable.0)
+                }
+                Err(_) => ErrorCode::ClusterUnavailable.into(),
+            };
+            act.refuse(session_id, &msg, error, None);
+        }));
+    }
+}
+
+impl Registry {
+    /// Registers `msg`'s connection as its agent id, as `incarnation`, ending the
+    /// holder's incarnation first on a `takeover`.
+    fn admit(
+        &mut self,
+        msg: RegisterAgent,
+        takeover: Option<Takeover>,
+        metadata: Box<serde_json::value::RawValue>,
+        session: uuid::Uuid,
+        incarnation: u64,
+    ) {
+        let session_id = msg.session_id;
+        let agent_id: Arc<str> = Arc::from(msg.registration.agent_id.as_str());
+        let Some(socket) = self.sockets.get(&session_id) else {
+            // (Not while the registry waits for a claim, which holds back the
+            // connection's end; a local holder being taken over keeps the id.)
+            if let (Some(cluster), None) = (&self.cluster, takeover) {
+                cluster.do_send(Release {
+                    agent_id,
+                    incarnation,
+                });
+            }
+            return; // The socket closed while the claim was in flight.
+        };
+        let remote_addr = socket.remote_addr.clone();
         let session_uuid = session.to_string();
         if let Some(proof) = takeover {
+            self.retaking = Some(agent_id.clone());
             self.replace(&agent_id, incarnation, &session_uuid, proof);
+            self.retaking = None;
         }
 
         let response = self.welcome(&msg, &agent_id, &session_uuid, incarnation);

@@ -1,0 +1,327 @@
+//! The cluster actor: this node's membership of a Tether network spread over several
+//! processes, coordinated through Redis (no consensus of our own).
+//!
+//! A node joins as a *member* with a lease (`cluster.node_lease`) it refreshes at a
+//! third of its length ([`membership`]). Agent ids are claimed in Redis by one Lua
+//! script per id ([`scripts`]): one holder per id cluster-wide, incarnations counted
+//! there. A member whose lease expired is lost: one survivor ends the incarnations it
+//! held (`agent.disconnected` reason `node_lost`), and the lost member, should it come
+//! back, closes its agents (4009) and joins again under a new member id: it never
+//! serves an id it may have lost. Messages for agents of other nodes go over Redis
+//! pub/sub ([`crossing`]).
+//!
+//! The registry asks it to [`Claim`] and [`Release`] ids and tells it an incarnation's
+//! [`Progress`]; connections hand it what the local routing table could not deliver.
+
+mod crossing;
+mod keys;
+mod membership;
+mod scripts;
+
+pub use crossing::{Forward, Spread};
+pub use keys::Keys;
+pub use membership::{ClusterNodes, NodeInfo};
+
+use crate::bus::Publish;
+use crate::event::EventSource;
+use crate::routes::Routes;
+use crate::settings::{secs, ClusterSettings};
+use actix::prelude::*;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Longest a Redis command may take before the cluster counts Redis as unreachable.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Redis could not be reached, or this node is not a live member right now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterUnavailable(pub String);
+
+impl std::fmt::Display for ClusterUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What became of a [`Claim`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// This node holds the id now, as this incarnation.
+    Granted {
+        /// The cluster-wide incarnation number.
+        incarnation: u64,
+    },
+    /// A live agent on another node holds it.
+    HeldElsewhere {
+        /// The member holding it.
+        member: String,
+    },
+}
+
+/// Claims `agent_id` for this node (answered once the claim is in Redis).
+#[derive(Message)]
+#[rtype(result = "Result<ClaimOutcome, ClusterUnavailable>")]
+pub struct Claim {
+    /// The id.
+    pub agent_id: Arc<str>,
+    /// The new connection's protocol session id.
+    pub session: String,
+    /// Its registration metadata (JSON), kept for the end a reaper publishes.
+    pub metadata: String,
+}
+
+/// The incarnation of `agent_id` ended here: the id is free cluster-wide.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Release {
+    /// The id.
+    pub agent_id: Arc<str>,
+    /// The incarnation that ended (a later one is left alone).
+    pub incarnation: u64,
+}
+
+/// An event numbered `seq` was published for a held incarnation.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Progress {
+    /// The id.
+    pub agent_id: Arc<str>,
+    /// The incarnation.
+    pub incarnation: u64,
+    /// The seq of its last event.
+    pub seq: u64,
+}
+
+/// Told to the registry: this node lost its lease; every agent it holds must be closed
+/// (4009) without publishing their ends (the reaper publishes them).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct LeaseLost;
+
+/// Where this node stands in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// Not (or no longer) a member: joining at the next tick.
+    Outside,
+    /// A member whose lease Redis last confirmed at this instant (when the refresh was
+    /// sent).
+    Member { confirmed: Instant },
+}
+
+/// The cluster actor.
+pub struct Cluster {
+    settings: ClusterSettings,
+    keys: Keys,
+    node_id: Arc<str>,
+    /// The member id this node holds its lease as (a new one after each loss).
+    member: Arc<str>,
+    joins: u32,
+    standing: Standing,
+    client: redis::Client,
+    redis: Option<ConnectionManager>,
+    routes: Arc<Routes>,
+    events: Recipient<Publish>,
+    source: EventSource,
+    registry: Option<Recipient<LeaseLost>>,
+    max_connections: usize,
+    /// A lease or sweep round trip is in flight (ticks do not pile up).
+    busy: bool,
+    subscriber: Option<SpawnHandle>,
+    /// The subscriber listens (set and cleared by it).
+    subscribed: Arc<AtomicBool>,
+}
+
+impl Cluster {
+    /// The cluster actor of node `node_id`, delivering to `routes`, publishing the
+    /// ends of lost members' agents to `events` as `source`.
+    pub fn new(
+        settings: ClusterSettings,
+        node_id: &str,
+        max_connections: usize,
+        routes: Arc<Routes>,
+        events: Recipient<Publish>,
+        source: EventSource,
+    ) -> Result<Self, ClusterUnavailable> {
+        let client = redis::Client::open(settings.redis_url.as_str()).map_err(|e| {
+            ClusterUnavailable(format!("cluster.redis_url is not a usable Redis URL: {e}"))
+        })?;
+        Ok(Self {
+            keys: Keys::new(&settings.prefix),
+            node_id: node_id.into(),
+            member: node_id.into(),
+            joins: 0,
+            standing: Standing::Outside,
+            client,
+            redis: None,
+            routes,
+            events,
+            source,
+            registry: None,
+            max_connections,
+            busy: false,
+            subscriber: None,
+            subscribed: Arc::new(AtomicBool::new(false)),
+            settings,
+        })
+    }
+
+    /// The length of the lease.
+    fn lease(&self) -> Duration {
+        secs(self.settings.node_lease)
+    }
+
+    /// The connection to Redis, if this node is a live member.
+    fn live(&self) -> Result<ConnectionManager, ClusterUnavailable> {
+        match (&self.redis, self.standing) {
+            (Some(redis), Standing::Member { .. }) => Ok(redis.clone()),
+            _ => Err(ClusterUnavailable(
+                "this node is not connected to its cluster (Redis unreachable or the \
+                 node is rejoining); try again shortly"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Leaves the cluster: the lease is gone (or may be), so the agents go too.
+    fn fence(&mut self, ctx: &mut Context<Self>, why: &str) {
+        log::warn!(
+            "cluster: member {} lost its lease ({why}); closing its agents (4009) and \
+             joining again",
+            self.member
+        );
+        self.standing = Standing::Outside;
+        if let Some(subscriber) = self.subscriber.take() {
+            ctx.cancel_future(subscriber);
+            self.subscribed.store(false, Ordering::Release);
+        }
+        if let Some(registry) = &self.registry {
+            registry.do_send(LeaseLost);
+        }
+        crate::metrics::cluster_fenced();
+    }
+}
+
+/// Connects to Redis with the cluster's timeouts.
+async fn connect(client: redis::Client) -> Result<ConnectionManager, ClusterUnavailable> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(RESPONSE_TIMEOUT)
+        .set_response_timeout(RESPONSE_TIMEOUT)
+        .set_number_of_retries(1)
+        .set_max_delay(200);
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(|e| ClusterUnavailable(format!("cannot connect to the cluster's Redis: {e}")))
+}
+
+/// Sets who is told when the lease is lost (the registry, once it exists).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TellLeaseLost(pub Recipient<LeaseLost>);
+
+impl Handler<TellLeaseLost> for Cluster {
+    type Result = ();
+
+    fn handle(&mut self, msg: TellLeaseLost, _ctx: &mut Self::Context) {
+        self.registry = Some(msg.0);
+    }
+}
+
+impl Actor for Cluster {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(usize::MAX >> 4);
+        let client = self.client.clone();
+        ctx.wait(
+            fut::wrap_future(connect(client)).map(|connected, act: &mut Self, _| match connected {
+                Ok(redis) => act.redis = Some(redis),
+                Err(error) => log::warn!("cluster: {error}; retrying"),
+            }),
+        );
+        let lease = self.lease();
+        let tick = (lease / 3).min(Duration::from_secs(1));
+        self.tick(ctx);
+        ctx.run_interval(tick, |act, ctx| act.tick(ctx));
+    }
+}
+
+impl Handler<Claim> for Cluster {
+    type Result = ResponseActFuture<Self, Result<ClaimOutcome, ClusterUnavailable>>;
+
+    fn handle(&mut self, msg: Claim, _ctx: &mut Self::Context) -> Self::Result {
+        let redis = match self.live() {
+            Ok(redis) => redis,
+            Err(error) => return Box::pin(fut::ready(Err(error))),
+        };
+        let claim = membership::claim(
+            redis,
+            self.keys.clone(),
+            self.member.clone(),
+            self.events.clone(),
+            self.source.clone(),
+            msg,
+        );
+        Box::pin(fut::wrap_future(claim))
+    }
+}
+
+impl Handler<Release> for Cluster {
+    type Result = ();
+
+    fn handle(&mut self, msg: Release, ctx: &mut Self::Context) {
+        let Some(redis) = self.redis.clone() else {
+            return; // Our claims go with the lease: the reaper ends them.
+        };
+        let release = membership::release(redis, self.keys.clone(), self.member.clone(), msg);
+        ctx.spawn(fut::wrap_future(release));
+    }
+}
+
+impl Handler<Progress> for Cluster {
+    type Result = ();
+
+    fn handle(&mut self, msg: Progress, ctx: &mut Self::Context) {
+        if let Some(redis) = self.redis.clone() {
+            let progress = membership::progress(redis, self.keys.clone(), self.member.clone(), msg);
+            ctx.spawn(fut::wrap_future(progress));
+        }
+    }
+}
+
+/// Where this node stands in its cluster (`/readyz`, `/stats`).
+#[derive(Message)]
+#[rtype(result = "ClusterStatus")]
+pub struct GetClusterStatus;
+
+/// The answer to [`GetClusterStatus`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    /// The member id this node holds (or will hold) its lease as.
+    pub member: String,
+    /// A live member: its lease is confirmed.
+    pub joined: bool,
+    /// Listening for messages from other nodes.
+    pub subscribed: bool,
+}
+
+impl ClusterStatus {
+    /// Whether the node can serve agents as part of its cluster.
+    pub fn ready(&self) -> bool {
+        self.joined && self.subscribed
+    }
+}
+
+impl Handler<GetClusterStatus> for Cluster {
+    type Result = MessageResult<GetClusterStatus>;
+
+    fn handle(&mut self, _msg: GetClusterStatus, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(ClusterStatus {
+            member: self.member.to_string(),
+            joined: matches!(self.standing, Standing::Member { .. }),
+            subscribed: self.subscribed.load(Ordering::Acquire),
+        })
+    }
+}

@@ -1,0 +1,294 @@
+//! A Tether network over several nodes, coordinated through the real Redis on
+//! 127.0.0.1:6379: each test starts its own nodes (the real binary, on free ports)
+//! under a prefix of its own, so tests never share keys.
+
+mod common;
+
+use common::*;
+use futures_util::future::join_all;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+
+/// Fails with a clear message when the shared Redis is not running.
+fn require_redis() {
+    if std::net::TcpStream::connect("127.0.0.1:6379").is_err() {
+        panic!("the cluster tests need Redis on 127.0.0.1:6379 (scripts/test.sh starts it)");
+    }
+}
+
+/// A prefix no other test (or run) uses.
+fn fresh_prefix() -> String {
+    format!("tether-test-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Starts one node of the cluster under `prefix`, with a `lease` in seconds, and waits
+/// until it is a member (`/readyz` 200).
+async fn node(prefix: &str, lease: &str, extra: &[(&str, &str)]) -> TestServer {
+    require_redis();
+    let mut env = vec![
+        ("TETHER__CLUSTER__ENABLED", "true"),
+        ("TETHER__CLUSTER__REDIS_URL", REDIS),
+        ("TETHER__CLUSTER__PREFIX", prefix),
+        ("TETHER__CLUSTER__NODE_LEASE", lease),
+        ("TETHER__IDENTITY__SECRET", "cluster-test-secret"),
+    ];
+    env.extend_from_slice(extra);
+    let server = TestServer::start(&env);
+    wait_ready(&server).await;
+    server
+}
+
+/// Waits until `server` answers `/readyz` 200.
+async fn wait_ready(server: &TestServer) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let status = http()
+            .get(server.http("/readyz"))
+            .send()
+            .await
+            .map(|r| r.status());
+        if status.is_ok_and(|s| s == 200) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node never joined its cluster:\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn cluster(n: usize, lease: &str) -> (String, Vec<TestServer>) {
+    let prefix = fresh_prefix();
+    let nodes = join_all((0..n).map(|_| node(&prefix, lease, &[]))).await;
+    (prefix, nodes)
+}
+
+fn is_message(frame: &Value) -> bool {
+    frame["message_type"].is_string() || frame["type"] == "message"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_on_different_nodes_reach_each_other_directly_and_by_broadcast() {
+    let (_prefix, nodes) = cluster(3, "4").await;
+    let (mut a, _) = Agent::register(&nodes[0].ws_url(), "a").await;
+    let (mut b, _) = Agent::register(&nodes[1].ws_url(), "b").await;
+    let (mut c, _) = Agent::register(&nodes[2].ws_url(), "c").await;
+
+    a.send(direct("b", json!("hello b"))).await;
+    let got = b.wait_for(is_message).await;
+    assert_eq!(got["data"]["content"], "hello b", "{got}");
+    assert_eq!(
+        got["data"]["sender_id"], "a",
+        "the server sets the sender: {got}"
+    );
+
+    // A broadcast from b reaches a and c once each, and not b.
+    b.send(broadcast(&[], json!("to all"))).await;
+    b.send(direct("a", json!("after"))).await;
+    b.send(direct("c", json!("after"))).await;
+    for agent in [&mut a, &mut c] {
+        assert_eq!(
+            agent.wait_for(is_message).await["data"]["content"],
+            "to all"
+        );
+        assert_eq!(
+            agent.wait_for(is_message).await["data"]["content"],
+            "after",
+            "a duplicate"
+        );
+    }
+    // Excluded on another node: c does not get it.
+    a.send(broadcast(&["c"], json!("not c"))).await;
+    a.send(direct("c", json!("marker"))).await;
+    assert_eq!(b.wait_for(is_message).await["data"]["content"], "not c");
+    assert_eq!(c.wait_for(is_message).await["data"]["content"], "marker");
+    assert!(
+        !b.pending().iter().any(is_message),
+        "b got its own broadcast"
+    );
+
+    // An id held nowhere: unknown_agent, with the message's id.
+    c.send(direct("nobody", json!("?"))).await;
+    let error = c.wait_for(|f| f["type"] == "error").await;
+    assert_eq!(error["error_code"], "unknown_agent", "{error}");
+    assert!(error["message_id"].is_string(), "{error}");
+
+    // Every node lists the three members with their advertise URLs.
+    let listed = nodes[2].get_json("/cluster/nodes").await;
+    let listed = listed["nodes"].as_array().expect("nodes").clone();
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    for node in &nodes {
+        let url = node
+            .ws_url()
+            .replace("ws://", "")
+            .trim_end_matches('/')
+            .to_owned();
+        assert!(
+            listed
+                .iter()
+                .any(|n| n["advertise_url"].as_str().unwrap().contains(&url)),
+            "{url} not in {listed:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_registered_on_two_nodes_at_the_same_instant_has_exactly_one_holder() {
+    let (_prefix, nodes) = cluster(2, "4").await;
+    let (url1, url2) = (nodes[0].ws_url(), nodes[1].ws_url());
+    for attempt in 0..100 {
+        let id = format!("race-{attempt}");
+        let (mut one, mut two) = tokio::join!(Agent::connect(&url1), Agent::connect(&url2));
+        let register = json!({"type":"system_request","command":"register_agent","agent_id":id});
+        let (r1, r2) = tokio::join!(one.request(register.clone()), two.request(register));
+        let won = [&r1, &r2].iter().filter(|r| r["success"] == true).count();
+        assert_eq!(won, 1, "attempt {attempt}: {r1} / {r2}");
+        let lost = if r1["success"] == true { &r2 } else { &r1 };
+        assert_eq!(lost["error_code"], "agent_id_in_use", "{lost}");
+        tokio::join!(one.close(), two.close());
+    }
+}
+
+/// Registers `agent_id` at `url`, retrying while its previous node has not released it
+/// yet (a release reaches Redis just after the old incarnation's end is published).
+async fn register_once_free(url: &str, agent_id: &str) -> (Agent, Value) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let mut agent = Agent::connect(url).await;
+        let answer = agent
+            .request(
+                json!({"type":"system_request","command":"register_agent","agent_id":agent_id}),
+            )
+            .await;
+        if answer["success"] == true {
+            return (agent, answer);
+        }
+        assert_eq!(answer["error_code"], "agent_id_in_use", "{answer}");
+        assert!(Instant::now() < deadline, "{agent_id} was never released");
+        agent.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incarnations_of_an_id_grow_as_it_moves_between_nodes() {
+    let (_prefix, nodes) = cluster(2, "4").await;
+    let mut seen = Vec::new();
+    for round in 0..6 {
+        let (agent, welcome) = register_once_free(&nodes[round % 2].ws_url(), "wanderer").await;
+        seen.push(welcome["incarnation"].as_u64().expect("incarnation"));
+        agent.close().await;
+    }
+    assert!(seen.windows(2).all(|w| w[1] > w[0]), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_agents_are_ended_once_by_a_survivor_and_their_ids_are_free() {
+    const AGENTS: usize = 1000;
+    const LEASE: f64 = 2.0;
+    let (_prefix, mut nodes) = cluster(3, "2").await;
+    let mut streams = [
+        EventStream::subscribe(&nodes[0], None).await,
+        EventStream::subscribe(&nodes[1], None).await,
+    ];
+    let doomed_url = nodes[2].ws_url();
+    let mut doomed = Vec::new();
+    let mut incarnations = HashMap::new();
+    for chunk in (0..AGENTS).collect::<Vec<_>>().chunks(100) {
+        let registered = join_all(chunk.iter().map(|i| {
+            let url = doomed_url.clone();
+            async move { Agent::register(&url, &format!("lost-{i}")).await }
+        }))
+        .await;
+        for (agent, welcome) in registered {
+            let id = welcome["agent_id"].as_str().unwrap().to_owned();
+            incarnations.insert(id, welcome["incarnation"].as_u64().unwrap());
+            doomed.push(agent);
+        }
+    }
+    let (bystander, _) = Agent::register(&nodes[0].ws_url(), "bystander").await;
+
+    let killed = Instant::now();
+    nodes[2].signal("KILL");
+    let _ = nodes[2].wait_exit().await;
+
+    // Every agent of the lost node: one disconnected (node_lost, no close code) and one
+    // cleaned_up, published by one survivor or the other, never both.
+    let mut ends: HashMap<String, Vec<Value>> = HashMap::new();
+    let mut cleaned = 0;
+    while cleaned < AGENTS {
+        let next = {
+            let (s0, s1) = streams.split_at_mut(1);
+            tokio::select! {
+                e = s0[0].next() => e,
+                e = s1[0].next() => e,
+            }
+        };
+        let subject = next["subject"].as_str().unwrap_or_default().to_owned();
+        if !subject.starts_with("lost-") {
+            continue;
+        }
+        if next["type"] == "agent.cleaned_up" {
+            cleaned += 1;
+        }
+        ends.entry(subject).or_default().push(next);
+    }
+    let took = killed.elapsed();
+    assert_eq!(ends.len(), AGENTS);
+    for (id, events) in &ends {
+        let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            ["agent.disconnected", "agent.cleaned_up"],
+            "{id}: {events:?}"
+        );
+        let disconnected = &events[0]["data"];
+        assert_eq!(disconnected["reason"], "node_lost", "{disconnected}");
+        assert!(disconnected["close_code"].is_null(), "{disconnected}");
+        assert_eq!(disconnected["incarnation"], incarnations[id]);
+        assert_eq!(
+            disconnected["seq"], 2,
+            "registered was seq 1: {disconnected}"
+        );
+        assert_eq!(events[1]["data"]["seq"], 3);
+    }
+    println!("node loss: {AGENTS} agents cleaned up {took:?} after kill -9 (lease {LEASE} s)");
+    assert!(
+        took <= Duration::from_secs_f64(LEASE + 2.0),
+        "the last cleaned_up came {took:?} after the kill; the contract is node_lease + 2 s"
+    );
+    // The ids are free at once, and their next incarnation follows the lost one.
+    let (mut agent, welcome) = Agent::register(&nodes[1].ws_url(), "lost-7").await;
+    assert_eq!(
+        welcome["incarnation"],
+        incarnations["lost-7"] + 1,
+        "{welcome}"
+    );
+    // Nothing of the lost agents was published twice (node 1's stream, read up to the
+    // new registration).
+    streams[1]
+        .wait_for(|e| e["subject"] == "lost-7" && e["type"] == "agent.registered")
+        .await;
+    let late: Vec<Value> = streams[1]
+        .pending()
+        .into_iter()
+        .filter(|e| {
+            e["subject"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("lost-"))
+        })
+        .collect();
+    assert!(late.is_empty(), "ends published again: {late:?}");
+    // The survivors serve on: a message from the new incarnation arrives.
+    let mut bystander = bystander;
+    agent.send(direct("bystander", json!("still here"))).await;
+    assert_eq!(
+        bystander.wait_for(is_message).await["data"]["content"],
+        "still here"
+    );
+    drop(doomed);
+}
