@@ -292,3 +292,98 @@ async fn a_killed_node_s_agents_are_ended_once_by_a_survivor_and_their_ids_are_f
     );
     drop(doomed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_frozen_past_its_lease_closes_its_agents_4009_and_its_ids_move_on() {
+    let (_prefix, nodes) = cluster(2, "2").await;
+    let mut events = EventStream::subscribe(&nodes[0], None).await;
+    let (mut frozen_x, welcome) = Agent::register(&nodes[1].ws_url(), "x").await;
+    let first = welcome["incarnation"].as_u64().unwrap();
+
+    nodes[1].signal("STOP");
+    // The survivor ends x's incarnation as a node loss, and x can register there.
+    let lost = events
+        .wait_for(|e| e["subject"] == "x" && e["type"] == "agent.disconnected")
+        .await;
+    assert_eq!(lost["data"]["reason"], "node_lost", "{lost}");
+    assert_eq!(lost["data"]["incarnation"], first);
+    let (mut x, welcome) = Agent::register(&nodes[0].ws_url(), "x").await;
+    assert_eq!(welcome["incarnation"], first + 1, "{welcome}");
+
+    // Resumed, the frozen node knows its lease is gone: it closes x 4009 and publishes
+    // nothing for it, then joins again.
+    nodes[1].signal("CONT");
+    assert_eq!(frozen_x.closed().await, Closed::Code(4009));
+    wait_ready(&nodes[1]).await;
+    let (mut y, _) = Agent::register(&nodes[1].ws_url(), "y").await;
+    y.send(direct("x", json!("from the rejoined node"))).await;
+    assert_eq!(
+        x.wait_for(is_message).await["data"]["content"],
+        "from the rejoined node"
+    );
+
+    // One end of x's first incarnation in all: none came from the frozen node (which
+    // publishes on its own stream, and whose reaper found nothing left to end).
+    let mut again = EventStream::subscribe(&nodes[1], None).await;
+    let (_z, _) = Agent::register(&nodes[1].ws_url(), "z").await;
+    again
+        .wait_for(|e| e["subject"] == "z" && e["type"] == "agent.registered")
+        .await;
+    let x_events: Vec<Value> = again
+        .pending()
+        .into_iter()
+        .filter(|e| e["subject"] == "x")
+        .collect();
+    assert!(x_events.is_empty(), "{x_events:?}");
+    let log = nodes[1].logs();
+    assert!(log.contains("lost its lease"), "{log}");
+}
+
+#[tokio::test]
+async fn a_clustered_node_without_a_shared_secret_does_not_start() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))
+        .env("TETHER__CLUSTER__ENABLED", "true")
+        .env("TETHER__NETWORK__PORT", "0")
+        .output()
+        .expect("cannot run tether");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("identity.secret") && stderr.contains("cluster.enabled"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_its_redis_a_node_is_not_ready_and_refuses_registrations_as_retryable() {
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let url = format!("redis://127.0.0.1:{closed_port}");
+    let server = TestServer::start(&[
+        ("TETHER__CLUSTER__ENABLED", "true"),
+        ("TETHER__CLUSTER__REDIS_URL", &url),
+        ("TETHER__CLUSTER__NODE_LEASE", "2"),
+        ("TETHER__IDENTITY__SECRET", "s"),
+    ]);
+    let ready = http().get(server.http("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.unwrap();
+    assert!(
+        body["reason"].as_str().unwrap().contains("cluster"),
+        "{body}"
+    );
+
+    let mut agent = Agent::connect(&server.ws_url()).await;
+    let answer = agent
+        .request(json!({"type":"system_request","command":"register_agent","agent_id":"early"}))
+        .await;
+    assert_eq!(answer["success"], false, "{answer}");
+    assert_eq!(answer["error_code"], "cluster_unavailable", "{answer}");
+    // The socket stays open: the agent may retry on it.
+    let pong = agent
+        .request(json!({"type":"system_request","command":"ping_agent","timestamp":1.0}))
+        .await;
+    assert_eq!(pong["timestamp"], 1.0);
+}

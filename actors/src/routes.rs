@@ -132,6 +132,11 @@ impl Routes {
 }
 
 impl Routes {
+    /// Whether `agent_id` is registered on this node.
+    pub fn contains(&self, agent_id: &str) -> bool {
+        self.read().contains_key(agent_id)
+    }
+
     /// Hands `frame` to the agent `agent_id` of this node (a message that came from
     /// another node); false if it is not registered here.
     pub fn deliver(&self, agent_id: &str, frame: OutFrame) -> bool {

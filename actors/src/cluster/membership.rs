@@ -6,6 +6,7 @@ use super::{Standing, RESPONSE_TIMEOUT};
 use crate::bus::Publish;
 use crate::clock::epoch_secs;
 use crate::event::{AgentEvent, EventSource, LifecycleEvent, CLEANUP_STEPS};
+use crate::routes::Routes;
 use actix::prelude::*;
 use redis::aio::ConnectionManager;
 use redis::Value as Reply;
@@ -191,7 +192,7 @@ pub(super) async fn release(
     keys: Keys,
     member: Arc<str>,
     msg: Release,
-) {
+) -> Result<(), Release> {
     let mut pipe = redis::pipe();
     pipe.cmd("EVAL")
         .arg(scripts::RELEASE)
@@ -205,8 +206,44 @@ pub(super) async fn release(
         .arg(&*msg.agent_id)
         .ignore();
     if let Err(error) = pipe.query_async::<()>(&mut redis).await {
-        // The claim stays until our lease does: then the reaper ends it.
-        log::warn!("cluster: releasing {} failed: {error}", msg.agent_id);
+        log::warn!(
+            "cluster: releasing {} failed ({error}); retried once Redis answers",
+            msg.agent_id
+        );
+        return Err(msg);
+    }
+    Ok(())
+}
+
+/// Retries a release that failed while Redis was unreachable: the id is freed if this
+/// member still holds that incarnation, and left off the member's list unless this
+/// node holds the id again.
+pub(super) async fn release_again(
+    mut redis: ConnectionManager,
+    keys: Keys,
+    member: Arc<str>,
+    routes: Arc<Routes>,
+    msg: Release,
+) -> Result<(), Release> {
+    let released: Result<Option<Vec<Reply>>, _> = redis::cmd("EVAL")
+        .arg(scripts::RELEASE)
+        .arg(1)
+        .arg(keys.agent(&msg.agent_id))
+        .arg(&*member)
+        .arg(msg.incarnation)
+        .query_async(&mut redis)
+        .await;
+    match released {
+        Ok(Some(_)) if !routes.contains(&msg.agent_id) => {
+            let _ = redis::cmd("SREM")
+                .arg(keys.held(&member))
+                .arg(&*msg.agent_id)
+                .query_async::<()>(&mut redis)
+                .await;
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+        Err(_) => Err(msg),
     }
 }
 
@@ -451,6 +488,7 @@ impl Cluster {
                             act.joined(ctx);
                         }
                         act.standing = Standing::Member { confirmed: at };
+                        act.retry_releases(ctx);
                     }
                     Ok(Some(LeaseCheck::Expired)) if joining => {
                         log::warn!(
@@ -468,6 +506,27 @@ impl Cluster {
                 }
             }),
         );
+    }
+
+    /// Releases again what could not be released while Redis was unreachable.
+    fn retry_releases(&mut self, ctx: &mut Context<Self>) {
+        let Some(redis) = self.redis.clone() else {
+            return;
+        };
+        for msg in std::mem::take(&mut self.unreleased) {
+            let retry = release_again(
+                redis.clone(),
+                self.keys.clone(),
+                self.member.clone(),
+                self.routes.clone(),
+                msg,
+            );
+            ctx.spawn(fut::wrap_future(retry).map(|result, act: &mut Self, _| {
+                if let Err(msg) = result {
+                    act.unreleased.push(msg);
+                }
+            }));
+        }
     }
 
     /// Became a member: listens for the messages of its agents.

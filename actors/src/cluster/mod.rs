@@ -132,6 +132,8 @@ pub struct Cluster {
     subscriber: Option<SpawnHandle>,
     /// The subscriber listens (set and cleared by it).
     subscribed: Arc<AtomicBool>,
+    /// Releases that failed while Redis was unreachable, retried once it answers.
+    unreleased: Vec<Release>,
 }
 
 impl Cluster {
@@ -164,6 +166,7 @@ impl Cluster {
             busy: false,
             subscriber: None,
             subscribed: Arc::new(AtomicBool::new(false)),
+            unreleased: Vec::new(),
             settings,
         })
     }
@@ -193,6 +196,8 @@ impl Cluster {
             self.member
         );
         self.standing = Standing::Outside;
+        // The lost member's claims are the reaper's now.
+        self.unreleased.clear();
         if let Some(subscriber) = self.subscriber.take() {
             ctx.cancel_future(subscriber);
             self.subscribed.store(false, Ordering::Release);
@@ -276,7 +281,11 @@ impl Handler<Release> for Cluster {
             return; // Our claims go with the lease: the reaper ends them.
         };
         let release = membership::release(redis, self.keys.clone(), self.member.clone(), msg);
-        ctx.spawn(fut::wrap_future(release));
+        ctx.spawn(fut::wrap_future(release).map(|result, act: &mut Self, _| {
+            if let Err(msg) = result {
+                act.unreleased.push(msg);
+            }
+        }));
     }
 }
 
