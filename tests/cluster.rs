@@ -387,3 +387,138 @@ async fn without_its_redis_a_node_is_not_ready_and_refuses_registrations_as_retr
         .await;
     assert_eq!(pong["timestamp"], 1.0);
 }
+
+/// A TCP proxy to the shared Redis that the test can cut (every connection through it
+/// is dropped, and new ones are dropped at once) and restore.
+struct RedisProxy {
+    port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl RedisProxy {
+    async fn start() -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = std::sync::Arc::new(AtomicBool::new(true));
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let accepting = open.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !accepting.load(Ordering::Acquire) {
+                    continue; // Dropped: the connection is refused.
+                }
+                let mut cuts = cuts.clone();
+                cuts.borrow_and_update(); // Only cuts from now on end it.
+                tokio::spawn(async move {
+                    let Ok(mut redis) = tokio::net::TcpStream::connect("127.0.0.1:6379").await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut redis) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { port, open, cut }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::Release);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Waits until `server` answers `/readyz` 503.
+async fn wait_not_ready(server: &TestServer) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let status = http()
+            .get(server.http("/readyz"))
+            .send()
+            .await
+            .map(|r| r.status());
+        if status.is_ok_and(|s| s == 503) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the node never noticed the cut");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_redis_cut_keeps_local_agents_served_and_nothing_is_published_twice() {
+    require_redis();
+    let proxy = RedisProxy::start().await;
+    let prefix = fresh_prefix();
+    let through = [("TETHER__CLUSTER__REDIS_URL", proxy.url())];
+    let through: Vec<(&str, &str)> = through.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // A lease long enough that the cut stays shorter than it.
+    let (n1, n2) = tokio::join!(node(&prefix, "20", &through), node(&prefix, "20", &through));
+    let mut events = EventStream::subscribe(&n1, None).await;
+    let (mut a, _) = Agent::register(&n1.ws_url(), "a").await;
+    let (mut leaver, _) = Agent::register(&n1.ws_url(), "leaver").await;
+    let (mut b, _) = Agent::register(&n2.ws_url(), "b").await;
+
+    proxy.cut();
+    wait_not_ready(&n1).await;
+    // Agents of one node still talk to each other.
+    a.send(direct("leaver", json!("local"))).await;
+    assert_eq!(
+        leaver.wait_for(is_message).await["data"]["content"],
+        "local"
+    );
+    // What needs the cluster is refused, retryably.
+    a.send(direct("b", json!("across"))).await;
+    let error = a.wait_for(|f| f["type"] == "error").await;
+    assert_eq!(error["error_code"], "cluster_unavailable", "{error}");
+    let mut newcomer = Agent::connect(&n1.ws_url()).await;
+    let refused = newcomer
+        .request(json!({"type":"system_request","command":"register_agent","agent_id":"new"}))
+        .await;
+    assert_eq!(refused["error_code"], "cluster_unavailable", "{refused}");
+    // An agent leaves during the cut: its end is published now, its id freed later.
+    leaver.close().await;
+    for kind in ["agent.disconnected", "agent.cleaned_up"] {
+        events
+            .wait_for(|e| e["subject"] == "leaver" && e["type"] == kind)
+            .await;
+    }
+
+    proxy.restore();
+    wait_ready(&n1).await;
+    wait_ready(&n2).await;
+    a.send(direct("b", json!("across again"))).await;
+    assert_eq!(
+        b.wait_for(is_message).await["data"]["content"],
+        "across again"
+    );
+    // The id that left during the cut is free again, on any node.
+    let (_back, welcome) = register_once_free(&n2.ws_url(), "leaver").await;
+    assert_eq!(welcome["incarnation"], 2, "{welcome}");
+    let (_new, _) = Agent::register(&n1.ws_url(), "new").await;
+    events
+        .wait_for(|e| e["subject"] == "new" && e["type"] == "agent.registered")
+        .await;
+    let twice: Vec<Value> = events
+        .pending()
+        .into_iter()
+        .filter(|e| e["subject"] == "leaver" || e["subject"] == "a")
+        .filter(|e| e["type"] == "agent.disconnected" || e["type"] == "agent.cleaned_up")
+        .collect();
+    assert!(twice.is_empty(), "published again: {twice:?}");
+}
