@@ -9,6 +9,7 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
+use tether_testkit::{free_port, Proxy};
 
 const REDIS: &str = "redis://127.0.0.1:6379";
 
@@ -356,10 +357,7 @@ async fn a_clustered_node_without_a_shared_secret_does_not_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_its_redis_a_node_is_not_ready_and_refuses_registrations_as_retryable() {
-    let closed_port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    let closed_port = free_port();
     let url = format!("redis://127.0.0.1:{closed_port}");
     let server = TestServer::start(&[
         ("TETHER__CLUSTER__ENABLED", "true"),
@@ -388,61 +386,6 @@ async fn without_its_redis_a_node_is_not_ready_and_refuses_registrations_as_retr
     assert_eq!(pong["timestamp"], 1.0);
 }
 
-/// A TCP proxy to the shared Redis that the test can cut (every connection through it
-/// is dropped, and new ones are dropped at once) and restore.
-struct RedisProxy {
-    port: u16,
-    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    cut: tokio::sync::watch::Sender<u64>,
-}
-
-impl RedisProxy {
-    async fn start() -> Self {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let open = std::sync::Arc::new(AtomicBool::new(true));
-        let (cut, cuts) = tokio::sync::watch::channel(0u64);
-        let accepting = open.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    return;
-                };
-                if !accepting.load(Ordering::Acquire) {
-                    continue; // Dropped: the connection is refused.
-                }
-                let mut cuts = cuts.clone();
-                cuts.borrow_and_update(); // Only cuts from now on end it.
-                tokio::spawn(async move {
-                    let Ok(mut redis) = tokio::net::TcpStream::connect("127.0.0.1:6379").await
-                    else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut redis) => {}
-                        _ = cuts.changed() => {}
-                    }
-                });
-            }
-        });
-        Self { port, open, cut }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn cut(&self) {
-        self.open.store(false, std::sync::atomic::Ordering::Release);
-        self.cut.send_modify(|n| *n += 1);
-    }
-
-    fn restore(&self) {
-        self.open.store(true, std::sync::atomic::Ordering::Release);
-    }
-}
-
 /// Waits until `server` answers `/readyz` 503.
 async fn wait_not_ready(server: &TestServer) {
     let deadline = Instant::now() + DEADLINE;
@@ -463,9 +406,12 @@ async fn wait_not_ready(server: &TestServer) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_redis_cut_keeps_local_agents_served_and_nothing_is_published_twice() {
     require_redis();
-    let proxy = RedisProxy::start().await;
+    let proxy = Proxy::start("127.0.0.1:6379");
     let prefix = fresh_prefix();
-    let through = [("TETHER__CLUSTER__REDIS_URL", proxy.url())];
+    let through = [(
+        "TETHER__CLUSTER__REDIS_URL",
+        format!("redis://{}", proxy.addr()),
+    )];
     let through: Vec<(&str, &str)> = through.iter().map(|(k, v)| (*k, v.as_str())).collect();
     // A lease long enough that the cut stays shorter than it.
     let (n1, n2) = tokio::join!(node(&prefix, "20", &through), node(&prefix, "20", &through));
