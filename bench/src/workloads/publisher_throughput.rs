@@ -290,7 +290,7 @@ fn events(n: usize) -> Vec<SharedEvent> {
             let payload = AgentEvent::Disconnected {
                 session_id: &session_id,
                 reason: "client_closed",
-                close_code: 1000,
+                close_code: Some(1000),
                 metadata: &metadata,
             };
             let agent_id = format!("agent-{}", i % 1000).into();
