@@ -38,28 +38,28 @@ async fn node(prefix: &str, lease: &str, extra: &[(&str, &str)]) -> TestServer {
     ];
     env.extend_from_slice(extra);
     let server = TestServer::start(&env);
-    wait_ready(&server).await;
+    wait_readyz(&server, 200).await;
     server
 }
 
-/// Waits until `server` answers `/readyz` 200.
-async fn wait_ready(server: &TestServer) {
+/// Waits until `server` answers `/readyz` with `status` (200: a live member; 503: not).
+async fn wait_readyz(server: &TestServer, status: u16) {
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let status = http()
+        let answered = http()
             .get(server.http("/readyz"))
             .send()
             .await
             .map(|r| r.status());
-        if status.is_ok_and(|s| s == 200) {
+        if answered.is_ok_and(|s| s == status) {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "the node never joined its cluster:\n{}",
+            "/readyz never answered {status}:\n{}",
             server.logs()
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -315,7 +315,7 @@ async fn a_node_frozen_past_its_lease_closes_its_agents_4009_and_its_ids_move_on
     // nothing for it, then joins again.
     nodes[1].signal("CONT");
     assert_eq!(frozen_x.closed().await, Closed::Code(4009));
-    wait_ready(&nodes[1]).await;
+    wait_readyz(&nodes[1], 200).await;
     let (mut y, _) = Agent::register(&nodes[1].ws_url(), "y").await;
     y.send(direct("x", json!("from the rejoined node"))).await;
     assert_eq!(
@@ -386,23 +386,6 @@ async fn without_its_redis_a_node_is_not_ready_and_refuses_registrations_as_retr
     assert_eq!(pong["timestamp"], 1.0);
 }
 
-/// Waits until `server` answers `/readyz` 503.
-async fn wait_not_ready(server: &TestServer) {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let status = http()
-            .get(server.http("/readyz"))
-            .send()
-            .await
-            .map(|r| r.status());
-        if status.is_ok_and(|s| s == 503) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the node never noticed the cut");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_redis_cut_keeps_local_agents_served_and_nothing_is_published_twice() {
     require_redis();
@@ -421,7 +404,7 @@ async fn a_short_redis_cut_keeps_local_agents_served_and_nothing_is_published_tw
     let (mut b, _) = Agent::register(&n2.ws_url(), "b").await;
 
     proxy.cut();
-    wait_not_ready(&n1).await;
+    wait_readyz(&n1, 503).await;
     // Agents of one node still talk to each other.
     a.send(direct("leaver", json!("local"))).await;
     assert_eq!(
@@ -446,8 +429,8 @@ async fn a_short_redis_cut_keeps_local_agents_served_and_nothing_is_published_tw
     }
 
     proxy.restore();
-    wait_ready(&n1).await;
-    wait_ready(&n2).await;
+    wait_readyz(&n1, 200).await;
+    wait_readyz(&n2, 200).await;
     a.send(direct("b", json!("across again"))).await;
     assert_eq!(
         b.wait_for(is_message).await["data"]["content"],

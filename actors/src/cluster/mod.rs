@@ -13,6 +13,7 @@
 //! The registry asks it to [`Claim`] and [`Release`] ids and tells it an incarnation's
 //! [`Progress`]; connections hand it what the local routing table could not deliver.
 
+mod claims;
 mod crossing;
 mod keys;
 mod membership;
@@ -261,7 +262,7 @@ impl Handler<Claim> for Cluster {
             Ok(redis) => redis,
             Err(error) => return Box::pin(fut::ready(Err(error))),
         };
-        let claim = membership::claim(
+        let claim = claims::claim(
             redis,
             self.keys.clone(),
             self.member.clone(),
@@ -280,7 +281,7 @@ impl Handler<Release> for Cluster {
         let Some(redis) = self.redis.clone() else {
             return; // Our claims go with the lease: the reaper ends them.
         };
-        let release = membership::release(redis, self.keys.clone(), self.member.clone(), msg);
+        let release = claims::release(redis, self.keys.clone(), self.member.clone(), msg);
         ctx.spawn(fut::wrap_future(release).map(|result, act: &mut Self, _| {
             if let Err(msg) = result {
                 act.unreleased.push(msg);
@@ -294,7 +295,7 @@ impl Handler<Progress> for Cluster {
 
     fn handle(&mut self, msg: Progress, ctx: &mut Self::Context) {
         if let Some(redis) = self.redis.clone() {
-            let progress = membership::progress(redis, self.keys.clone(), self.member.clone(), msg);
+            let progress = claims::progress(redis, self.keys.clone(), self.member.clone(), msg);
             ctx.spawn(fut::wrap_future(progress));
         }
     }

@@ -43,7 +43,6 @@ impl Registry {
         mut entry: AgentEntry,
         disconnect: Disconnect,
     ) {
-        self.routes.remove(agent_id, entry.session_id);
         if let Some(cluster) = &self.cluster {
             if self.retaking.as_deref() != Some(&**agent_id) {
                 cluster.do_send(Release {
@@ -52,12 +51,7 @@ impl Registry {
                 });
             }
         }
-        self.certificates.released(agent_id);
-        self.incarnations.departed(agent_id, entry.incarnation);
-        self.metadata_bytes -= entry.metadata.get().len();
-        if entry.inactive {
-            self.inactive_count -= 1;
-        }
+        let connected_secs = self.forget(agent_id, &entry, disconnect);
         let session_uuid = entry.session_uuid.to_string();
         let metadata = entry.metadata.clone();
         let payload = AgentEvent::Disconnected {
@@ -67,6 +61,26 @@ impl Registry {
             metadata: &metadata,
         };
         publish(&self.events, &self.source, agent_id, &mut entry, payload);
+        let payload = AgentEvent::CleanedUp {
+            session_id: &session_uuid,
+            connected_secs,
+            steps: CLEANUP_STEPS,
+        };
+        publish(&self.events, &self.source, agent_id, &mut entry, payload);
+        self.check_waiters();
+    }
+
+    /// Lets go of everything this node holds for `entry`'s incarnation (route,
+    /// certificate, metadata budget, heartbeat, the socket's id) and counts its end;
+    /// the seconds it lasted. The entry must already be out of the table.
+    fn forget(&mut self, agent_id: &Arc<str>, entry: &AgentEntry, disconnect: Disconnect) -> f64 {
+        self.routes.remove(agent_id, entry.session_id);
+        self.certificates.released(agent_id);
+        self.incarnations.departed(agent_id, entry.incarnation);
+        self.metadata_bytes -= entry.metadata.get().len();
+        if entry.inactive {
+            self.inactive_count -= 1;
+        }
         self.heartbeat.do_send(Watch::Untrack {
             session_id: entry.session_id,
         });
@@ -74,16 +88,10 @@ impl Registry {
             socket.agent = None;
         }
         let lasted_ms = self.clock.now_ms().saturating_sub(entry.connected_mono_ms);
-        let payload = AgentEvent::CleanedUp {
-            session_id: &session_uuid,
-            connected_secs: lasted_ms as f64 / 1000.0,
-            steps: CLEANUP_STEPS,
-        };
-        publish(&self.events, &self.source, agent_id, &mut entry, payload);
         let lasted_secs = lasted_ms as f64 / 1000.0;
         self.stats.ended(disconnect.reason.as_str(), lasted_secs);
         crate::metrics::incarnation_ended(lasted_secs);
-        self.check_waiters();
+        lasted_secs
     }
 
     /// Removes `agent_id` and ends its incarnation now, then tells its connection to
@@ -271,24 +279,10 @@ impl Handler<LeaseLost> for Registry {
     /// without publishing its end, which the node that noticed the loss publishes
     /// (once, cluster-wide).
     fn handle(&mut self, _msg: LeaseLost, _ctx: &mut Self::Context) {
-        let now = self.clock.now_ms();
         let agents: Vec<(Arc<str>, AgentEntry)> = self.agents.drain().collect();
         for (agent_id, entry) in agents {
-            self.routes.remove(&agent_id, entry.session_id);
-            self.certificates.released(&agent_id);
-            self.metadata_bytes -= entry.metadata.get().len();
-            if entry.inactive {
-                self.inactive_count -= 1;
-            }
-            self.heartbeat.do_send(Watch::Untrack {
-                session_id: entry.session_id,
-            });
-            let lasted_secs = now.saturating_sub(entry.connected_mono_ms) as f64 / 1000.0;
-            self.stats
-                .ended(Disconnect::NODE_LOST.reason.as_str(), lasted_secs);
-            crate::metrics::incarnation_ended(lasted_secs);
-            if let Some(socket) = self.sockets.get_mut(&entry.session_id) {
-                socket.agent = None;
+            self.forget(&agent_id, &entry, Disconnect::NODE_LOST);
+            if let Some(socket) = self.sockets.get(&entry.session_id) {
                 socket.order(ConnectionOrder::Close {
                     disconnect: Disconnect::NODE_LOST,
                     notice: None,
