@@ -7,7 +7,7 @@
 
 use crate::event::SharedEvent;
 use crate::publisher::{
-    Deliver, Flush, FlushReport, PublisherHandle, PublisherStatus, QueryStatus,
+    Deliver, Flush, FlushReport, PublisherHandle, PublisherStatus, QueryStatus, Settle,
 };
 use actix::prelude::*;
 use futures_util::future::join_all;
@@ -42,6 +42,17 @@ pub struct CloseSubscribers;
 #[rtype(result = "Vec<FlushReport>")]
 pub struct FlushAll {
     /// Time each publisher gets.
+    pub timeout: Duration,
+}
+
+/// Answered once every event published before this message is settled by every
+/// publisher (acknowledged by its broker, or dropped), or when `timeout` passed:
+/// `true` when every publisher acknowledged everything in time. Events published
+/// from one actor before it sends this are covered (one mailbox, in order).
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct SettleAll {
+    /// Longest wait.
     pub timeout: Duration,
 }
 
@@ -164,6 +175,25 @@ impl Handler<FlushAll> for EventBus {
             })
             .collect();
         Box::pin(join_all(flushes))
+    }
+}
+
+impl Handler<SettleAll> for EventBus {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(&mut self, msg: SettleAll, _ctx: &mut Self::Context) -> Self::Result {
+        let settles: Vec<_> = self
+            .publishers
+            .iter()
+            .map(|p| p.settle.send(Settle))
+            .collect();
+        Box::pin(async move {
+            let all = join_all(settles);
+            match tokio::time::timeout(msg.timeout, all).await {
+                Ok(answers) => answers.into_iter().all(|answer| answer == Ok(true)),
+                Err(_) => false,
+            }
+        })
     }
 }
 

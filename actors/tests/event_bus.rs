@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 use support::memory::MemoryBroker;
 use support::{event, eventually};
 use tether_actors::bus::{
-    AddPublisher, CloseSubscribers, EventBus, FlushAll, GetBusStatus, Publish, Subscribe,
+    AddPublisher, CloseSubscribers, EventBus, FlushAll, GetBusStatus, Publish, SettleAll, Subscribe,
 };
 use tether_actors::publisher::backoff::RestartPolicy;
 use tether_actors::publisher::supervisor::BrokerPublisher;
 use tether_actors::publisher::{
-    Deliver, Flush, FlushReport, PublisherHandle, PublisherStatus, QueryStatus,
+    Deliver, Flush, FlushReport, PublisherHandle, PublisherStatus, QueryStatus, Settle,
 };
 use tether_actors::settings::BufferSettings;
 
@@ -55,6 +55,17 @@ impl Handler<Flush> for Recorder {
             undelivered: 0,
         };
         Box::pin(async move { report })
+    }
+}
+
+impl Handler<Settle> for Recorder {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(&mut self, _msg: Settle, _ctx: &mut Self::Context) -> Self::Result {
+        if !self.answers_flush {
+            return Box::pin(std::future::pending());
+        }
+        Box::pin(async { true })
     }
 }
 
@@ -244,4 +255,68 @@ async fn events_published_on_the_bus_reach_a_broker_publisher_in_order_through_a
         ("memory", 20, 0)
     );
     assert_eq!(fake.accepted_seqs(), (1..=20).collect::<Vec<_>>());
+}
+
+#[actix::test]
+async fn settle_all_answers_once_the_events_before_it_are_acknowledged_and_not_before() {
+    let (broker, fake) = MemoryBroker::new();
+    let gate = fake.hold_next_send();
+    let buffering = BufferSettings {
+        buffer_capacity: 100,
+        batch_size: 50,
+        retry_initial: 0.002,
+        retry_max: 0.01,
+    };
+    let policy = RestartPolicy {
+        max_restarts: 10,
+        restart_window: 60.0,
+    };
+    let publisher = BrokerPublisher::new(broker, buffering, policy).start();
+    let bus = EventBus::new(16).start();
+    bus.do_send(AddPublisher(PublisherHandle::of("memory", publisher)));
+    publish(&bus, 1..=3);
+
+    let held = bus
+        .send(SettleAll {
+            timeout: Duration::from_millis(100),
+        })
+        .await
+        .unwrap();
+    assert!(!held, "the broker has not acknowledged the held batch");
+
+    let settling = bus.send(SettleAll {
+        timeout: Duration::from_secs(10),
+    });
+    gate.open();
+    assert!(
+        settling.await.unwrap(),
+        "settled once the broker acknowledged"
+    );
+    assert_eq!(fake.accepted_seqs(), [1, 2, 3]);
+}
+
+#[actix::test]
+async fn settle_all_gives_up_after_its_timeout_on_a_publisher_that_never_answers() {
+    let bus = EventBus::new(16).start();
+    add_recorder(&bus, "one", true);
+    add_recorder(&bus, "silent", false);
+    publish(&bus, 1..=2);
+    let settled = bus
+        .send(SettleAll {
+            timeout: Duration::from_millis(50),
+        })
+        .await
+        .unwrap();
+    assert!(!settled);
+
+    let bus = EventBus::new(16).start();
+    add_recorder(&bus, "one", true);
+    publish(&bus, 1..=2);
+    let settled = bus
+        .send(SettleAll {
+            timeout: Duration::from_secs(5),
+        })
+        .await
+        .unwrap();
+    assert!(settled, "a publisher that answers settles");
 }

@@ -1,7 +1,7 @@
 //! The `log` publisher: writes every event as one JSON line to the log, at info level,
 //! under the target `tether::events` (`RUST_LOG=tether::events=info`).
 
-use super::{Deliver, Flush, FlushReport, PublisherStatus, QueryStatus};
+use super::{Deliver, Flush, FlushReport, PublisherStatus, QueryStatus, Settle};
 use actix::prelude::*;
 
 /// Logs events.
@@ -32,6 +32,15 @@ impl Handler<Flush> for LogPublisher {
             delivered: self.delivered,
             undelivered: 0,
         }
+    }
+}
+
+impl Handler<Settle> for LogPublisher {
+    type Result = bool;
+
+    /// Every event is written as it is delivered.
+    fn handle(&mut self, _msg: Settle, _ctx: &mut Self::Context) -> bool {
+        true
     }
 }
 

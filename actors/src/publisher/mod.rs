@@ -1,7 +1,8 @@
 //! The publisher interface: what the event bus needs of a publisher actor.
 //!
 //! A publisher is any actor that handles [`Deliver`] (an event, in order), [`Flush`]
-//! (deliver what is buffered within a deadline, at shutdown) and [`QueryStatus`].
+//! (deliver what is buffered within a deadline, at shutdown), [`Settle`] (answer once
+//! what it was given so far is acknowledged) and [`QueryStatus`].
 //! [`PublisherHandle::of`] wraps its address for the bus. The `log` publisher is here;
 //! broker publishers live beside it: [`supervisor::BrokerPublisher`] delivers to any
 //! [`broker::Broker`] (`redis`, `kafka`, `rabbitmq`) at least once, in order.
@@ -32,6 +33,15 @@ pub struct Flush {
     /// Time the publisher gets.
     pub timeout: Duration,
 }
+
+/// Answered once every event the publisher was given before this message is settled:
+/// acknowledged by its broker, or dropped (its buffer overflowed). `true` when all were
+/// acknowledged; `false` as soon as the publisher cannot deliver any more (failed or
+/// closed). The asker bounds the wait (a cross-node takeover waits
+/// `cluster.takeover_timeout`).
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Settle;
 
 /// Asks a publisher how it is doing.
 #[derive(Message)]
@@ -118,6 +128,8 @@ pub struct PublisherHandle {
     pub deliver: Recipient<Deliver>,
     /// Where flush requests go.
     pub flush: Recipient<Flush>,
+    /// Where settle requests go.
+    pub settle: Recipient<Settle>,
     /// Where status queries go.
     pub status: Recipient<QueryStatus>,
 }
@@ -126,15 +138,17 @@ impl PublisherHandle {
     /// Wraps a publisher actor's address.
     pub fn of<A>(name: &str, addr: Addr<A>) -> Self
     where
-        A: Actor + Handler<Deliver> + Handler<Flush> + Handler<QueryStatus>,
+        A: Actor + Handler<Deliver> + Handler<Flush> + Handler<Settle> + Handler<QueryStatus>,
         A::Context: actix::dev::ToEnvelope<A, Deliver>
             + actix::dev::ToEnvelope<A, Flush>
+            + actix::dev::ToEnvelope<A, Settle>
             + actix::dev::ToEnvelope<A, QueryStatus>,
     {
         Self {
             name: name.to_owned(),
             deliver: addr.clone().recipient(),
             flush: addr.clone().recipient(),
+            settle: addr.clone().recipient(),
             status: addr.recipient(),
         }
     }

@@ -3,7 +3,7 @@
 
 use super::{BrokerPublisher, Close, Closing, ConnectionLost, Op, PublishError, TryDeliver};
 use crate::publisher::broker::Broker;
-use crate::publisher::{Deliver, Flush, FlushReport, PublisherStatus, QueryStatus};
+use crate::publisher::{Deliver, Flush, FlushReport, PublisherStatus, QueryStatus, Settle};
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
@@ -74,6 +74,16 @@ impl<B: Broker> Handler<Flush> for BrokerPublisher<B> {
             },
             ctx,
         )
+    }
+}
+
+impl<B: Broker> Handler<Settle> for BrokerPublisher<B> {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(&mut self, _msg: Settle, _ctx: &mut Self::Context) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.settle(tx);
+        Box::pin(async move { rx.await.unwrap_or(false) })
     }
 }
 

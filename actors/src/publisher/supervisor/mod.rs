@@ -97,6 +97,19 @@ pub struct BrokerPublisher<B: Broker> {
     closing: Closing,
     /// Events offered after close.
     rejected: u64,
+    /// Events accepted since start (acknowledged + dropped + buffered).
+    accepted: u64,
+    /// [`Settle`](crate::publisher::Settle) requests waiting.
+    settling: Vec<Settling>,
+}
+
+/// A [`Settle`](crate::publisher::Settle) request waiting.
+struct Settling {
+    /// Answered once this many events are acknowledged or dropped.
+    upto: u64,
+    /// Events dropped when it was asked (more dropped since: not all acknowledged).
+    dropped_before: u64,
+    answer: oneshot::Sender<bool>,
 }
 
 impl<B: Broker> BrokerPublisher<B> {
@@ -127,6 +140,8 @@ impl<B: Broker> BrokerPublisher<B> {
             failed_connects: 0,
             closing: Closing::Open,
             rejected: 0,
+            accepted: 0,
+            settling: Vec::new(),
         }
     }
 
@@ -288,6 +303,7 @@ impl<B: Broker> BrokerPublisher<B> {
             };
             act.buffer.settle(acked);
             act.delivered += acked as u64;
+            act.answer_settled();
             match error {
                 None => {
                     if !act.connected {
@@ -372,6 +388,7 @@ impl<B: Broker> BrokerPublisher<B> {
                 self.restart_window,
                 self.buffer.len()
             );
+            self.answer_settled();
             self.maybe_finish_close(ctx);
             return;
         }
@@ -414,6 +431,7 @@ impl<B: Broker> BrokerPublisher<B> {
             }
             return Err(error);
         }
+        self.accepted += 1;
         if let Some(dropped) = self.buffer.push(event) {
             log::debug!(
                 "publisher {}: buffer full, dropped event {} ({} of {})",
@@ -424,7 +442,40 @@ impl<B: Broker> BrokerPublisher<B> {
             );
         }
         self.pump(ctx);
+        self.answer_settled();
         Ok(())
+    }
+
+    /// Answers `Settle` once what was accepted before it is acknowledged or dropped:
+    /// `true` when none was dropped meanwhile; `false` at once when nothing more can be
+    /// delivered (failed or closed).
+    pub(super) fn settle(&mut self, answer: oneshot::Sender<bool>) {
+        self.settling.push(Settling {
+            upto: self.accepted,
+            dropped_before: self.buffer.dropped(),
+            answer,
+        });
+        self.answer_settled();
+    }
+
+    fn answer_settled(&mut self) {
+        if self.settling.is_empty() {
+            return;
+        }
+        let (done, dropped) = (
+            self.delivered + self.buffer.dropped(),
+            self.buffer.dropped(),
+        );
+        let gave_up = self.failed || self.is_closed();
+        for waiter in std::mem::take(&mut self.settling) {
+            if gave_up {
+                let _ = waiter.answer.send(false);
+            } else if done >= waiter.upto {
+                let _ = waiter.answer.send(dropped == waiter.dropped_before);
+            } else {
+                self.settling.push(waiter);
+            }
+        }
     }
 
     fn report_burst(&self, burst: Option<Burst>) {
@@ -503,6 +554,7 @@ impl<B: Broker> BrokerPublisher<B> {
             let _ = waiter.send(report.clone());
         }
         self.closing = Closing::Closed(report);
+        self.answer_settled();
         if let Some(client) = self.client.take() {
             actix::spawn(self.broker.close(client));
         }
