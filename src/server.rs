@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_actors::bus::{CloseSubscribers, EventBus, FlushAll, GetBusStatus, Publish};
-use tether_actors::cluster::{Cluster, TellLeaseLost};
+use tether_actors::cluster::{Cluster, TellRegistry};
 use tether_actors::connection::{ConnectionContext, ConnectionSettings};
 use tether_actors::event::{EventSource, LifecycleEvent, NetworkEvent};
 use tether_actors::heartbeat::Heartbeat;
@@ -76,6 +76,7 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
             settings.network.max_connections,
             routes.clone(),
             bus.clone().recipient(),
+            bus.clone().recipient(),
             source.clone(),
         )
         .map_err(|e| std::io::Error::other(e.0))?;
@@ -102,7 +103,10 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
                 Registry::new(settings, source, events.recipient(), watch, secret, routes);
             match cluster {
                 Some(cluster) => {
-                    cluster.do_send(TellLeaseLost(ctx.address().recipient()));
+                    cluster.do_send(TellRegistry {
+                        lease_lost: ctx.address().recipient(),
+                        hand_over: ctx.address().recipient(),
+                    });
                     registry.with_cluster(cluster)
                 }
                 None => registry,

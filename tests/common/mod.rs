@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod brokers;
+pub mod cluster;
 pub mod lifecycle;
 
 use futures_util::{SinkExt, StreamExt};

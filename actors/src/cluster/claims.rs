@@ -249,3 +249,27 @@ pub(super) async fn progress(
         );
     }
 }
+
+/// The live member other than `me` holding `agent_id`, if any.
+pub(super) async fn held_elsewhere(
+    mut redis: ConnectionManager,
+    keys: Keys,
+    me: Arc<str>,
+    agent_id: Arc<str>,
+) -> Result<Option<String>, ClusterUnavailable> {
+    let holder: Option<String> = redis::cmd("HGET")
+        .arg(keys.agent(&agent_id))
+        .arg("node")
+        .query_async(&mut redis)
+        .await
+        .map_err(|e| unavailable("holder lookup", &e))?;
+    let Some(holder) = holder.filter(|holder| **holder != *me) else {
+        return Ok(None);
+    };
+    let alive: bool = redis::cmd("EXISTS")
+        .arg(keys.lease(&holder))
+        .query_async(&mut redis)
+        .await
+        .map_err(|e| unavailable("lease lookup", &e))?;
+    Ok(alive.then_some(holder))
+}

@@ -7,10 +7,13 @@
 //! which delivers it to its own agents (minus the exclusions). Pub/sub delivers at most
 //! once: what is published while a member is not subscribed is lost (documented).
 //!
-//! Payloads are text: `<target>\n<frame>` on a member's channel,
-//! `<origin member>\n<excluded ids, space-separated>\n<frame>` on the broadcast channel
-//! (agent ids contain neither spaces nor newlines).
+//! Payloads are text. On a member's channel the first line says what follows:
+//! `message\n<target>\n<frame>`, or a takeover request or answer
+//! (`takeover\n<json>`, `handed\n<json>`, see [`super::takeover`]). On the broadcast
+//! channel: `<origin member>\n<excluded ids, space-separated>\n<frame>` (agent ids
+//! contain neither spaces nor newlines).
 
+use super::takeover::{Asked, HandoverAnswer, HandoverRequest, Unwanted, Waiting};
 use super::{Cluster, Keys};
 use crate::outbound::OutFrame;
 use crate::protocol::{self, ErrorCode, ProtocolError};
@@ -78,7 +81,7 @@ impl Handler<Forward> for Cluster {
                         routes.deliver(&msg.target, OutFrame::text(&msg.frame))
                     }
                     Some(member) => {
-                        let payload = format!("{}\n{}", msg.target, msg.frame);
+                        let payload = format!("message\n{}\n{}", msg.target, msg.frame);
                         let receivers: u64 = redis::cmd("PUBLISH")
                             .arg(keys.inbox(&member))
                             .arg(payload)
@@ -129,21 +132,69 @@ impl Handler<Spread> for Cluster {
     }
 }
 
-/// Delivers one pub/sub message to the agents of this node.
-fn deliver(routes: &Routes, member: &str, broadcasts: &str, channel: &str, payload: &str) {
-    if channel == broadcasts {
-        let mut parts = payload.splitn(3, '\n');
-        let (Some(origin), Some(exclude), Some(frame)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return log::warn!("cluster: a malformed broadcast was ignored");
-        };
-        if origin != member {
-            let exclude: Vec<&str> = exclude.split(' ').filter(|id| !id.is_empty()).collect();
-            routes.spread(&exclude, OutFrame::text(frame));
+/// What a subscriber hands on besides messages for agents.
+struct Inbox {
+    cluster: Addr<Cluster>,
+    waiting: Waiting,
+}
+
+impl Inbox {
+    /// Hands a takeover answer to the request waiting for it, or has it released.
+    fn answered(&self, answer: HandoverAnswer) {
+        let waiter = self
+            .waiting
+            .lock()
+            .expect("not poisoned")
+            .remove(&answer.id);
+        match waiter {
+            Some(waiter) => {
+                if let Err(incarnation) = waiter.send(answer.incarnation) {
+                    let late = HandoverAnswer {
+                        incarnation,
+                        ..answer
+                    };
+                    self.cluster.do_send(Unwanted(late));
+                }
+            }
+            None => self.cluster.do_send(Unwanted(answer)),
         }
-    } else if let Some((target, frame)) = payload.split_once('\n') {
-        // Not here any more (it left or moved): the sender was answered already.
-        routes.deliver(target, OutFrame::text(frame));
+    }
+
+    /// One payload of this member's channel.
+    fn received(&self, routes: &Routes, payload: &str) {
+        let Some((kind, body)) = payload.split_once('\n') else {
+            return log::warn!("cluster: a malformed message was ignored");
+        };
+        match kind {
+            "message" => {
+                if let Some((target, frame)) = body.split_once('\n') {
+                    // Not here any more (it left or moved): the sender was answered.
+                    routes.deliver(target, OutFrame::text(frame));
+                }
+            }
+            "takeover" => match serde_json::from_str::<HandoverRequest>(body) {
+                Ok(request) => self.cluster.do_send(Asked(request)),
+                Err(error) => log::warn!("cluster: a malformed takeover request: {error}"),
+            },
+            "handed" => match serde_json::from_str::<HandoverAnswer>(body) {
+                Ok(answer) => self.answered(answer),
+                Err(error) => log::warn!("cluster: a malformed takeover answer: {error}"),
+            },
+            other => log::warn!("cluster: a message of unknown kind {other:?} was ignored"),
+        }
+    }
+}
+
+/// Delivers one broadcast to the agents of this node (unless it came from here).
+fn spread(routes: &Routes, member: &str, payload: &str) {
+    let mut parts = payload.splitn(3, '\n');
+    let (Some(origin), Some(exclude), Some(frame)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return log::warn!("cluster: a malformed broadcast was ignored");
+    };
+    if origin != member {
+        let exclude: Vec<&str> = exclude.split(' ').filter(|id| !id.is_empty()).collect();
+        routes.spread(&exclude, OutFrame::text(frame));
     }
 }
 
@@ -155,8 +206,11 @@ pub(super) async fn subscribe(
     member: Arc<str>,
     routes: Arc<Routes>,
     subscribed: Arc<AtomicBool>,
+    cluster: Addr<Cluster>,
+    waiting: Waiting,
 ) {
     let (inbox, broadcasts) = (keys.inbox(&member), keys.broadcasts());
+    let handler = Inbox { cluster, waiting };
     loop {
         match client.get_async_pubsub().await {
             Ok(mut pubsub) => {
@@ -171,13 +225,11 @@ pub(super) async fn subscribe(
                     let mut messages = pubsub.on_message();
                     while let Some(message) = messages.next().await {
                         let payload: String = message.get_payload().unwrap_or_default();
-                        deliver(
-                            &routes,
-                            &member,
-                            &broadcasts,
-                            message.get_channel_name(),
-                            &payload,
-                        );
+                        if message.get_channel_name() == broadcasts {
+                            spread(&routes, &member, &payload);
+                        } else {
+                            handler.received(&routes, &payload);
+                        }
                     }
                     subscribed.store(false, Ordering::Release);
                     log::warn!("cluster: the subscription to Redis dropped; subscribing again");

@@ -328,6 +328,8 @@ impl Cluster {
             self.member.clone(),
             self.routes.clone(),
             self.subscribed.clone(),
+            ctx.address(),
+            self.waiting.clone(),
         );
         self.subscriber = Some(ctx.spawn(fut::wrap_future(subscriber)));
     }

@@ -11,19 +11,22 @@
 //! pub/sub ([`crossing`]).
 //!
 //! The registry asks it to [`Claim`] and [`Release`] ids and tells it an incarnation's
-//! [`Progress`]; connections hand it what the local routing table could not deliver.
+//! [`Progress`], and to [`TakeOver`] an id held live on another node ([`takeover`]);
+//! connections hand it what the local routing table could not deliver.
 
 mod claims;
 mod crossing;
 mod keys;
 mod membership;
 mod scripts;
+mod takeover;
 
 pub use crossing::{Forward, Spread};
 pub use keys::Keys;
 pub use membership::{ClusterNodes, NodeInfo};
+pub use takeover::{Answer, HandOver, HandoverRequest, TakeOver, Transfer};
 
-use crate::bus::Publish;
+use crate::bus::{Publish, SettleAll};
 use crate::event::EventSource;
 use crate::routes::Routes;
 use crate::settings::{secs, ClusterSettings};
@@ -126,7 +129,9 @@ pub struct Cluster {
     routes: Arc<Routes>,
     events: Recipient<Publish>,
     source: EventSource,
-    registry: Option<Recipient<LeaseLost>>,
+    /// Where acknowledgement of this node's events is awaited (the bus).
+    settle: Recipient<SettleAll>,
+    registry: Option<TellRegistry>,
     max_connections: usize,
     /// A lease or sweep round trip is in flight (ticks do not pile up).
     busy: bool,
@@ -135,17 +140,23 @@ pub struct Cluster {
     subscribed: Arc<AtomicBool>,
     /// Releases that failed while Redis was unreachable, retried once it answers.
     unreleased: Vec<Release>,
+    /// Takeover requests sent (their ids).
+    requests: u64,
+    /// Takeover requests waiting for the holder's answer.
+    waiting: takeover::Waiting,
 }
 
 impl Cluster {
     /// The cluster actor of node `node_id`, delivering to `routes`, publishing the
-    /// ends of lost members' agents to `events` as `source`.
+    /// ends of lost members' agents to `events` as `source`, waiting for this node's
+    /// events to be acknowledged through `settle` (the bus).
     pub fn new(
         settings: ClusterSettings,
         node_id: &str,
         max_connections: usize,
         routes: Arc<Routes>,
         events: Recipient<Publish>,
+        settle: Recipient<SettleAll>,
         source: EventSource,
     ) -> Result<Self, ClusterUnavailable> {
         let client = redis::Client::open(settings.redis_url.as_str()).map_err(|e| {
@@ -161,6 +172,7 @@ impl Cluster {
             redis: None,
             routes,
             events,
+            settle,
             source,
             registry: None,
             max_connections,
@@ -168,6 +180,8 @@ impl Cluster {
             subscriber: None,
             subscribed: Arc::new(AtomicBool::new(false)),
             unreleased: Vec::new(),
+            requests: 0,
+            waiting: Default::default(),
             settings,
         })
     }
@@ -204,7 +218,7 @@ impl Cluster {
             self.subscribed.store(false, Ordering::Release);
         }
         if let Some(registry) = &self.registry {
-            registry.do_send(LeaseLost);
+            registry.lease_lost.do_send(LeaseLost);
         }
         crate::metrics::cluster_fenced();
     }
@@ -222,16 +236,22 @@ async fn connect(client: redis::Client) -> Result<ConnectionManager, ClusterUnav
         .map_err(|e| ClusterUnavailable(format!("cannot connect to the cluster's Redis: {e}")))
 }
 
-/// Sets who is told when the lease is lost (the registry, once it exists).
-#[derive(Message)]
+/// Introduces the registry (once it exists): told when the lease is lost and when
+/// another node takes over one of its ids.
+#[derive(Message, Clone)]
 #[rtype(result = "()")]
-pub struct TellLeaseLost(pub Recipient<LeaseLost>);
+pub struct TellRegistry {
+    /// Where [`LeaseLost`] goes.
+    pub lease_lost: Recipient<LeaseLost>,
+    /// Where [`HandOver`] goes.
+    pub hand_over: Recipient<HandOver>,
+}
 
-impl Handler<TellLeaseLost> for Cluster {
+impl Handler<TellRegistry> for Cluster {
     type Result = ();
 
-    fn handle(&mut self, msg: TellLeaseLost, _ctx: &mut Self::Context) {
-        self.registry = Some(msg.0);
+    fn handle(&mut self, msg: TellRegistry, _ctx: &mut Self::Context) {
+        self.registry = Some(msg);
     }
 }
 
@@ -298,6 +318,24 @@ impl Handler<Progress> for Cluster {
             let progress = claims::progress(redis, self.keys.clone(), self.member.clone(), msg);
             ctx.spawn(fut::wrap_future(progress));
         }
+    }
+}
+
+/// Which live member other than this one holds an id (`None`: free, or held here).
+#[derive(Message)]
+#[rtype(result = "Result<Option<String>, ClusterUnavailable>")]
+pub struct HeldBy(pub Arc<str>);
+
+impl Handler<HeldBy> for Cluster {
+    type Result = ResponseFuture<Result<Option<String>, ClusterUnavailable>>;
+
+    fn handle(&mut self, msg: HeldBy, _ctx: &mut Self::Context) -> Self::Result {
+        let redis = match self.live() {
+            Ok(redis) => redis,
+            Err(error) => return Box::pin(async move { Err(error) }),
+        };
+        let lookup = claims::held_elsewhere(redis, self.keys.clone(), self.member.clone(), msg.0);
+        Box::pin(lookup)
     }
 }
 

@@ -54,3 +54,20 @@ if held[1] == ARGV[1] and held[2] == ARGV[2] then
 end
 return 0
 ";
+
+/// Hands a held id over to another member (a takeover across nodes, decided by the
+/// holder once it ended its incarnation's connection).
+///
+/// `KEYS[1]` the agent's hash; `ARGV`: holding member, its incarnation, new member,
+/// new session, new metadata, the time (epoch seconds). Answers the new incarnation,
+/// or nil when the holder no longer holds that incarnation.
+pub const HAND_OVER: &str = r"
+local held = redis.call('HMGET', KEYS[1], 'node', 'inc')
+if held[1] ~= ARGV[1] or held[2] ~= ARGV[2] then
+  return nil
+end
+local inc = redis.call('HINCRBY', KEYS[1], 'inc', 1)
+redis.call('HSET', KEYS[1], 'node', ARGV[3], 'session', ARGV[4], 'seq', 1, 'meta', ARGV[5],
+  'at', ARGV[6])
+return inc
+";

@@ -41,7 +41,7 @@ use actix::prelude::*;
 use incarnations::Incarnations;
 use serde_json::value::RawValue;
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::sync::oneshot;
@@ -131,6 +131,8 @@ pub struct Registry {
     /// The id a local takeover is re-registering (its old incarnation's end must not
     /// release the claim the new one holds).
     retaking: Option<Arc<str>>,
+    /// Ids this node is taking over from another node (registrations of them wait).
+    taking_over: HashSet<Arc<str>>,
 }
 
 impl Registry {
@@ -169,6 +171,7 @@ impl Registry {
             waiters: Vec::new(),
             cluster: None,
             retaking: None,
+            taking_over: HashSet::new(),
         }
     }
 

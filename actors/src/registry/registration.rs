@@ -4,7 +4,7 @@
 use super::lifecycle::publish;
 use super::{AgentEntry, ConnectionOrder, RegisterAgent, RegistrationRefused, Registry};
 use crate::clock::epoch_secs;
-use crate::cluster::{Claim, ClaimOutcome, Release};
+use crate::cluster::{Answer, Claim, ClaimOutcome, HandOver, Release, TakeOver, Transfer};
 use crate::disconnect::Disconnect;
 use crate::event::AgentEvent;
 use crate::heartbeat::{StaleReason, Watch};
@@ -28,6 +28,14 @@ impl Takeover {
         match self {
             Self::Certificate => "certificate",
             Self::ForceReconnect => "force_reconnect",
+        }
+    }
+
+    /// The proof another node of the cluster checked.
+    fn parse(proof: &str) -> Self {
+        match proof {
+            "certificate" => Self::Certificate,
+            _ => Self::ForceReconnect,
         }
     }
 }
@@ -103,6 +111,19 @@ impl Registry {
         }
     }
 
+    /// The proof `msg` gives for taking over an id held on another node: its
+    /// certificate (validated by `may_take`) or an allowed `force_reconnect`.
+    fn remote_proof(&self, msg: &RegisterAgent) -> Option<Takeover> {
+        let registration = &msg.registration;
+        if registration.certificate.is_some() {
+            Some(Takeover::Certificate)
+        } else if registration.force_reconnect && self.settings.identity.allow_force_reconnect {
+            Some(Takeover::ForceReconnect)
+        } else {
+            None
+        }
+    }
+
     /// Publishes `agent.replaced` for the holder of `agent_id` and evicts it (close
     /// 4001 after a `connection_replaced` notice).
     fn replace(&mut self, agent_id: &Arc<str>, by_incarnation: u64, by: &str, proof: Takeover) {
@@ -172,6 +193,20 @@ impl Handler<RegisterAgent> for Registry {
             let error = ErrorCode::ShuttingDown.into();
             return self.refuse(session_id, &msg, error, Some(Disconnect::SHUTDOWN));
         }
+        if self
+            .taking_over
+            .contains(msg.registration.agent_id.as_str())
+        {
+            let error = ProtocolError::new(
+                ErrorCode::AgentIdInUse,
+                format!(
+                    "Agent {} is being taken over from another node by another connection; \
+                     retry once that registration is answered",
+                    msg.registration.agent_id
+                ),
+            );
+            return self.refuse(session_id, &msg, error, None);
+        }
         let takeover = match self.may_take(&msg) {
             Ok(takeover) => takeover,
             Err(error) => return self.refuse(session_id, &msg, error, None),
@@ -217,16 +252,73 @@ impl Handler<RegisterAgent> for Registry {
             metadata: metadata.get().to_owned(),
         };
         let claimed = fut::wrap_future(cluster.send(claim));
-        ctx.wait(claimed.map(move |outcome, act: &mut Self, _| {
+        ctx.wait(claimed.map(move |outcome, act: &mut Self, ctx| {
             let error = match outcome {
                 Ok(Ok(ClaimOutcome::Granted { incarnation })) => {
                     return act.admit(msg, takeover, metadata, session, incarnation);
                 }
+                Ok(Ok(ClaimOutcome::HeldElsewhere { member })) => match act.remote_proof(&msg) {
+                    Some(proof) => {
+                        return act.take_over_remote(msg, member, proof, metadata, session, ctx)
+                    }
+                    None => ProtocolError::new(
+                        ErrorCode::AgentIdInUse,
+                        format!(
+                            "Agent {} is connected to another node of the network ({member}); \
+                             present its certificate (or force_reconnect, where allowed) to \
+                             take it over",
+                            msg.registration.agent_id
+                        ),
+                    ),
+                },
+                Ok(Err(unavailable)) => {
+                    ProtocolError::new(ErrorCode::ClusterUnavailable, unavailable.0)
+                }
+                Err(_) => ErrorCode::ClusterUnavailable.into(),
+            };
+            act.refuse(session_id, &msg, error, None);
+        }));
+    }
+}
+
+impl Registry {
+    /// Takes `msg`'s id over from `holder`, another node, which ends its incarnation
+    /// first (see `cluster::takeover`). Other registrations are served meanwhile;
+    /// those of the same id are refused until this one is answered.
+    fn take_over_remote(
+        &mut self,
+        msg: RegisterAgent,
+        holder: String,
+        proof: Takeover,
+        metadata: Box<serde_json::value::RawValue>,
+        session: uuid::Uuid,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(cluster) = self.cluster.clone() else {
+            return;
+        };
+        let agent_id: Arc<str> = Arc::from(msg.registration.agent_id.as_str());
+        self.taking_over.insert(agent_id.clone());
+        let request = TakeOver {
+            claim: Claim {
+                agent_id: agent_id.clone(),
+                session: session.to_string(),
+                metadata: metadata.get().to_owned(),
+            },
+            holder,
+            proof: proof.as_str(),
+        };
+        let taken = fut::wrap_future(cluster.send(request));
+        ctx.spawn(taken.map(move |outcome, act: &mut Self, _| {
+            act.taking_over.remove(&agent_id);
+            let error = match outcome {
+                Ok(Ok(ClaimOutcome::Granted { incarnation })) => {
+                    return act.admit(msg, Some(proof), metadata, session, incarnation);
+                }
                 Ok(Ok(ClaimOutcome::HeldElsewhere { member })) => ProtocolError::new(
                     ErrorCode::AgentIdInUse,
                     format!(
-                        "Agent {} is connected to another node of the network ({member}); \
-                         a takeover across nodes is not supported yet: retry once it left",
+                        "Agent {} was registered on node {member} meanwhile; retry",
                         msg.registration.agent_id
                     ),
                 ),
@@ -235,7 +327,54 @@ impl Handler<RegisterAgent> for Registry {
                 }
                 Err(_) => ErrorCode::ClusterUnavailable.into(),
             };
-            act.refuse(session_id, &msg, error, None);
+            act.refuse(msg.session_id, &msg, error, None);
+        }));
+    }
+}
+
+impl Handler<HandOver> for Registry {
+    type Result = ();
+
+    /// Another node takes over an id held here: the claim moves to it in Redis, then
+    /// this incarnation ends as in a local takeover, then the asker is answered (by
+    /// the cluster actor, once this node's publishers acknowledged the end).
+    fn handle(&mut self, msg: HandOver, ctx: &mut Self::Context) {
+        let Some(cluster) = self.cluster.clone() else {
+            return;
+        };
+        let request = msg.0;
+        let Some(entry) = self.agents.get(request.agent_id.as_str()) else {
+            return cluster.do_send(Answer {
+                request,
+                incarnation: None,
+            });
+        };
+        let transfer = Transfer {
+            request: request.clone(),
+            incarnation: entry.incarnation,
+        };
+        // Waited for (one round trip), so the entry stays as it is meanwhile.
+        let moved = fut::wrap_future(cluster.send(transfer));
+        ctx.wait(moved.map(move |moved, act: &mut Self, _| {
+            let incarnation = match moved {
+                Ok(Ok(incarnation)) => incarnation,
+                Ok(Err(error)) => {
+                    return log::warn!(
+                        "cluster: {} could not be handed over: {error}",
+                        request.agent_id
+                    )
+                }
+                Err(_) => return,
+            };
+            if let Some(by_incarnation) = incarnation {
+                let agent_id: Arc<str> = request.agent_id.as_str().into();
+                let proof = Takeover::parse(&request.proof);
+                act.replace(&agent_id, by_incarnation, &request.session, proof);
+            }
+            cluster.do_send(Answer {
+                request,
+                incarnation,
+            });
         }));
     }
 }
@@ -256,7 +395,7 @@ impl Registry {
         let Some(socket) = self.sockets.get(&session_id) else {
             // (Not while the registry waits for a claim, which holds back the
             // connection's end; a local holder being taken over keeps the id.)
-            if let (Some(cluster), None) = (&self.cluster, takeover) {
+            if let (Some(cluster), false) = (&self.cluster, self.agents.contains_key(&agent_id)) {
                 cluster.do_send(Release {
                     agent_id,
                     incarnation,

@@ -3,6 +3,7 @@
 
 use super::{AgentEntry, Registry, SystemRequest};
 use crate::clock::epoch_secs;
+use crate::cluster::HeldBy;
 use crate::identity::CertificateError;
 use crate::liveness::SessionId;
 use crate::protocol::command::{Claim, Command, Page, Request};
@@ -128,14 +129,56 @@ impl Registry {
     }
 }
 
-impl Handler<SystemRequest> for Registry {
-    type Result = ();
-
-    fn handle(&mut self, msg: SystemRequest, _ctx: &mut Self::Context) {
+impl Registry {
+    /// Answers `msg` on its connection, if it is still there to read it.
+    fn answer_on_socket(&mut self, msg: &SystemRequest) {
         let outbox = match self.sockets.get(&msg.session_id) {
             Some(socket) if socket.orders.connected() => socket.outbox,
             _ => return, // Nobody to answer: do not build what nobody reads.
         };
         outbox.push_json(&self.answer(msg.session_id, &msg.request));
+    }
+}
+
+impl Handler<SystemRequest> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: SystemRequest, ctx: &mut Self::Context) {
+        let claimed = match &msg.request.command {
+            Command::ClaimAgentId(Ok(claim)) => Some(Arc::<str>::from(claim.agent_id.as_str())),
+            _ => None,
+        };
+        let (Some(cluster), Some(agent_id)) = (self.cluster.clone(), claimed) else {
+            return self.answer_on_socket(&msg);
+        };
+        if self.agents.contains_key(&agent_id) {
+            return self.answer_on_socket(&msg);
+        }
+        // Clustered: an id held live on another node is not claimed here either (a
+        // certificate is what takes a live id over). One round trip, waited for.
+        let asked = fut::wrap_future(cluster.send(HeldBy(agent_id.clone())));
+        ctx.wait(asked.map(move |held, act: &mut Self, _| {
+            let error = match held {
+                Ok(Ok(None)) => return act.answer_on_socket(&msg),
+                Ok(Ok(Some(member))) => ProtocolError::new(
+                    ErrorCode::AgentIdInUse,
+                    format!(
+                        "Agent ID {agent_id} is held by a live connection on node {member}; \
+                         only that connection may claim it (to take the id back, register \
+                         with the certificate claimed before)"
+                    ),
+                ),
+                Ok(Err(unavailable)) => {
+                    ProtocolError::new(ErrorCode::ClusterUnavailable, unavailable.0)
+                }
+                Err(_) => ErrorCode::ClusterUnavailable.into(),
+            };
+            if let Some(socket) = act.sockets.get(&msg.session_id) {
+                let command = &msg.request.command;
+                let request_id = msg.request.request_id.as_ref();
+                let frame = protocol::response_error(command.name(), request_id, &error);
+                socket.outbox.push_json(&frame);
+            }
+        }));
     }
 }
