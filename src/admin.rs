@@ -10,7 +10,7 @@ use actix_web::middleware::Next;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 use tether_actors::bus::{BusStatus, GetBusStatus};
-use tether_actors::cluster::{ClusterNodes, GetClusterStatus};
+use tether_actors::cluster::GetClusterStatus;
 use tether_actors::heartbeat::GetHeartbeatStats;
 use tether_actors::registry::{GetAgent, GetStats, ListAgents, RemoveAgent};
 use tether_actors::stats::StatsSnapshot;
@@ -72,11 +72,15 @@ pub async fn stats(state: web::Data<AppState>) -> HttpResponse {
         "connections": connections,
         "heartbeat": heartbeat,
         "events": events,
+        "cluster": crate::cluster_api::totals(&state).await,
     }))
 }
 
 /// `GET /agents`
 pub async fn list_agents(state: web::Data<AppState>) -> HttpResponse {
+    if let Some(cluster) = &state.cluster {
+        return crate::cluster_api::list_agents(&state, cluster).await;
+    }
     match state.registry.send(ListAgents).await {
         Ok(agents) => HttpResponse::Ok().json(json!({"count": agents.len(), "agents": agents})),
         Err(e) => unavailable(e),
@@ -85,6 +89,9 @@ pub async fn list_agents(state: web::Data<AppState>) -> HttpResponse {
 
 /// `GET /agents/{id}`
 pub async fn get_agent(state: web::Data<AppState>, id: web::Path<String>) -> HttpResponse {
+    if let Some(cluster) = &state.cluster {
+        return crate::cluster_api::get_agent(&state, cluster, id.into_inner()).await;
+    }
     match state.registry.send(GetAgent(id.into_inner())).await {
         Ok(Some(agent)) => HttpResponse::Ok().json(agent),
         Ok(None) => {
@@ -96,6 +103,9 @@ pub async fn get_agent(state: web::Data<AppState>, id: web::Path<String>) -> Htt
 
 /// `DELETE /agents/{id}`
 pub async fn remove_agent(state: web::Data<AppState>, id: web::Path<String>) -> HttpResponse {
+    if let Some(cluster) = &state.cluster {
+        return crate::cluster_api::remove_agent(&state, cluster, id.into_inner()).await;
+    }
     match state.registry.send(RemoveAgent(id.into_inner())).await {
         Ok(true) => HttpResponse::NoContent().finish(),
         Ok(false) => {
@@ -285,20 +295,4 @@ pub fn health_report(stats: &StatsSnapshot, events: &BusStatus) -> Value {
         "registered_agents": stats.registered_agents,
         "uptime_secs": stats.uptime_secs,
     })
-}
-
-/// `GET /cluster/nodes`: the live nodes of the cluster (admin token rules).
-pub async fn cluster_nodes(state: web::Data<AppState>) -> HttpResponse {
-    let Some(cluster) = &state.cluster else {
-        return HttpResponse::NotFound().json(json!({
-            "error": "this node is not clustered (cluster.enabled is false)"
-        }));
-    };
-    match cluster.send(ClusterNodes).await {
-        Ok(Ok(nodes)) => HttpResponse::Ok().json(json!({ "nodes": nodes })),
-        Ok(Err(unavailable)) => HttpResponse::ServiceUnavailable().json(json!({
-            "error": unavailable.0, "error_code": "cluster_unavailable"
-        })),
-        Err(e) => unavailable(e),
-    }
 }

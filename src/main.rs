@@ -16,6 +16,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 mod admin;
 mod check_config;
+mod cluster_api;
 mod config;
 mod dashboard;
 mod events_cmd;

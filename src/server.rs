@@ -2,7 +2,7 @@
 //! listener, and the shutdown sequence run on SIGINT or SIGTERM.
 
 use crate::state::AppState;
-use crate::{admin, dashboard, listener, metrics, publishers, sse};
+use crate::{admin, cluster_api, dashboard, listener, metrics, publishers, sse};
 use actix::prelude::*;
 use actix_web::middleware::from_fn;
 use actix_web::{web, App};
@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_actors::bus::{CloseSubscribers, EventBus, FlushAll, GetBusStatus, Publish};
-use tether_actors::cluster::{Cluster, TellRegistry};
+use tether_actors::cluster::{Cluster, Leaving, TellRegistry};
 use tether_actors::connection::{ConnectionContext, ConnectionSettings};
 use tether_actors::event::{EventSource, LifecycleEvent, NetworkEvent};
 use tether_actors::heartbeat::Heartbeat;
@@ -65,11 +65,13 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
     let (heartbeat_tx, heartbeat_rx) = tokio::sync::oneshot::channel();
     let routes = Routes::new();
     let cluster_arbiter = Arbiter::new();
+    let advertise_url = match settings.cluster.advertise_url.as_str() {
+        "" => format!("ws://{local}/ws"),
+        url => url.to_owned(),
+    };
     let cluster = if settings.cluster.enabled {
         let mut cluster_settings = settings.cluster.clone();
-        if cluster_settings.advertise_url.is_empty() {
-            cluster_settings.advertise_url = format!("ws://{local}/ws");
-        }
+        cluster_settings.advertise_url = advertise_url.clone();
         let node = Cluster::new(
             cluster_settings,
             &node_id,
@@ -106,6 +108,7 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
                     cluster.do_send(TellRegistry {
                         lease_lost: ctx.address().recipient(),
                         hand_over: ctx.address().recipient(),
+                        remove: ctx.address().recipient(),
                     });
                     registry.with_cluster(cluster)
                 }
@@ -137,6 +140,8 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
         next_session: Arc::new(AtomicU64::new(1)),
         accepting: Arc::new(AtomicBool::new(true)),
         cluster,
+        advertise_url,
+        placements: Arc::new(AtomicUsize::new(0)),
     };
     let app_state = web::Data::new(state.clone());
     let app = move || {
@@ -147,6 +152,7 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
             .route("/health", web::get().to(admin::health))
             .route("/livez", web::get().to(admin::livez))
             .route("/readyz", web::get().to(admin::readyz))
+            .route("/connect", web::get().to(cluster_api::connect))
             .route("/metrics", web::get().to(metrics::metrics))
             .route("/dashboard", web::get().to(dashboard::page))
             .route("/dashboard/app.js", web::get().to(dashboard::script))
@@ -159,7 +165,7 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
                     .route("/agents/{id}", web::get().to(admin::get_agent))
                     .route("/agents/{id}", web::delete().to(admin::remove_agent))
                     .route("/events", web::get().to(sse::events))
-                    .route("/cluster/nodes", web::get().to(admin::cluster_nodes)),
+                    .route("/cluster/nodes", web::get().to(cluster_api::cluster_nodes)),
             )
     };
     // Tests and scripts read this line to learn the port (network.port may be 0).
@@ -203,10 +209,20 @@ async fn shutdown(state: &AppState, settings: &Settings) -> ShutdownSummary {
     let started = Instant::now();
     let timeout = settings.shutdown.timeout;
     state.accepting.store(false, Ordering::Release);
+    // Clustered: the lease says at once that no new agents should come here, and the
+    // agents are pointed at another live node.
+    let reconnect_url = match &state.cluster {
+        Some(cluster) => {
+            cluster.do_send(Leaving);
+            cluster_api::reconnect_url(cluster, &state.source.node_id).await
+        }
+        None => None,
+    };
     let agents_at_start = state
         .registry
         .send(BeginShutdown {
             timeout_secs: timeout,
+            reconnect_url,
         })
         .await
         .unwrap_or(0);

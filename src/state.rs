@@ -1,7 +1,7 @@
 //! What every HTTP handler can reach: the actors' addresses and the settings.
 
 use actix::Addr;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use tether_actors::bus::EventBus;
 use tether_actors::cluster::Cluster;
@@ -33,6 +33,11 @@ pub struct AppState {
     pub accepting: Arc<AtomicBool>,
     /// The cluster actor, when `cluster.enabled`.
     pub cluster: Option<Addr<Cluster>>,
+    /// The `ws://` URL agents reach this node at (`cluster.advertise_url`, or the
+    /// listener's address).
+    pub advertise_url: String,
+    /// `GET /connect` answers given (their turn, for round robin and ties).
+    pub placements: Arc<AtomicUsize>,
 }
 
 impl AppState {

@@ -152,6 +152,12 @@ pub(super) async fn claim(
                     .await
                     .map_err(|e| unavailable("lease lookup", &e))?;
                 if alive || holder == lost {
+                    // Not ours after all: off this member's id set (it counts agents).
+                    let _ = redis::cmd("SREM")
+                        .arg(keys.held(&member))
+                        .arg(&*msg.agent_id)
+                        .query_async::<()>(&mut redis)
+                        .await;
                     return Ok(ClaimOutcome::HeldElsewhere { member: holder });
                 }
                 lost = holder; // Claim again, taking it from the lost member.

@@ -8,8 +8,9 @@
 //! once: what is published while a member is not subscribed is lost (documented).
 //!
 //! Payloads are text. On a member's channel the first line says what follows:
-//! `message\n<target>\n<frame>`, or a takeover request or answer
-//! (`takeover\n<json>`, `handed\n<json>`, see [`super::takeover`]). On the broadcast
+//! `message\n<target>\n<frame>`, a removal (`remove\n<agent id>`, see
+//! [`super::directory`]), or a takeover request or answer (`takeover\n<json>`,
+//! `handed\n<json>`, see [`super::takeover`]). On the broadcast
 //! channel: `<origin member>\n<excluded ids, space-separated>\n<frame>` (agent ids
 //! contain neither spaces nor newlines).
 
@@ -172,6 +173,7 @@ impl Inbox {
                     routes.deliver(target, OutFrame::text(frame));
                 }
             }
+            "remove" => self.cluster.do_send(RemoveAsked(body.to_owned())),
             "takeover" => match serde_json::from_str::<HandoverRequest>(body) {
                 Ok(request) => self.cluster.do_send(Asked(request)),
                 Err(error) => log::warn!("cluster: a malformed takeover request: {error}"),
@@ -181,6 +183,21 @@ impl Inbox {
                 Err(error) => log::warn!("cluster: a malformed takeover answer: {error}"),
             },
             other => log::warn!("cluster: a message of unknown kind {other:?} was ignored"),
+        }
+    }
+}
+
+/// Another node asked (`DELETE /agents/{id}`) to remove an agent held here.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct RemoveAsked(String);
+
+impl Handler<RemoveAsked> for Cluster {
+    type Result = ();
+
+    fn handle(&mut self, msg: RemoveAsked, _ctx: &mut Self::Context) {
+        if let Some(registry) = &self.registry {
+            registry.remove.do_send(crate::registry::RemoveAgent(msg.0));
         }
     }
 }

@@ -1,40 +1,18 @@
 //! Membership: joining with a lease, refreshing it, noticing members whose lease ran
 //! out and ending their agents (once, by one survivor), listing the live members.
 
-use super::claims::{release_again, unavailable, Orphan};
-use super::{scripts, Cluster, ClusterUnavailable, Keys, Standing, RESPONSE_TIMEOUT};
+use super::claims::{release_again, Orphan};
+use super::directory::NodeInfo;
+use super::{scripts, Cluster, Keys, Standing, RESPONSE_TIMEOUT};
 use crate::bus::Publish;
 use crate::event::EventSource;
 use actix::prelude::*;
 use redis::aio::ConnectionManager;
 use redis::Value as Reply;
-use serde::{Deserialize, Serialize};
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// What a member says of itself in its lease (and `GET /cluster/nodes` shows).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct NodeInfo {
-    /// The member id (the node id, suffixed after a rejoin).
-    pub member: String,
-    /// The node (process) id, as in its events' `source`.
-    pub node_id: String,
-    /// The `ws://` URL agents use to reach it.
-    pub advertise_url: String,
-    /// Agents it held at its last lease refresh.
-    pub agents: usize,
-    /// Its `network.max_connections`.
-    pub max_connections: usize,
-    /// Whether it is shutting down (no new agents).
-    #[serde(default)]
-    pub shutting_down: bool,
-}
-
-/// The live members of the cluster, read from their leases.
-#[derive(Message)]
-#[rtype(result = "Result<Vec<NodeInfo>, ClusterUnavailable>")]
-pub struct ClusterNodes;
 
 /// Ends the agents of `lost` once, if this node wins the right to.
 async fn reap(
@@ -199,7 +177,7 @@ impl Cluster {
             advertise_url: self.settings.advertise_url.clone(),
             agents: self.routes.len(),
             max_connections: self.max_connections,
-            shutting_down: false,
+            shutting_down: self.leaving,
         };
         serde_json::to_string(&info).expect("node info serializes")
     }
@@ -244,7 +222,9 @@ impl Cluster {
         }
         let refresh = match self.standing {
             Standing::Outside => true,
-            Standing::Member { confirmed } => confirmed.elapsed() >= lease / 3,
+            Standing::Member { confirmed } => {
+                std::mem::take(&mut self.announce) || confirmed.elapsed() >= lease / 3
+            }
         };
         let (keys, member, info) = (self.keys.clone(), self.member.clone(), self.info());
         let lease_ms = lease.as_millis() as u64;
@@ -332,41 +312,5 @@ impl Cluster {
             self.waiting.clone(),
         );
         self.subscriber = Some(ctx.spawn(fut::wrap_future(subscriber)));
-    }
-}
-
-impl Handler<ClusterNodes> for Cluster {
-    type Result = ResponseFuture<Result<Vec<NodeInfo>, ClusterUnavailable>>;
-
-    fn handle(&mut self, _msg: ClusterNodes, _ctx: &mut Self::Context) -> Self::Result {
-        let redis = self.live();
-        let keys = self.keys.clone();
-        Box::pin(async move {
-            let mut redis = redis?;
-            let members: Vec<String> = redis::cmd("HKEYS")
-                .arg(keys.members())
-                .query_async(&mut redis)
-                .await
-                .map_err(|e| unavailable("members", &e))?;
-            if members.is_empty() {
-                return Ok(Vec::new());
-            }
-            // One GET per lease (their keys are in different hash slots).
-            let mut get = redis::pipe();
-            for member in &members {
-                get.cmd("GET").arg(keys.lease(member));
-            }
-            let leases: Vec<Option<String>> = get
-                .query_async(&mut redis)
-                .await
-                .map_err(|e| unavailable("leases", &e))?;
-            let mut nodes: Vec<NodeInfo> = leases
-                .into_iter()
-                .flatten()
-                .filter_map(|info| serde_json::from_str(&info).ok())
-                .collect();
-            nodes.sort_by(|a, b| a.member.cmp(&b.member));
-            Ok(nodes)
-        })
     }
 }

@@ -16,14 +16,15 @@
 
 mod claims;
 mod crossing;
+mod directory;
 mod keys;
 mod membership;
 mod scripts;
 mod takeover;
 
 pub use crossing::{Forward, Spread};
+pub use directory::{ClusterNodes, GetHeld, HeldAgent, ListHeld, NodeInfo, RemoveHeld};
 pub use keys::Keys;
-pub use membership::{ClusterNodes, NodeInfo};
 pub use takeover::{Answer, HandOver, HandoverRequest, TakeOver, Transfer};
 
 use crate::bus::{Publish, SettleAll};
@@ -144,6 +145,10 @@ pub struct Cluster {
     requests: u64,
     /// Takeover requests waiting for the holder's answer.
     waiting: takeover::Waiting,
+    /// The node is shutting down (said in its lease: no new agents are sent here).
+    leaving: bool,
+    /// The lease is refreshed at the next tick (its description changed).
+    announce: bool,
 }
 
 impl Cluster {
@@ -182,6 +187,8 @@ impl Cluster {
             unreleased: Vec::new(),
             requests: 0,
             waiting: Default::default(),
+            leaving: false,
+            announce: false,
             settings,
         })
     }
@@ -245,6 +252,8 @@ pub struct TellRegistry {
     pub lease_lost: Recipient<LeaseLost>,
     /// Where [`HandOver`] goes.
     pub hand_over: Recipient<HandOver>,
+    /// Where removals asked by other nodes (`DELETE /agents/{id}`) go.
+    pub remove: Recipient<crate::registry::RemoveAgent>,
 }
 
 impl Handler<TellRegistry> for Cluster {
@@ -318,6 +327,22 @@ impl Handler<Progress> for Cluster {
             let progress = claims::progress(redis, self.keys.clone(), self.member.clone(), msg);
             ctx.spawn(fut::wrap_future(progress));
         }
+    }
+}
+
+/// The node is shutting down: its lease says so at once, and `/connect` sends no new
+/// agents here.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Leaving;
+
+impl Handler<Leaving> for Cluster {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Leaving, ctx: &mut Self::Context) {
+        self.leaving = true;
+        self.announce = true;
+        self.tick(ctx);
     }
 }
 

@@ -93,6 +93,9 @@ impl Handler<BeginShutdown> for Registry {
             "The network is shutting down; disconnect now",
         );
         notice["timeout"] = json!(msg.timeout_secs);
+        if let Some(url) = &msg.reconnect_url {
+            notice["reconnect_url"] = json!(url);
+        }
         let notice = OutFrame::json(&notice);
         for socket in self.sockets.values() {
             socket.outbox.push(notice.clone());

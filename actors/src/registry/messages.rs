@@ -163,6 +163,9 @@ pub struct GetStats;
 pub struct BeginShutdown {
     /// Seconds the agents are given to leave (sent in the notification).
     pub timeout_secs: f64,
+    /// Another live node of the cluster, for the agents to reconnect to (sent in the
+    /// notification).
+    pub reconnect_url: Option<String>,
 }
 
 /// Resolves when the condition holds.

@@ -3,7 +3,7 @@
 
 use super::{AgentEntry, Registry, SystemRequest};
 use crate::clock::epoch_secs;
-use crate::cluster::HeldBy;
+use crate::cluster::{HeldBy, ListHeld};
 use crate::identity::CertificateError;
 use crate::liveness::SessionId;
 use crate::protocol::command::{Claim, Command, Page, Request};
@@ -140,10 +140,69 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// `list_agents` of a clustered node: one page of the agents every live node
+    /// holds, read from Redis off the registry (other requests are served meanwhile).
+    fn list_cluster_wide(
+        &mut self,
+        cluster: Addr<crate::cluster::Cluster>,
+        page: Page,
+        msg: SystemRequest,
+        ctx: &mut Context<Self>,
+    ) {
+        let list = ListHeld {
+            after: page.cursor,
+            limit: page.limit,
+        };
+        let listed = fut::wrap_future(cluster.send(list));
+        ctx.spawn(listed.map(move |listed, act: &mut Self, _| {
+            let command = &msg.request.command;
+            let request_id = msg.request.request_id.as_ref();
+            let frame = match listed {
+                Ok(Ok((held, has_more))) => {
+                    let last = held.last().map(|h| h.agent_id.clone());
+                    let agents: Vec<Value> = held
+                        .into_iter()
+                        .map(|held| {
+                            let metadata: Value =
+                                serde_json::from_str(&held.metadata).unwrap_or(json!({}));
+                            let name = metadata["name"]
+                                .as_str()
+                                .map_or_else(|| held.agent_id.clone(), str::to_owned);
+                            json!({"agent_id": held.agent_id, "name": name, "connected": true,
+                                   "metadata": metadata, "node_id": held.node_id})
+                        })
+                        .collect();
+                    let next_cursor = if has_more { last } else { None };
+                    let fields =
+                        json!({"agents": agents, "has_more": has_more, "next_cursor": next_cursor});
+                    protocol::response_ok(command.name(), request_id, fields)
+                }
+                Ok(Err(unavailable)) => {
+                    let error = ProtocolError::new(ErrorCode::ClusterUnavailable, unavailable.0);
+                    protocol::response_error(command.name(), request_id, &error)
+                }
+                Err(_) => {
+                    let error = ErrorCode::ClusterUnavailable.into();
+                    protocol::response_error(command.name(), request_id, &error)
+                }
+            };
+            if let Some(socket) = act.sockets.get(&msg.session_id) {
+                socket.outbox.push_json(&frame);
+            }
+        }));
+    }
+}
+
 impl Handler<SystemRequest> for Registry {
     type Result = ();
 
     fn handle(&mut self, msg: SystemRequest, ctx: &mut Self::Context) {
+        if let (Some(cluster), Command::ListAgents(page)) = (&self.cluster, &msg.request.command) {
+            if self.agent_of(msg.session_id).is_some() {
+                return self.list_cluster_wide(cluster.clone(), page.clone(), msg, ctx);
+            }
+        }
         let claimed = match &msg.request.command {
             Command::ClaimAgentId(Ok(claim)) => Some(Arc::<str>::from(claim.agent_id.as_str())),
             _ => None,

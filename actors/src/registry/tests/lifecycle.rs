@@ -110,7 +110,10 @@ async fn shutdown_refuses_registrations_with_1001_and_close_all_closes_everyone(
     h.register(&alice, "alice", false).await;
     let agents = h
         .registry
-        .send(BeginShutdown { timeout_secs: 1.0 })
+        .send(BeginShutdown {
+            timeout_secs: 1.0,
+            reconnect_url: None,
+        })
         .await
         .unwrap();
     assert_eq!(agents, 1);
