@@ -34,10 +34,8 @@ fn not_found() -> HttpResponse {
 
 /// An agent held on another node, as its claim records it.
 fn remote(held: HeldAgent) -> Value {
-    let metadata: Value = serde_json::from_str(&held.metadata).unwrap_or(json!({}));
-    let name = metadata["name"]
-        .as_str()
-        .map_or_else(|| held.agent_id.clone(), str::to_owned);
+    let metadata = held.parsed_metadata();
+    let name = held.name(&metadata);
     json!({
         "agent_id": held.agent_id, "name": name, "session_id": held.session_id,
         "incarnation": held.incarnation,

@@ -125,16 +125,21 @@ async fn any_node_lists_describes_and_removes_the_agents_of_every_node() {
     assert_eq!(nodes[1].get_json("/agents").await["count"], 2);
 }
 
-/// Asks `node` where to connect, connects there and registers as `agent_id`.
-async fn placed(node: &TestServer, strategy: &str, agent_id: &str) -> (String, Agent) {
-    let answer: Value = http()
+/// `GET /connect?strategy=…` on `node`.
+async fn where_to_connect(node: &TestServer, strategy: &str) -> Value {
+    http()
         .get(node.http(&format!("/connect?strategy={strategy}")))
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Asks `node` where to connect, connects there and registers as `agent_id`.
+async fn placed(node: &TestServer, strategy: &str, agent_id: &str) -> (String, Agent) {
+    let answer = where_to_connect(node, strategy).await;
     let url = answer["url"]
         .as_str()
         .unwrap_or_else(|| panic!("{answer}"))
@@ -226,14 +231,7 @@ async fn connect_spreads_new_agents_evenly_and_never_to_a_node_shutting_down() {
     }
     for strategy in ["least_loaded", "round_robin"] {
         for _ in 0..10 {
-            let answer: Value = http()
-                .get(nodes[0].http(&format!("/connect?strategy={strategy}")))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let answer = where_to_connect(&nodes[0], strategy).await;
             let url = answer["url"].as_str().unwrap();
             assert!(!url.starts_with(&leaving_url), "{strategy}: {answer}");
         }

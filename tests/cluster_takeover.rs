@@ -8,6 +8,7 @@ mod common;
 
 use common::brokers::{redis_stream, unique, Collector, Received};
 use common::cluster::*;
+use common::takeover::{assert_replaced, certificate, claim, register_with};
 use common::*;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
@@ -22,43 +23,25 @@ fn publishing_to(stream: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
-async fn nodes_publishing(n: usize, stream: &str, extra: &[(&str, &str)]) -> Vec<TestServer> {
+/// `n` nodes of a new cluster with a `lease` (seconds), publishing to `stream`.
+async fn nodes_publishing(
+    n: usize,
+    lease: &str,
+    stream: &str,
+    extra: &[(&str, &str)],
+) -> Vec<TestServer> {
     let prefix = fresh_prefix();
     let env = publishing_to(stream);
     let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     env.extend_from_slice(extra);
-    join_all((0..n).map(|_| node(&prefix, "4", &env))).await
-}
-
-/// Claims `agent_id`'s certificate on its own connection.
-async fn certificate(agent: &mut Agent, agent_id: &str) -> Value {
-    let response = agent
-        .request(json!({"type":"system_request","command":"claim_agent_id",
-                        "agent_id": agent_id}))
-        .await;
-    assert_eq!(response["success"], true, "{response}");
-    response["certificate"].clone()
+    join_all((0..n).map(|_| node(&prefix, lease, &env))).await
 }
 
 /// `register_agent` for `agent_id` with `extra` fields, on a new connection to `url`.
-async fn register_with(url: &str, agent_id: &str, extra: Value) -> (Agent, Value) {
+async fn register_on(url: &str, agent_id: &str, extra: Value) -> (Agent, Value) {
     let mut agent = Agent::connect(url).await;
-    let mut frame = json!({"type":"system_request","command":"register_agent",
-                           "agent_id": agent_id, "metadata": {"name": agent_id}});
-    frame
-        .as_object_mut()
-        .unwrap()
-        .extend(extra.as_object().unwrap().clone());
-    let response = agent.request(frame).await;
+    let response = register_with(&mut agent, agent_id, extra).await;
     (agent, response)
-}
-
-/// The old connection gets `connection_replaced`, then close 4001.
-async fn assert_replaced(old: &mut Agent, agent_id: &str) {
-    let notice = old.wait_for(|f| f["type"] == "system_notification").await;
-    assert_eq!(notice["event"], "connection_replaced", "{notice}");
-    assert_eq!(notice["agent_id"], agent_id, "{notice}");
-    assert_eq!(old.closed().await, Closed::Code(4001));
 }
 
 fn kinds(events: &[Value]) -> Vec<(String, u64, u64)> {
@@ -111,7 +94,7 @@ fn time(event: &Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_taken_over_on_another_node_ends_there_before_it_registers_here() {
     let stream = unique("tether-takeover");
-    let nodes = nodes_publishing(2, &stream, &[]).await;
+    let nodes = nodes_publishing(2, "4", &stream, &[]).await;
     let mut consumer = redis_stream(CLUSTER_REDIS, &stream);
     let mut sse = [
         EventStream::subscribe(&nodes[0], None).await,
@@ -119,22 +102,19 @@ async fn an_id_taken_over_on_another_node_ends_there_before_it_registers_here() 
     ];
     let (mut first, welcome) = Agent::register(&nodes[0].ws_url(), "mover").await;
     assert_eq!(welcome["incarnation"], 1);
-    let cert = certificate(&mut first, "mover").await;
+    let cert = certificate(&mut first, "mover", false).await;
 
     // No proof: refused, and no other socket can get a certificate on the other node.
-    let (_, refused) = register_with(&nodes[1].ws_url(), "mover", json!({})).await;
+    let (_, refused) = register_on(&nodes[1].ws_url(), "mover", json!({})).await;
     assert_eq!(refused["error_code"], "agent_id_in_use", "{refused}");
     let mut thief = Agent::connect(&nodes[1].ws_url()).await;
-    let claim = thief
-        .request(json!({"type":"system_request","command":"claim_agent_id",
-                        "agent_id": "mover", "force": true}))
-        .await;
+    let claim = claim(&mut thief, "mover", true).await;
     assert_eq!(claim["success"], false, "{claim}");
     assert_eq!(claim["error_code"], "agent_id_in_use", "{claim}");
 
     // With its certificate, on node 1.
     let (mut second, welcome) =
-        register_with(&nodes[1].ws_url(), "mover", json!({"certificate": cert})).await;
+        register_on(&nodes[1].ws_url(), "mover", json!({"certificate": cert})).await;
     assert_eq!(welcome["success"], true, "{welcome}");
     assert_eq!(welcome["incarnation"], 2, "{welcome}");
     assert_replaced(&mut first, "mover").await;
@@ -188,7 +168,7 @@ async fn an_id_taken_over_on_another_node_ends_there_before_it_registers_here() 
     assert_eq!(got["data"]["content"], "found you", "{got}");
 
     // And back to node 0 with force_reconnect.
-    let (_third, welcome) = register_with(
+    let (_third, welcome) = register_on(
         &nodes[0].ws_url(),
         "mover",
         json!({"force_reconnect": true}),
@@ -213,16 +193,16 @@ async fn an_id_taken_over_on_another_node_ends_there_before_it_registers_here() 
 async fn a_takeover_from_a_killed_node_publishes_its_end_as_a_node_loss_first() {
     let stream = unique("tether-takeover-dead");
     let timeout = [("TETHER__CLUSTER__TAKEOVER_TIMEOUT", "1")];
-    let mut nodes = nodes_publishing(2, &stream, &timeout).await;
+    let mut nodes = nodes_publishing(2, "4", &stream, &timeout).await;
     let mut consumer = redis_stream(CLUSTER_REDIS, &stream);
     let (mut doomed, _) = Agent::register(&nodes[0].ws_url(), "survivor").await;
-    let cert = certificate(&mut doomed, "survivor").await;
+    let cert = certificate(&mut doomed, "survivor", false).await;
 
     nodes[0].signal("KILL");
     let _ = nodes[0].wait_exit().await;
     let asked = Instant::now();
     let (_agent, welcome) =
-        register_with(&nodes[1].ws_url(), "survivor", json!({"certificate": cert})).await;
+        register_on(&nodes[1].ws_url(), "survivor", json!({"certificate": cert})).await;
     let took = asked.elapsed();
     assert_eq!(welcome["success"], true, "{welcome}");
     assert_eq!(welcome["incarnation"], 2, "{welcome}");
@@ -258,17 +238,14 @@ async fn a_takeover_from_a_killed_node_publishes_its_end_as_a_node_loss_first() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_holder_that_does_not_answer_gets_the_takeover_refused_as_retryable() {
     let stream = unique("tether-takeover-frozen");
-    let prefix = fresh_prefix();
-    let env = publishing_to(&stream);
-    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    env.push(("TETHER__CLUSTER__TAKEOVER_TIMEOUT", "1"));
+    let timeout = [("TETHER__CLUSTER__TAKEOVER_TIMEOUT", "1")];
     // A long lease: the frozen node stays a member for the whole test.
-    let nodes = join_all((0..2).map(|_| node(&prefix, "30", &env))).await;
+    let nodes = nodes_publishing(2, "30", &stream, &timeout).await;
     let (mut holder, _) = Agent::register(&nodes[0].ws_url(), "held").await;
-    let cert = certificate(&mut holder, "held").await;
+    let cert = certificate(&mut holder, "held", false).await;
 
     nodes[0].signal("STOP");
-    let (_, refused) = register_with(
+    let (_, refused) = register_on(
         &nodes[1].ws_url(),
         "held",
         json!({"certificate": cert.clone()}),
@@ -282,7 +259,7 @@ async fn a_frozen_holder_that_does_not_answer_gets_the_takeover_refused_as_retry
     // refused one released the id, or the holder still has it: either way it moves).
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let (agent, welcome) = register_with(
+        let (agent, welcome) = register_on(
             &nodes[1].ws_url(),
             "held",
             json!({"certificate": cert.clone()}),

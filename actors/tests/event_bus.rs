@@ -220,13 +220,12 @@ async fn flush_all_reports_per_publisher_and_an_unanswering_one_as_unanswered() 
     );
 }
 
-#[actix::test]
-async fn events_published_on_the_bus_reach_a_broker_publisher_in_order_through_a_fault() {
-    let (broker, fake) = MemoryBroker::new();
-    fake.fail_next_send(2);
+/// A bus with one broker publisher on `broker` (sending `batch_size` events at a time,
+/// retrying within milliseconds).
+fn bus_with_memory_broker(broker: MemoryBroker, batch_size: usize) -> Addr<EventBus> {
     let buffering = BufferSettings {
         buffer_capacity: 100,
-        batch_size: 5,
+        batch_size,
         retry_initial: 0.002,
         retry_max: 0.01,
     };
@@ -237,6 +236,14 @@ async fn events_published_on_the_bus_reach_a_broker_publisher_in_order_through_a
     let publisher = BrokerPublisher::new(broker, buffering, policy).start();
     let bus = EventBus::new(16).start();
     bus.do_send(AddPublisher(PublisherHandle::of("memory", publisher)));
+    bus
+}
+
+#[actix::test]
+async fn events_published_on_the_bus_reach_a_broker_publisher_in_order_through_a_fault() {
+    let (broker, fake) = MemoryBroker::new();
+    fake.fail_next_send(2);
+    let bus = bus_with_memory_broker(broker, 5);
     publish(&bus, 1..=20);
 
     let reports = bus
@@ -261,19 +268,7 @@ async fn events_published_on_the_bus_reach_a_broker_publisher_in_order_through_a
 async fn settle_all_answers_once_the_events_before_it_are_acknowledged_and_not_before() {
     let (broker, fake) = MemoryBroker::new();
     let gate = fake.hold_next_send();
-    let buffering = BufferSettings {
-        buffer_capacity: 100,
-        batch_size: 50,
-        retry_initial: 0.002,
-        retry_max: 0.01,
-    };
-    let policy = RestartPolicy {
-        max_restarts: 10,
-        restart_window: 60.0,
-    };
-    let publisher = BrokerPublisher::new(broker, buffering, policy).start();
-    let bus = EventBus::new(16).start();
-    bus.do_send(AddPublisher(PublisherHandle::of("memory", publisher)));
+    let bus = bus_with_memory_broker(broker, 50);
     publish(&bus, 1..=3);
 
     let held = bus

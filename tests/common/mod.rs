@@ -10,6 +10,7 @@
 pub mod brokers;
 pub mod cluster;
 pub mod lifecycle;
+pub mod takeover;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};

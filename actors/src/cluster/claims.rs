@@ -256,6 +256,20 @@ pub(super) async fn progress(
     }
 }
 
+/// The member holding `agent_id` in Redis (live or lost), if any.
+pub(super) async fn holder(
+    redis: &mut ConnectionManager,
+    keys: &Keys,
+    agent_id: &str,
+) -> Result<Option<String>, ClusterUnavailable> {
+    redis::cmd("HGET")
+        .arg(keys.agent(agent_id))
+        .arg("node")
+        .query_async(redis)
+        .await
+        .map_err(|e| unavailable("holder lookup", &e))
+}
+
 /// The live member other than `me` holding `agent_id`, if any.
 pub(super) async fn held_elsewhere(
     mut redis: ConnectionManager,
@@ -263,12 +277,7 @@ pub(super) async fn held_elsewhere(
     me: Arc<str>,
     agent_id: Arc<str>,
 ) -> Result<Option<String>, ClusterUnavailable> {
-    let holder: Option<String> = redis::cmd("HGET")
-        .arg(keys.agent(&agent_id))
-        .arg("node")
-        .query_async(&mut redis)
-        .await
-        .map_err(|e| unavailable("holder lookup", &e))?;
+    let holder = holder(&mut redis, &keys, &agent_id).await?;
     let Some(holder) = holder.filter(|holder| **holder != *me) else {
         return Ok(None);
     };

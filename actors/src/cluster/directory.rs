@@ -8,7 +8,7 @@
 //! `GET /agents/{id}` for them. Listing reads every live member's id set
 //! (`O(agents)` per page): it is for admins and dashboards, not for every agent.
 
-use super::claims::unavailable;
+use super::claims::{holder, unavailable};
 use super::{Cluster, ClusterUnavailable, Keys};
 use actix::prelude::*;
 use redis::aio::ConnectionManager;
@@ -77,6 +77,20 @@ pub struct HeldAgent {
     pub metadata: String,
     /// RFC 3339 time of its registration.
     pub connected_at: String,
+}
+
+impl HeldAgent {
+    /// Its registration metadata (an empty object if unreadable).
+    pub fn parsed_metadata(&self) -> serde_json::Value {
+        serde_json::from_str(&self.metadata).unwrap_or_else(|_| serde_json::json!({}))
+    }
+
+    /// `metadata.name`, or the id.
+    pub fn name(&self, metadata: &serde_json::Value) -> String {
+        metadata["name"]
+            .as_str()
+            .map_or_else(|| self.agent_id.clone(), str::to_owned)
+    }
 }
 
 /// One page of the agents held cluster-wide, in id order, after `after`.
@@ -221,20 +235,18 @@ async fn get_held(
     keys: Keys,
     agent_id: String,
 ) -> Result<Option<HeldAgent>, ClusterUnavailable> {
-    let holder: Option<String> = redis::cmd("HGET")
-        .arg(keys.agent(&agent_id))
-        .arg("node")
-        .query_async(&mut redis)
-        .await
-        .map_err(|e| unavailable("holder lookup", &e))?;
-    let Some(holder) = holder else {
+    let Some(member) = holder(&mut redis, &keys, &agent_id).await? else {
         return Ok(None);
     };
-    let nodes = live_members(&mut redis, &keys).await?;
-    let Some(node) = nodes.iter().find(|n| n.member == holder) else {
+    let lease: Option<String> = redis::cmd("GET")
+        .arg(keys.lease(&member))
+        .query_async(&mut redis)
+        .await
+        .map_err(|e| unavailable("lease lookup", &e))?;
+    let Some(node) = lease.and_then(|info| serde_json::from_str::<NodeInfo>(&info).ok()) else {
         return Ok(None); // Its holder is lost: about to be ended.
     };
-    let held = read_claims(&mut redis, &keys, &[(agent_id, node)]).await?;
+    let held = read_claims(&mut redis, &keys, &[(agent_id, &node)]).await?;
     Ok(held.into_iter().next())
 }
 
@@ -295,13 +307,8 @@ impl Handler<RemoveHeld> for Cluster {
             }
             let gone = async {
                 loop {
-                    let holder: Option<String> = redis::cmd("HGET")
-                        .arg(keys.agent(&held.agent_id))
-                        .arg("node")
-                        .query_async(&mut redis)
-                        .await
-                        .map_err(|e| unavailable("removal", &e))?;
-                    if holder.as_deref() != Some(held.member.as_str()) {
+                    let now = holder(&mut redis, &keys, &held.agent_id).await?;
+                    if now.as_deref() != Some(held.member.as_str()) {
                         return Ok(());
                     }
                     tokio::time::sleep(REMOVAL_POLL).await;

@@ -29,6 +29,7 @@ pub use takeover::{Answer, HandOver, HandoverRequest, TakeOver, Transfer};
 
 use crate::bus::{Publish, SettleAll};
 use crate::event::EventSource;
+use crate::protocol::{ErrorCode, ProtocolError};
 use crate::routes::Routes;
 use crate::settings::{secs, ClusterSettings};
 use actix::prelude::*;
@@ -48,6 +49,21 @@ pub struct ClusterUnavailable(pub String);
 impl std::fmt::Display for ClusterUnavailable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// The cluster actor's answer to a request, with its failures as the error agents
+/// get: `cluster_unavailable` (retryable).
+pub fn answered<T>(
+    answer: Result<Result<T, ClusterUnavailable>, MailboxError>,
+) -> Result<T, ProtocolError> {
+    match answer {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(unavailable)) => Err(ProtocolError::new(
+            ErrorCode::ClusterUnavailable,
+            unavailable.0,
+        )),
+        Err(_) => Err(ErrorCode::ClusterUnavailable.into()),
     }
 }
 

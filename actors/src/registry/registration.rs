@@ -4,7 +4,9 @@
 use super::lifecycle::publish;
 use super::{AgentEntry, ConnectionOrder, RegisterAgent, RegistrationRefused, Registry};
 use crate::clock::epoch_secs;
-use crate::cluster::{Answer, Claim, ClaimOutcome, HandOver, Release, TakeOver, Transfer};
+use crate::cluster::{
+    answered, Answer, Claim, ClaimOutcome, HandOver, Release, TakeOver, Transfer,
+};
 use crate::disconnect::Disconnect;
 use crate::event::AgentEvent;
 use crate::heartbeat::{StaleReason, Watch};
@@ -253,11 +255,11 @@ impl Handler<RegisterAgent> for Registry {
         };
         let claimed = fut::wrap_future(cluster.send(claim));
         ctx.wait(claimed.map(move |outcome, act: &mut Self, ctx| {
-            let error = match outcome {
-                Ok(Ok(ClaimOutcome::Granted { incarnation })) => {
+            let error = match answered(outcome) {
+                Ok(ClaimOutcome::Granted { incarnation }) => {
                     return act.admit(msg, takeover, metadata, session, incarnation);
                 }
-                Ok(Ok(ClaimOutcome::HeldElsewhere { member })) => match act.remote_proof(&msg) {
+                Ok(ClaimOutcome::HeldElsewhere { member }) => match act.remote_proof(&msg) {
                     Some(proof) => {
                         return act.take_over_remote(msg, member, proof, metadata, session, ctx)
                     }
@@ -271,10 +273,7 @@ impl Handler<RegisterAgent> for Registry {
                         ),
                     ),
                 },
-                Ok(Err(unavailable)) => {
-                    ProtocolError::new(ErrorCode::ClusterUnavailable, unavailable.0)
-                }
-                Err(_) => ErrorCode::ClusterUnavailable.into(),
+                Err(error) => error,
             };
             act.refuse(session_id, &msg, error, None);
         }));
@@ -311,21 +310,18 @@ impl Registry {
         let taken = fut::wrap_future(cluster.send(request));
         ctx.spawn(taken.map(move |outcome, act: &mut Self, _| {
             act.taking_over.remove(&agent_id);
-            let error = match outcome {
-                Ok(Ok(ClaimOutcome::Granted { incarnation })) => {
+            let error = match answered(outcome) {
+                Ok(ClaimOutcome::Granted { incarnation }) => {
                     return act.admit(msg, Some(proof), metadata, session, incarnation);
                 }
-                Ok(Ok(ClaimOutcome::HeldElsewhere { member })) => ProtocolError::new(
+                Ok(ClaimOutcome::HeldElsewhere { member }) => ProtocolError::new(
                     ErrorCode::AgentIdInUse,
                     format!(
                         "Agent {} was registered on node {member} meanwhile; retry",
                         msg.registration.agent_id
                     ),
                 ),
-                Ok(Err(unavailable)) => {
-                    ProtocolError::new(ErrorCode::ClusterUnavailable, unavailable.0)
-                }
-                Err(_) => ErrorCode::ClusterUnavailable.into(),
+                Err(error) => error,
             };
             act.refuse(msg.session_id, &msg, error, None);
         }));

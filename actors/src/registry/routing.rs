@@ -3,7 +3,7 @@
 
 use super::{AgentEntry, Registry, SystemRequest};
 use crate::clock::epoch_secs;
-use crate::cluster::{HeldBy, ListHeld};
+use crate::cluster::{answered, HeldBy, ListHeld};
 use crate::identity::CertificateError;
 use crate::liveness::SessionId;
 use crate::protocol::command::{Claim, Command, Page, Request};
@@ -130,6 +130,20 @@ impl Registry {
 }
 
 impl Registry {
+    /// Answers `msg` with `result`, found after the request was handled, if its
+    /// connection is still there.
+    fn respond(&self, msg: &SystemRequest, result: Result<Value, ProtocolError>) {
+        let Some(socket) = self.sockets.get(&msg.session_id) else {
+            return;
+        };
+        let (name, request_id) = (msg.request.command.name(), msg.request.request_id.as_ref());
+        let frame = match result {
+            Ok(fields) => protocol::response_ok(name, request_id, fields),
+            Err(error) => protocol::response_error(name, request_id, &error),
+        };
+        socket.outbox.push_json(&frame);
+    }
+
     /// Answers `msg` on its connection, if it is still there to read it.
     fn answer_on_socket(&mut self, msg: &SystemRequest) {
         let outbox = match self.sockets.get(&msg.session_id) {
@@ -156,40 +170,21 @@ impl Registry {
         };
         let listed = fut::wrap_future(cluster.send(list));
         ctx.spawn(listed.map(move |listed, act: &mut Self, _| {
-            let command = &msg.request.command;
-            let request_id = msg.request.request_id.as_ref();
-            let frame = match listed {
-                Ok(Ok((held, has_more))) => {
-                    let last = held.last().map(|h| h.agent_id.clone());
-                    let agents: Vec<Value> = held
-                        .into_iter()
-                        .map(|held| {
-                            let metadata: Value =
-                                serde_json::from_str(&held.metadata).unwrap_or(json!({}));
-                            let name = metadata["name"]
-                                .as_str()
-                                .map_or_else(|| held.agent_id.clone(), str::to_owned);
-                            json!({"agent_id": held.agent_id, "name": name, "connected": true,
-                                   "metadata": metadata, "node_id": held.node_id})
-                        })
-                        .collect();
-                    let next_cursor = if has_more { last } else { None };
-                    let fields =
-                        json!({"agents": agents, "has_more": has_more, "next_cursor": next_cursor});
-                    protocol::response_ok(command.name(), request_id, fields)
-                }
-                Ok(Err(unavailable)) => {
-                    let error = ProtocolError::new(ErrorCode::ClusterUnavailable, unavailable.0);
-                    protocol::response_error(command.name(), request_id, &error)
-                }
-                Err(_) => {
-                    let error = ErrorCode::ClusterUnavailable.into();
-                    protocol::response_error(command.name(), request_id, &error)
-                }
-            };
-            if let Some(socket) = act.sockets.get(&msg.session_id) {
-                socket.outbox.push_json(&frame);
-            }
+            let page = answered(listed).map(|(held, has_more)| {
+                let last = held.last().map(|h| h.agent_id.clone());
+                let agents: Vec<Value> = held
+                    .into_iter()
+                    .map(|held| {
+                        let metadata = held.parsed_metadata();
+                        let name = held.name(&metadata);
+                        json!({"agent_id": held.agent_id, "name": name, "connected": true,
+                               "metadata": metadata, "node_id": held.node_id})
+                    })
+                    .collect();
+                let next_cursor = if has_more { last } else { None };
+                json!({"agents": agents, "has_more": has_more, "next_cursor": next_cursor})
+            });
+            act.respond(&msg, page);
         }));
     }
 }
@@ -217,9 +212,9 @@ impl Handler<SystemRequest> for Registry {
         // certificate is what takes a live id over). One round trip, waited for.
         let asked = fut::wrap_future(cluster.send(HeldBy(agent_id.clone())));
         ctx.wait(asked.map(move |held, act: &mut Self, _| {
-            let error = match held {
-                Ok(Ok(None)) => return act.answer_on_socket(&msg),
-                Ok(Ok(Some(member))) => ProtocolError::new(
+            let error = match answered(held) {
+                Ok(None) => return act.answer_on_socket(&msg),
+                Ok(Some(member)) => ProtocolError::new(
                     ErrorCode::AgentIdInUse,
                     format!(
                         "Agent ID {agent_id} is held by a live connection on node {member}; \
@@ -227,17 +222,9 @@ impl Handler<SystemRequest> for Registry {
                          with the certificate claimed before)"
                     ),
                 ),
-                Ok(Err(unavailable)) => {
-                    ProtocolError::new(ErrorCode::ClusterUnavailable, unavailable.0)
-                }
-                Err(_) => ErrorCode::ClusterUnavailable.into(),
+                Err(error) => error,
             };
-            if let Some(socket) = act.sockets.get(&msg.session_id) {
-                let command = &msg.request.command;
-                let request_id = msg.request.request_id.as_ref();
-                let frame = protocol::response_error(command.name(), request_id, &error);
-                socket.outbox.push_json(&frame);
-            }
+            act.respond(&msg, Err(error));
         }));
     }
 }
