@@ -164,7 +164,23 @@ async fn an_id_taken_over_on_another_node_ends_there_before_it_registers_here() 
     // Messages find it on its new node.
     let (mut peer, _) = Agent::register(&nodes[0].ws_url(), "peer").await;
     peer.send(direct("mover", json!("found you"))).await;
-    let got = second.wait_for(|f| f["type"] == "message").await;
+    let got = tokio::time::timeout(
+        Duration::from_secs(10),
+        second.wait_for(|f| f["type"] == "message"),
+    )
+    .await;
+    let got = match got {
+        Ok(got) => got,
+        Err(_) => {
+            let answer = tokio::time::timeout(Duration::from_secs(2), peer.next()).await;
+            panic!(
+                "DIAG no message; peer got {answer:?}; second pending {:?}\nnode0:\n{}\nnode1:\n{}",
+                second.pending(),
+                nodes[0].logs(),
+                nodes[1].logs()
+            );
+        }
+    };
     assert_eq!(got["data"]["content"], "found you", "{got}");
 
     // And back to node 0 with force_reconnect.
@@ -197,6 +213,9 @@ async fn a_takeover_from_a_killed_node_publishes_its_end_as_a_node_loss_first() 
     let mut consumer = redis_stream(CLUSTER_REDIS, &stream);
     let (mut doomed, _) = Agent::register(&nodes[0].ws_url(), "survivor").await;
     let cert = certificate(&mut doomed, "survivor", false).await;
+    // Killed once its registration reached the broker (what a killed node had not
+    // yet handed to its broker is lost with it; this test is about what comes after).
+    let _ = on_broker(&mut consumer, "survivor", 1).await;
 
     nodes[0].signal("KILL");
     let _ = nodes[0].wait_exit().await;
@@ -252,7 +271,13 @@ async fn a_frozen_holder_that_does_not_answer_gets_the_takeover_refused_as_retry
     )
     .await;
     nodes[0].signal("CONT");
-    assert_eq!(refused["success"], false, "{refused}");
+    assert_eq!(
+        refused["success"],
+        false,
+        "{refused}\nnode0:\n{}\nnode1:\n{}",
+        nodes[0].logs(),
+        nodes[1].logs()
+    );
     assert_eq!(refused["error_code"], "cluster_unavailable", "{refused}");
 
     // Once it answers again, the same registration succeeds (the late answer to the

@@ -60,10 +60,23 @@ impl Routes {
         self.table.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Enters `agent_id` as registered by `session_id` (registry only).
-    pub(crate) fn enter(&self, agent_id: Arc<str>, session_id: SessionId, outbox: Outbox) {
+    /// Enters `agent_id` as registered by `session_id`, after running `answer` (which
+    /// queues the agent's registration answer on its relay), with the table locked
+    /// throughout (registry only). Whatever is routed to the agent queues behind its
+    /// answer, and whoever reads the table after the agent could have read that answer
+    /// finds the agent in it: a message the agent sends at once is not taken for one of
+    /// a sender that is gone, and a message sent to it at once (from this node or
+    /// another) is not lost.
+    pub(crate) fn enter_after(
+        &self,
+        agent_id: Arc<str>,
+        session_id: SessionId,
+        outbox: Outbox,
+        answer: impl FnOnce(),
+    ) {
         let route = Route { session_id, outbox };
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        answer();
         table.insert(agent_id, route);
     }
 

@@ -415,9 +415,16 @@ impl Registry {
         socket.agent = Some(agent_id.clone());
         // The relay writes the response and hands `Registered` to the connection in
         // the same turn, so the connection handles it (its mailbox comes before its
-        // socket) before any frame the agent sends after reading the response, and
-        // every frame routed to the agent from now on comes after the response.
-        socket.answer_then(&response, ConnectionOrder::Registered(agent_id.clone()));
+        // socket) before any frame the agent sends after reading the response. The
+        // routing table is locked from before the response is queued until the agent
+        // is in it: every frame routed to the agent comes after the response, and a
+        // frame the agent sends at once finds it registered (the relay may write the
+        // response on another thread before this one gets to the table).
+        let registered = ConnectionOrder::Registered(agent_id.clone());
+        self.routes
+            .enter_after(agent_id.clone(), session_id, socket.outbox, || {
+                socket.answer_then(&response, registered)
+            });
         let mut entry = AgentEntry {
             session_id,
             session_uuid: session,
@@ -430,9 +437,6 @@ impl Registry {
             clock: msg.clock,
             inactive: false,
         };
-        // After the answer: what is routed to the agent reaches its relay behind it.
-        self.routes
-            .enter(agent_id.clone(), session_id, socket.outbox);
         // Any certificate presented was validated by `may_take`.
         let presented = msg.registration.certificate.as_ref();
         let hash = presented.and_then(|c| c.get("certificate_hash")?.as_str());
