@@ -305,3 +305,139 @@ async fn a_frozen_holder_that_does_not_answer_gets_the_takeover_refused_as_retry
 async fn assert_replaced_or_gone(old: &mut Agent) {
     assert_eq!(old.closed().await, Closed::Code(4001));
 }
+
+/// The `(from, n)` of every numbered message among `frames`.
+fn numbered(frames: &[Value]) -> Vec<(u64, u64)> {
+    frames
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .filter_map(|f| {
+            let content = &f["data"]["content"];
+            Some((content["from"].as_u64()?, content["n"].as_u64()?))
+        })
+        .collect()
+}
+
+/// Every frame `agent` reads until its connection closes (those already read first);
+/// `ready` is told once `threshold` numbered messages arrived.
+async fn read_until_closed(
+    mut agent: Agent,
+    threshold: usize,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> Vec<Value> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut frames = agent.pending();
+    let mut ready = Some(ready);
+    loop {
+        let message = tokio::time::timeout(DEADLINE, agent.raw().next())
+            .await
+            .expect("the old connection was neither closed nor sent anything");
+        match message {
+            Some(Ok(Message::Text(text))) => {
+                frames.push(serde_json::from_str(&text).expect("JSON"));
+                if numbered(&frames).len() >= threshold {
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(());
+                    }
+                }
+            }
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return frames,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// Messages to an id sent from every node while the id moves between nodes all reach
+/// its old connection (before it closes) or its new one: none is lost (emqx#6393).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_from_every_node_while_an_id_moves_reach_its_old_or_new_connection() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let stream = unique("tether-takeover-inflight");
+    let nodes = nodes_publishing(3, "4", &stream, &[]).await;
+    let (mut first, _) = Agent::register(&nodes[0].ws_url(), "busy").await;
+    let cert = certificate(&mut first, "busy", false).await;
+    let mut senders = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        senders.push(
+            Agent::register(&node.ws_url(), &format!("sender-{i}"))
+                .await
+                .0,
+        );
+    }
+    let (ready, flowing) = tokio::sync::oneshot::channel();
+    let old = tokio::spawn(read_until_closed(first, 30, ready));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sending: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut sender)| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut sent = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    sender
+                        .send(direct("busy", json!({"from": i, "n": sent})))
+                        .await;
+                    sent += 1;
+                    // Paced, so the stream spans the whole takeover.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                (sender, sent)
+            })
+        })
+        .collect();
+    flowing.await.expect("messages reach the holder");
+
+    // Taken over on node 1 while all three keep sending.
+    let (mut second, welcome) =
+        register_on(&nodes[1].ws_url(), "busy", json!({"certificate": cert})).await;
+    assert_eq!(welcome["success"], true, "{welcome}");
+    let mut new = Vec::new();
+    while (0..3).any(|i| numbered(&new).iter().filter(|(from, _)| *from == i).count() < 20) {
+        new.push(second.next().await);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let old = old.await.unwrap();
+    for (i, task) in sending.into_iter().enumerate() {
+        let (mut sender, sent) = task.await.unwrap();
+        sender
+            .send(direct("busy", json!({"from": i, "last": sent})))
+            .await;
+    }
+    let mut last = 0;
+    while last < 3 {
+        let frame = second.next().await;
+        last += usize::from(frame["data"]["content"]["last"].is_u64());
+        new.push(frame);
+    }
+    let mut sent = [0u64; 3];
+    for frame in &new {
+        if let (Some(from), Some(total)) = (
+            frame["data"]["content"]["from"].as_u64(),
+            frame["data"]["content"]["last"].as_u64(),
+        ) {
+            sent[from as usize] = total;
+        }
+    }
+    let (old, new) = (numbered(&old), numbered(&new));
+    for (i, sent) in sent.iter().enumerate() {
+        let i = i as u64;
+        let mut got: Vec<u64> = old
+            .iter()
+            .chain(&new)
+            .filter(|m| m.0 == i)
+            .map(|m| m.1)
+            .collect();
+        got.sort_unstable();
+        let expected: Vec<u64> = (0..*sent).collect();
+        assert_eq!(
+            got,
+            expected,
+            "sender {i} (on node {i}) sent {sent}; the old connection got {}, the new one {}",
+            old.iter().filter(|m| m.0 == i).count(),
+            new.iter().filter(|m| m.0 == i).count()
+        );
+    }
+}

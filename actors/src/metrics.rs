@@ -30,6 +30,8 @@ pub const CLUSTER_LEASES_LOST: &str = "tether_cluster_leases_lost_total";
 pub const CLUSTER_NODE_LOST_AGENTS: &str = "tether_cluster_node_lost_agents_total";
 /// Messages this node sent through Redis to agents of other nodes, by `kind` (counter).
 pub const CLUSTER_MESSAGES_FORWARDED: &str = "tether_cluster_messages_forwarded_total";
+/// Direct messages from or for other nodes that were dropped, by `reason` (counter).
+pub const CLUSTER_MESSAGES_DROPPED: &str = "tether_cluster_messages_dropped_total";
 
 /// How long incarnations stayed registered, in seconds (histogram).
 pub const CONNECTION_DURATION: &str = "tether_connection_duration_seconds";
@@ -149,6 +151,12 @@ pub fn cluster_fenced() {
 /// This node ended an incarnation of a lost node's agent.
 pub fn node_lost_agent() {
     counter!(CLUSTER_NODE_LOST_AGENTS).increment(1);
+}
+
+/// `count` direct messages that crossed nodes were dropped for `reason`
+/// (`takeover_failed`, `target_gone`).
+pub fn cluster_messages_dropped(reason: &'static str, count: usize) {
+    counter!(CLUSTER_MESSAGES_DROPPED, "reason" => reason).increment(count as u64);
 }
 
 /// A message of `kind` (`direct`, `broadcast`) went through Redis to other nodes.

@@ -10,6 +10,11 @@
 //! ended is no longer the entry of its id, and its messages are dropped, as the registry
 //! dropped them before.
 //!
+//! An id being taken over from another node of the cluster is *expected* here until
+//! its registration is answered: direct messages for it (from this node, or forwarded
+//! by others once the claim moved here) are parked, within a byte budget, and written
+//! behind its registration answer, so a cross-node takeover loses no message.
+//!
 //! A broadcast is handed out by the sender's worker: one relay message per worker thread,
 //! one `send` per copy there. Its exclusion list is a hash set once it is longer than a
 //! few ids, so a long list costs its length once, not once per agent.
@@ -18,10 +23,14 @@ use crate::liveness::SessionId;
 use crate::outbound::{Batches, OutFrame, Outbox};
 use crate::protocol::MessageKind;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 /// Exclusion lists longer than this are looked up in a hash set.
 const SCAN_EXCLUSIONS: usize = 8;
+
+/// Most bytes of frames parked for one expected id (beyond: `unknown_agent`, or
+/// dropped and counted when forwarded from another node).
+pub const PARKED_BYTES: usize = 1 << 20;
 
 /// Where an agent's frames go.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +44,16 @@ struct Route {
 #[derive(Debug, Default)]
 pub struct Routes {
     table: RwLock<HashMap<Arc<str>, Route>>,
+    /// Frames for ids being taken over from another node, in arrival order. Locked
+    /// only with `table` held (read or write), so parking and flushing cannot cross.
+    expected: Mutex<HashMap<Arc<str>, Parked>>,
+}
+
+/// Frames waiting for an expected id.
+#[derive(Debug, Default)]
+struct Parked {
+    frames: Vec<OutFrame>,
+    bytes: usize,
 }
 
 /// What became of a routed message.
@@ -77,7 +96,48 @@ impl Routes {
         let route = Route { session_id, outbox };
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
         answer();
+        if let Some(parked) = self.expected().remove(&agent_id) {
+            for frame in parked.frames {
+                outbox.push(frame);
+            }
+        }
         table.insert(agent_id, route);
+    }
+
+    fn expected(&self) -> MutexGuard<'_, HashMap<Arc<str>, Parked>> {
+        self.expected.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Expects `agent_id`, being taken over from another node (registry only): direct
+    /// messages for it are parked until [`Routes::enter_after`] writes them behind its
+    /// registration answer, or [`Routes::abandon`] drops them.
+    pub(crate) fn expect(&self, agent_id: Arc<str>) {
+        let _table = self.read();
+        self.expected().entry(agent_id).or_default();
+    }
+
+    /// Stops expecting `agent_id` (its takeover failed, or it was entered): the
+    /// number of parked frames dropped.
+    pub(crate) fn abandon(&self, agent_id: &str) -> usize {
+        let _table = self.read();
+        self.expected()
+            .remove(agent_id)
+            .map_or(0, |parked| parked.frames.len())
+    }
+
+    /// Parks `frame` for `agent_id` if it is expected and within its budget (call with
+    /// the table read-locked, having missed the id there).
+    fn park(&self, agent_id: &str, frame: OutFrame) -> bool {
+        let mut expected = self.expected();
+        let Some(parked) = expected.get_mut(agent_id) else {
+            return false;
+        };
+        if parked.bytes + frame.0.len() > PARKED_BYTES {
+            return false;
+        }
+        parked.bytes += frame.0.len();
+        parked.frames.push(frame);
+        true
     }
 
     /// Removes `agent_id` if `session_id` still holds it (registry only).
@@ -123,6 +183,7 @@ impl Routes {
                     route.outbox.push(frame);
                     Routed::Sent(1)
                 }
+                None if self.park(target, frame) => Routed::Sent(1),
                 None => Routed::UnknownTarget,
             },
             MessageKind::Broadcast(exclude) => {
@@ -151,14 +212,15 @@ impl Routes {
     }
 
     /// Hands `frame` to the agent `agent_id` of this node (a message that came from
-    /// another node); false if it is not registered here.
+    /// another node), or parks it while the id is expected; false if neither.
     pub fn deliver(&self, agent_id: &str, frame: OutFrame) -> bool {
-        match self.read().get(agent_id) {
+        let table = self.read();
+        match table.get(agent_id) {
             Some(route) => {
                 route.outbox.push(frame);
                 true
             }
-            None => false,
+            None => self.park(agent_id, frame),
         }
     }
 

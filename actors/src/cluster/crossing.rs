@@ -7,8 +7,13 @@
 //! which delivers it to its own agents (minus the exclusions). Pub/sub delivers at most
 //! once: what is published while a member is not subscribed is lost (documented).
 //!
+//! A message that reaches a member whose agent moved on meanwhile (taken over by
+//! another node between the sender's lookup and the delivery) is forwarded once more to
+//! the id's holder as `again` (never forwarded a third time); the taking node parks it
+//! until the agent is registered there (`Routes::expect`).
+//!
 //! Payloads are text. On a member's channel the first line says what follows:
-//! `message\n<target>\n<frame>`, a removal (`remove\n<agent id>`, see
+//! `message\n<target>\n<frame>` (or `again\n…`, the second hop), a removal (`remove\n<agent id>`, see
 //! [`super::directory`]), or a takeover request or answer (`takeover\n<json>`,
 //! `handed\n<json>`, see [`super::takeover`]). On the broadcast
 //! channel: `<origin member>\n<excluded ids, space-separated>\n<frame>` (agent ids
@@ -109,6 +114,55 @@ impl Handler<Forward> for Cluster {
     }
 }
 
+/// A message forwarded here for an agent that is no longer here: sent on to the id's
+/// holder, once.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Reforward {
+    target: String,
+    frame: String,
+}
+
+impl Handler<Reforward> for Cluster {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reforward, ctx: &mut Self::Context) {
+        let dropped = || crate::metrics::cluster_messages_dropped("target_gone", 1);
+        let Ok(mut redis) = self.live() else {
+            return dropped();
+        };
+        let (keys, me, routes) = (self.keys.clone(), self.member.clone(), self.routes.clone());
+        let again = async move {
+            let holder: Option<String> = redis::cmd("HGET")
+                .arg(keys.agent(&msg.target))
+                .arg("node")
+                .query_async(&mut redis)
+                .await
+                .unwrap_or(None);
+            let sent = match holder {
+                // Registered here by now (or expected here again).
+                Some(member) if *member == *me => {
+                    routes.deliver(&msg.target, OutFrame::text(&msg.frame))
+                }
+                Some(member) => {
+                    let payload = format!("again\n{}\n{}", msg.target, msg.frame);
+                    redis::cmd("PUBLISH")
+                        .arg(keys.inbox(&member))
+                        .arg(payload)
+                        .query_async::<u64>(&mut redis)
+                        .await
+                        .is_ok_and(|receivers| receivers > 0)
+                }
+                None => false,
+            };
+            if !sent {
+                dropped();
+            }
+        };
+        ctx.spawn(fut::wrap_future(again));
+    }
+}
+
 impl Handler<Spread> for Cluster {
     type Result = ();
 
@@ -167,10 +221,19 @@ impl Inbox {
             return log::warn!("cluster: a malformed message was ignored");
         };
         match kind {
-            "message" => {
-                if let Some((target, frame)) = body.split_once('\n') {
-                    // Not here any more (it left or moved): the sender was answered.
-                    routes.deliver(target, OutFrame::text(frame));
+            "message" | "again" => {
+                let Some((target, frame)) = body.split_once('\n') else {
+                    return log::warn!("cluster: a malformed message was ignored");
+                };
+                if routes.deliver(target, OutFrame::text(frame)) {
+                    return;
+                }
+                if kind == "message" {
+                    // It moved on (or left) after the sender looked its holder up.
+                    let (target, frame) = (target.to_owned(), frame.to_owned());
+                    self.cluster.do_send(Reforward { target, frame });
+                } else {
+                    crate::metrics::cluster_messages_dropped("target_gone", 1);
                 }
             }
             "remove" => self.cluster.do_send(RemoveAsked(body.to_owned())),

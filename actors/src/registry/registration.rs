@@ -298,6 +298,8 @@ impl Registry {
         };
         let agent_id: Arc<str> = Arc::from(msg.registration.agent_id.as_str());
         self.taking_over.insert(agent_id.clone());
+        // Messages for it wait here once the claim moved (see `Routes::expect`).
+        self.routes.expect(agent_id.clone());
         let request = TakeOver {
             claim: Claim {
                 agent_id: agent_id.clone(),
@@ -310,20 +312,35 @@ impl Registry {
         let taken = fut::wrap_future(cluster.send(request));
         ctx.spawn(taken.map(move |outcome, act: &mut Self, _| {
             act.taking_over.remove(&agent_id);
-            let error = match answered(outcome) {
+            let refusal = match answered(outcome) {
                 Ok(ClaimOutcome::Granted { incarnation }) => {
-                    return act.admit(msg, Some(proof), metadata, session, incarnation);
+                    // Writes what was parked for the agent behind its answer.
+                    act.admit(msg, Some(proof), metadata, session, incarnation);
+                    None
                 }
-                Ok(ClaimOutcome::HeldElsewhere { member }) => ProtocolError::new(
-                    ErrorCode::AgentIdInUse,
-                    format!(
-                        "Agent {} was registered on node {member} meanwhile; retry",
-                        msg.registration.agent_id
+                Ok(ClaimOutcome::HeldElsewhere { member }) => Some((
+                    msg,
+                    ProtocolError::new(
+                        ErrorCode::AgentIdInUse,
+                        format!(
+                            "Agent {agent_id} was registered on node {member} meanwhile; retry"
+                        ),
                     ),
-                ),
-                Err(error) => error,
+                )),
+                Err(error) => Some((msg, error)),
             };
-            act.refuse(msg.session_id, &msg, error, None);
+            // Not entered (refused, or its socket closed meanwhile): what was parked
+            // for it is dropped.
+            let dropped = act.routes.abandon(&agent_id);
+            if dropped > 0 {
+                log::warn!(
+                    "cluster: {dropped} messages for {agent_id} were dropped: its takeover failed"
+                );
+                crate::metrics::cluster_messages_dropped("takeover_failed", dropped);
+            }
+            if let Some((msg, error)) = refusal {
+                act.refuse(msg.session_id, &msg, error, None);
+            }
         }));
     }
 }
