@@ -130,6 +130,24 @@ enum Command {
         #[command(flatten)]
         args: workloads::publisher_throughput::Args,
     },
+    /// Cluster (issue 12): agents held over several nodes sharing one Redis,
+    /// cross-node direct messages, node loss, Redis commands per operation.
+    Cluster {
+        /// Runs; tables show medians (default 1: the workload is large).
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        /// Also append the tables to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The Tether binary (default: `tether` next to this binary).
+        #[arg(long)]
+        tether_bin: Option<PathBuf>,
+        /// Most sockets one client worker process holds.
+        #[arg(long, default_value_t = 5000)]
+        per_worker: u64,
+        #[command(flatten)]
+        args: workloads::cluster::Args,
+    },
     /// Every workload in a tiny configuration (Tether and floor), for CI. Exits
     /// non-zero if a workload could not run at all; never asserts speed.
     Smoke {
@@ -300,6 +318,28 @@ async fn harness(command: Command) -> ExitCode {
                         .await
                         .map(|t| (ctx, t))
                 })
+            })
+            .await
+        }
+        Command::Cluster {
+            repeat,
+            out,
+            tether_bin,
+            per_worker,
+            args,
+        } => {
+            let common = Common {
+                systems: "tether".into(),
+                repeat,
+                out,
+                tether_bin,
+                venv: None,
+                per_worker,
+            };
+            one(&common, |ctx| {
+                Box::pin(
+                    async move { workloads::cluster::run(&ctx, &args).await.map(|t| (ctx, t)) },
+                )
             })
             .await
         }
@@ -491,6 +531,35 @@ async fn smoke(out: Option<PathBuf>, tether_bin: Option<PathBuf>) -> Result<(), 
                 }
             )
         );
+    }
+    let redis = workloads::BrokerAddrs::default().redis;
+    if workloads::event_publishing::reachable(&redis).await {
+        step!(
+            "cluster",
+            workloads::cluster::run(
+                &ctx,
+                &workloads::cluster::Args {
+                    agents: 300,
+                    nodes: 2,
+                    window: 2.0,
+                    interval: 1.0,
+                    ping_timeout: 0.5,
+                    lease: 10.0,
+                    dialers: 16,
+                    pairs: 50,
+                    rate: 500.0,
+                    duration: 1.0,
+                    warmup: 0.5,
+                    loss_agents: 100,
+                    loss_nodes: 2,
+                    loss_lease: 2.0,
+                    phases: vec!["hold".into(), "route".into(), "loss".into()],
+                    redis,
+                }
+            )
+        );
+    } else {
+        eprintln!("tether-bench smoke: cluster skipped: nothing listens on {redis}");
     }
     failures.extend(ctx.failures.lock().unwrap().drain(..));
     if failures.is_empty() {

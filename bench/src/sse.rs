@@ -20,6 +20,8 @@ pub struct Seen {
     pub subject: String,
     /// `data.incarnation`.
     pub incarnation: u64,
+    /// `data.reason`, when there is one (e.g. `node_lost`).
+    pub reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -36,6 +38,8 @@ struct Doc {
 struct DocData {
     #[serde(default)]
     incarnation: Option<u64>,
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 /// A running subscription.
@@ -79,12 +83,16 @@ impl EventTap {
                         let Ok(doc) = serde_json::from_str::<Doc>(data) else {
                             continue;
                         };
-                        let d = doc.data.unwrap_or(DocData { incarnation: None });
+                        let d = doc.data.unwrap_or(DocData {
+                            incarnation: None,
+                            reason: None,
+                        });
                         events.lock().unwrap().push(Seen {
                             at_us,
                             kind: doc.kind,
                             subject: doc.subject.unwrap_or_default(),
                             incarnation: d.incarnation.unwrap_or(0),
+                            reason: d.reason,
                         });
                     }
                 }

@@ -283,7 +283,17 @@ async fn wait_for_line(child: &mut Child, prefix: &str) -> Result<String, String
 }
 
 async fn start_tether(env: &Env, vars: &TetherVars) -> Result<Server, String> {
-    let (log, file) = log_file(env, "tether.log")?;
+    start_tether_logging_to(env, vars, "tether.log").await
+}
+
+/// Starts Tether with its log in `log_name` (in the work directory): several nodes of
+/// one cluster each need a log of their own.
+pub async fn start_tether_logging_to(
+    env: &Env,
+    vars: &TetherVars,
+    log_name: &str,
+) -> Result<Server, String> {
+    let (log, file) = log_file(env, log_name)?;
     let mut command = Command::new(&env.tether_bin);
     command
         .env("TETHER__NETWORK__PORT", "0")

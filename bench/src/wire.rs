@@ -96,6 +96,10 @@ pub enum Cmd {
         /// True for the floor server, which echoes a message to its sender instead of
         /// routing it.
         echo: bool,
+        /// Cluster: when not empty, `ra-i` dials `urls[i % n]` and `rb-i` dials
+        /// `urls[(i + 1) % n]` (so each pair spans two nodes) instead of `url`.
+        #[serde(default)]
+        urls: Vec<String>,
     },
     /// Closed loop: `window` messages in flight per pair, every receipt answered.
     RouteClosed {

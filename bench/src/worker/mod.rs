@@ -174,7 +174,12 @@ impl Worker {
                 self.churn(&url, &prefix, rate, duration_s, lifetime_ms)
                     .await
             }
-            Cmd::RouteSetup { url, pairs, echo } => self.route_setup(&url, pairs, echo).await,
+            Cmd::RouteSetup {
+                url,
+                pairs,
+                echo,
+                urls,
+            } => self.route_setup(&url, &urls, pairs, echo).await,
             Cmd::RouteClosed {
                 window,
                 warmup_s,

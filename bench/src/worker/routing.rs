@@ -58,15 +58,31 @@ impl RouteShared {
 }
 
 impl Worker {
-    pub(super) async fn route_setup(self: &Arc<Self>, url: &str, pairs: u64, echo: bool) -> Reply {
-        let target = match Target::parse(url) {
-            Ok(t) => Arc::new(t),
-            Err(message) => return Reply::Error { message },
+    pub(super) async fn route_setup(
+        self: &Arc<Self>,
+        url: &str,
+        urls: &[String],
+        pairs: u64,
+        echo: bool,
+    ) -> Reply {
+        let urls: Vec<&str> = if urls.is_empty() {
+            vec![url]
+        } else {
+            urls.iter().map(String::as_str).collect()
         };
+        let mut targets = Vec::new();
+        for url in &urls {
+            match Target::parse(url) {
+                Ok(t) => targets.push(Arc::new(t)),
+                Err(message) => return Reply::Error { message },
+            }
+        }
+        let n = targets.len() as u64;
         let mut ids = Vec::new();
         for i in 0..pairs {
-            ids.push((format!("ra-{i}"), format!("rb-{i}")));
-            ids.push((format!("rb-{i}"), format!("ra-{i}")));
+            let (a, b) = ((i % n) as usize, ((i + 1) % n) as usize);
+            ids.push((format!("ra-{i}"), format!("rb-{i}"), targets[a].clone()));
+            ids.push((format!("rb-{i}"), format!("ra-{i}"), targets[b].clone()));
         }
         let shared = Arc::new(RouteShared::default());
         let errors = Arc::new(Mutex::new(Vec::new()));
@@ -76,9 +92,8 @@ impl Worker {
         let ids = Arc::new(ids);
         let mut dialers = Vec::new();
         for _ in 0..32 {
-            let (worker, target, ids, next, errors, failed, results) = (
+            let (worker, ids, next, errors, failed, results) = (
                 self.clone(),
-                target.clone(),
                 ids.clone(),
                 next.clone(),
                 errors.clone(),
@@ -88,9 +103,11 @@ impl Worker {
             dialers.push(tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((id, peer)) = ids.get(i) else { break };
+                    let Some((id, peer, target)) = ids.get(i) else {
+                        break;
+                    };
                     match client::dial_and_register(
-                        &target,
+                        target,
                         worker.sources.pick(),
                         id,
                         Duration::from_secs(60),

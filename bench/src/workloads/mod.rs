@@ -4,6 +4,7 @@
 
 pub mod churn;
 pub mod close_latency;
+pub mod cluster;
 pub mod dead_detection;
 pub mod event_publishing;
 pub mod heartbeat;

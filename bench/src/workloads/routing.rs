@@ -121,6 +121,7 @@ async fn direct_phases(
                 url: server.ws_url.clone(),
                 pairs,
                 echo: system == System::Floor,
+                urls: Vec::new(),
             },
         )
         .await?;
