@@ -330,6 +330,48 @@ async fn a_request_flood_is_answered_rate_limited_then_closed_1008() {
 }
 
 #[tokio::test]
+async fn list_agents_pages_cost_the_request_budget_by_their_size() {
+    let env = [
+        ("TETHER__LIMITS__MAX_REQUESTS_PER_SECOND", "1"),
+        ("TETHER__LIMITS__REQUEST_BURST", "30"),
+    ];
+    let server = TestServer::start(&env);
+    // Registering costs 1 of the burst of 30; a page of 100 costs 11.
+    let (mut lister, _) = Agent::register(&server.ws_url(), "lister").await;
+    let page = json!({"type":"system_request","command":"list_agents","limit":100});
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        answers.push(lister.request(page.clone()).await);
+    }
+    assert_eq!(answers[0]["success"], true, "{}", answers[0]);
+    assert_eq!(answers[1]["success"], true, "{}", answers[1]);
+    assert_eq!(answers[2]["error_code"], "rate_limited", "{}", answers[2]);
+    // What is left of the budget still serves cheap requests.
+    let pong = lister
+        .request(json!({"type":"system_request","command":"ping_agent"}))
+        .await;
+    assert_eq!(pong["success"], true, "{pong}");
+    // A page dearer than the whole burst is still possible once the budget refilled.
+    let server = TestServer::start(&env);
+    let (mut lister, _) = Agent::register(&server.ws_url(), "lister").await;
+    let big = json!({"type":"system_request","command":"list_agents","limit":1000});
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let answer = lister.request(big.clone()).await;
+        if answer["success"] == true {
+            break;
+        }
+        assert_eq!(answer["error_code"], "rate_limited", "{answer}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never answered: {answer}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert_no_panic(&server);
+}
+
+#[tokio::test]
 async fn deeply_nested_json_and_megabyte_ids_get_clear_errors_and_hurt_nobody() {
     let server = TestServer::start(&[]);
     let (mut peer, _) = Agent::register(&server.ws_url(), "peer").await;

@@ -80,10 +80,13 @@ impl AgentConnection {
     }
 
     pub(super) fn on_request(&mut self, ctx: &mut Context<Self>, request: Request) {
-        if self.requests.check().is_err() {
+        // A request dearer than the whole burst costs the burst (it stays possible).
+        let burst = self.settings.limits.request_burst.max(1);
+        let cost =
+            std::num::NonZeroU32::new(request.command.cost().clamp(1, burst)).expect("at least 1");
+        if !matches!(self.requests.check_n(cost), Ok(Ok(()))) {
             self.limited_in_row += 1;
             crate::metrics::frame_rejected("rate_limited");
-            let burst = self.settings.limits.request_burst;
             if self.limited_in_row >= burst {
                 return self.close(ctx, Disconnect::POLICY_VIOLATION, true);
             }
@@ -92,7 +95,8 @@ impl AgentConnection {
                 ErrorCode::RateLimited,
                 format!(
                     "This connection sends more than {rate} requests per second \
-                     (limits.max_requests_per_second); {burst} refused in a row close it"
+                     (limits.max_requests_per_second; a list_agents page counts one more \
+                     per ten entries asked for); {burst} refused in a row close it"
                 ),
             );
             return self.refuse_request(ctx, &request, error);

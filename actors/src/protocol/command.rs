@@ -127,6 +127,16 @@ impl Command {
         }
     }
 
+    /// What it costs of the connection's request budget: one, but a `list_agents` page
+    /// one more per ten entries asked for (the registry builds every entry of it), so a
+    /// connection cannot keep the registry busy with pages at the plain request rate.
+    pub fn cost(&self) -> u32 {
+        match self {
+            Self::ListAgents(page) => 1 + (page.limit / 10) as u32,
+            _ => 1,
+        }
+    }
+
     /// Whether an unregistered connection may send it.
     pub fn allowed_unregistered(&self) -> bool {
         matches!(
@@ -228,6 +238,15 @@ mod tests {
         };
         let name = fields["command"].as_str().unwrap().to_owned();
         Command::parse(&name, &mut fields)
+    }
+
+    #[test]
+    fn a_list_agents_page_costs_one_more_request_per_ten_entries() {
+        let page = |limit: u64| parse(json!({"command": "list_agents", "limit": limit}));
+        assert_eq!(parse(json!({"command": "ping_agent"})).cost(), 1);
+        assert_eq!(parse(json!({"command": "list_agents"})).cost(), 11);
+        assert_eq!(page(5).cost(), 1);
+        assert_eq!(page(1000).cost(), 101);
     }
 
     #[test]
