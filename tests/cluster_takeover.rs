@@ -174,7 +174,8 @@ async fn an_id_taken_over_on_another_node_ends_there_before_it_registers_here() 
         Err(_) => {
             let answer = tokio::time::timeout(Duration::from_secs(2), peer.next()).await;
             panic!(
-                "DIAG no message; peer got {answer:?}; second pending {:?}\nnode0:\n{}\nnode1:\n{}",
+                "the message never reached the id on its new node; the sender got {answer:?}; \
+                 the new connection had {:?}\nnode 0:\n{}\nnode 1:\n{}",
                 second.pending(),
                 nodes[0].logs(),
                 nodes[1].logs()
