@@ -109,6 +109,8 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
                         lease_lost: ctx.address().recipient(),
                         hand_over: ctx.address().recipient(),
                         remove: ctx.address().recipient(),
+                        held_claims: ctx.address().recipient(),
+                        reasserted: ctx.address().recipient(),
                     });
                     registry.with_cluster(cluster)
                 }

@@ -30,6 +30,8 @@ pub const CLUSTER_LEASES_LOST: &str = "tether_cluster_leases_lost_total";
 pub const CLUSTER_NODE_LOST_AGENTS: &str = "tether_cluster_node_lost_agents_total";
 /// Messages this node sent through Redis to agents of other nodes, by `kind` (counter).
 pub const CLUSTER_MESSAGES_FORWARDED: &str = "tether_cluster_messages_forwarded_total";
+/// Times this node re-asserted its lease and claims after Redis lost them (counter).
+pub const CLUSTER_REASSERTS: &str = "tether_cluster_reasserts_total";
 /// Direct messages from or for other nodes that were dropped, by `reason` (counter).
 pub const CLUSTER_MESSAGES_DROPPED: &str = "tether_cluster_messages_dropped_total";
 
@@ -146,6 +148,11 @@ fn close_code_label(code: u16) -> &'static str {
 /// This node lost its cluster lease.
 pub fn cluster_fenced() {
     counter!(CLUSTER_LEASES_LOST).increment(1);
+}
+
+/// This node re-asserted its lease and claims after Redis lost them.
+pub fn cluster_reasserted() {
+    counter!(CLUSTER_REASSERTS).increment(1);
 }
 
 /// This node ended an incarnation of a lost node's agent.

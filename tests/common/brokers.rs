@@ -467,6 +467,15 @@ impl RedisProcess {
         }
     }
 
+    /// Kills it and starts it again on the same port with no data (as a Redis without
+    /// persistence comes back).
+    pub fn wipe_and_restart(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir.0);
+        std::fs::create_dir_all(&self.dir.0).expect("cannot recreate the Redis directory");
+        self.restart();
+    }
+
     /// Starts it again on the same port with the same data.
     pub fn restart(&mut self) {
         self.kill();

@@ -170,7 +170,7 @@ enum LeaseCheck {
 
 impl Cluster {
     /// This member's description.
-    fn info(&self) -> String {
+    pub(super) fn info(&self) -> String {
         let info = NodeInfo {
             member: self.member.to_string(),
             node_id: self.node_id.to_string(),
@@ -260,6 +260,9 @@ impl Cluster {
                             act.member
                         );
                         act.joins += 1;
+                    }
+                    Ok(Some(LeaseCheck::Expired)) if act.lease_was_lost_by_redis() => {
+                        act.recover(ctx)
                     }
                     Ok(Some(LeaseCheck::Expired)) => act.fence(ctx, "Redis no longer had it"),
                     Ok(Some(LeaseCheck::Unreachable(error))) => {

@@ -19,6 +19,7 @@ mod crossing;
 mod directory;
 mod keys;
 mod membership;
+mod recovery;
 mod scripts;
 mod takeover;
 
@@ -270,6 +271,10 @@ pub struct TellRegistry {
     pub hand_over: Recipient<HandOver>,
     /// Where removals asked by other nodes (`DELETE /agents/{id}`) go.
     pub remove: Recipient<crate::registry::RemoveAgent>,
+    /// Asked for the claims to re-assert after Redis lost them.
+    pub held_claims: Recipient<crate::registry::HeldClaims>,
+    /// Told what became of them.
+    pub reasserted: Recipient<crate::registry::ClaimsReasserted>,
 }
 
 impl Handler<TellRegistry> for Cluster {

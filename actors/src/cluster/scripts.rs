@@ -55,6 +55,29 @@ end
 return 0
 ";
 
+/// Claims again an id this member holds, after Redis lost its data (see
+/// `cluster::recovery`).
+///
+/// `KEYS[1]` the agent's hash; `ARGV`: member, incarnation, seq, session, metadata, the
+/// time the incarnation began (epoch seconds). Answers 1 when the claim is this
+/// member's (again), 2 when that incarnation was ended by a survivor (released: its end
+/// was published there), 0 when another member holds the id or a later incarnation
+/// exists.
+pub const REASSERT: &str = r"
+local held = redis.call('HMGET', KEYS[1], 'node', 'inc')
+local inc = tonumber(held[2]) or 0
+local mine = tonumber(ARGV[2])
+if inc > mine or (held[1] and held[1] ~= ARGV[1]) then
+  return 0
+end
+if inc == mine and not held[1] then
+  return 2
+end
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'inc', ARGV[2], 'seq', ARGV[3], 'session', ARGV[4],
+  'meta', ARGV[5], 'at', ARGV[6])
+return 1
+";
+
 /// Hands a held id over to another member (a takeover across nodes, decided by the
 /// holder once it ended its incarnation's connection).
 ///
@@ -71,3 +94,66 @@ redis.call('HSET', KEYS[1], 'node', ARGV[3], 'session', ARGV[4], 'seq', 1, 'meta
   'at', ARGV[6])
 return inc
 ";
+
+#[cfg(test)]
+mod tests {
+    //! The scripts against the shared Redis on 127.0.0.1:6379, under a key prefix of
+    //! their own (removed afterwards).
+    use super::REASSERT;
+
+    fn redis() -> redis::Connection {
+        redis::Client::open("redis://127.0.0.1:6379")
+            .and_then(|client| client.get_connection())
+            .expect("these tests need Redis on 127.0.0.1:6379 (scripts/test.sh starts it)")
+    }
+
+    /// Runs REASSERT for member `m1`, incarnation 3, seq 7 on `key`.
+    fn reassert(redis: &mut redis::Connection, key: &str) -> i64 {
+        redis::cmd("EVAL")
+            .arg(REASSERT)
+            .arg(1)
+            .arg(key)
+            .arg(&["m1", "3", "7", "session", "{}", "1.5"][..])
+            .query(redis)
+            .unwrap()
+    }
+
+    #[test]
+    fn reassert_restores_a_lost_claim_keeps_its_own_and_yields_to_others() {
+        let mut redis = redis();
+        let key = format!("tether-unit-{}:agent:{{a}}", uuid::Uuid::new_v4().simple());
+        let set = |redis: &mut redis::Connection, fields: &[(&str, &str)]| {
+            let _: () = redis::cmd("DEL").arg(&key).query(redis).unwrap();
+            if !fields.is_empty() {
+                let _: () = redis::cmd("HSET")
+                    .arg(&key)
+                    .arg(fields)
+                    .query(redis)
+                    .unwrap();
+            }
+        };
+        // Gone with Redis's data: claimed again, as it was.
+        set(&mut redis, &[]);
+        assert_eq!(reassert(&mut redis, &key), 1);
+        let held: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(&key)
+            .arg(&["node", "inc", "seq"][..])
+            .query(&mut redis)
+            .unwrap();
+        assert_eq!(
+            held,
+            [Some("m1".into()), Some("3".into()), Some("7".into())]
+        );
+        // Still this member's: kept.
+        assert_eq!(reassert(&mut redis, &key), 1);
+        // Released by a survivor (that incarnation's end was published there).
+        set(&mut redis, &[("inc", "3")]);
+        assert_eq!(reassert(&mut redis, &key), 2);
+        // Held by another member, or a later incarnation exists: not ours.
+        set(&mut redis, &[("node", "m2"), ("inc", "1")]);
+        assert_eq!(reassert(&mut redis, &key), 0);
+        set(&mut redis, &[("inc", "4")]);
+        assert_eq!(reassert(&mut redis, &key), 0);
+        set(&mut redis, &[]);
+    }
+}

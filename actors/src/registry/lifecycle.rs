@@ -3,6 +3,7 @@
 
 use super::{ActivityResumed, Connected, ConnectionEnded, ConnectionOrder};
 use super::{AgentEntry, Registry, Socket};
+use super::{ClaimsReasserted, HeldClaim, HeldClaims};
 use crate::bus::Publish;
 use crate::clock::epoch_secs;
 use crate::cluster::{LeaseLost, Progress, Release};
@@ -287,6 +288,63 @@ impl Handler<LeaseLost> for Registry {
                     disconnect: Disconnect::NODE_LOST,
                     notice: None,
                 });
+            }
+        }
+        self.check_waiters();
+    }
+}
+
+impl Handler<HeldClaims> for Registry {
+    type Result = MessageResult<HeldClaims>;
+
+    fn handle(&mut self, _msg: HeldClaims, _ctx: &mut Self::Context) -> Self::Result {
+        let claims = self.agents.iter().map(|(agent_id, entry)| HeldClaim {
+            agent_id: agent_id.clone(),
+            incarnation: entry.incarnation,
+            seq: entry.seq,
+            session: entry.session_uuid.to_string(),
+            metadata: entry.metadata.get().to_owned(),
+            at: entry
+                .connected_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        });
+        MessageResult(claims.collect())
+    }
+}
+
+impl Handler<ClaimsReasserted> for Registry {
+    type Result = ();
+
+    /// Ends here what the cluster could not claim again; releases again what it
+    /// claimed for an incarnation that ended meanwhile (its release found no claim).
+    fn handle(&mut self, msg: ClaimsReasserted, _ctx: &mut Self::Context) {
+        let current = |act: &Self, agent_id: &str| act.agents.get(agent_id).map(|e| e.incarnation);
+        for (agent_id, incarnation) in msg.kept {
+            if current(self, &agent_id) != Some(incarnation) {
+                if let Some(cluster) = &self.cluster {
+                    cluster.do_send(Release {
+                        agent_id,
+                        incarnation,
+                    });
+                }
+            }
+        }
+        for (agent_id, incarnation) in msg.reaped {
+            if current(self, &agent_id) == Some(incarnation) {
+                let (agent_id, entry) = self.agents.remove_entry(&agent_id).expect("present");
+                self.forget(&agent_id, &entry, Disconnect::NODE_LOST);
+                if let Some(socket) = self.sockets.get(&entry.session_id) {
+                    socket.order(ConnectionOrder::Close {
+                        disconnect: Disconnect::NODE_LOST,
+                        notice: None,
+                    });
+                }
+            }
+        }
+        for (agent_id, incarnation) in msg.taken {
+            if current(self, &agent_id) == Some(incarnation) {
+                self.evict(&agent_id, Disconnect::NODE_LOST, None);
             }
         }
         self.check_waiters();

@@ -192,3 +192,39 @@ pub enum Drained {
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct CloseAll;
+
+/// Asked by the cluster actor after Redis lost its data: the claims of every agent
+/// registered here, to claim again (`cluster::recovery`).
+#[derive(Message)]
+#[rtype(result = "Vec<HeldClaim>")]
+pub struct HeldClaims;
+
+/// One registered agent's claim, as Redis held it.
+#[derive(Debug, Clone)]
+pub struct HeldClaim {
+    /// The id.
+    pub agent_id: Arc<str>,
+    /// Its incarnation.
+    pub incarnation: u64,
+    /// The seq of its last event.
+    pub seq: u64,
+    /// The protocol session id.
+    pub session: String,
+    /// Its registration metadata (JSON text).
+    pub metadata: String,
+    /// When the incarnation began (epoch seconds).
+    pub at: f64,
+}
+
+/// Told by the cluster actor: what became of the claims it re-asserted, each with the
+/// incarnation it was re-asserted for.
+#[derive(Message, Debug, Default)]
+#[rtype(result = "()")]
+pub struct ClaimsReasserted {
+    /// This node's again (an agent among them that ended meanwhile is released again).
+    pub kept: Vec<(Arc<str>, u64)>,
+    /// Ended by a survivor meanwhile (its end published there): closed 4009 unpublished.
+    pub reaped: Vec<(Arc<str>, u64)>,
+    /// Registered on another node meanwhile: ended here (published), closed 4009.
+    pub taken: Vec<(Arc<str>, u64)>,
+}
