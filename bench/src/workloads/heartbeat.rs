@@ -2,7 +2,9 @@
 //! share over the window, ping delivery lag p50/p99, false stale evictions, and the
 //! registration latency of new agents while the fleet is being pinged.
 
-use super::{finish, hold, na, num, opt, release, repeat_matrix, text, workers_for, Ctx};
+use super::{
+    finish, hold, na, num, opt, release, repeat_matrix, text, workers_for, Ctx, FleetReport,
+};
 use crate::pool::Pool;
 use crate::stats::{latency_ms, Row, Table};
 use crate::systems::{Server, System, TetherVars};
@@ -116,28 +118,13 @@ async fn measure(
             heartbeat["ping_rtt_p99_ms"].as_f64(),
         )
     });
-    let (mut pings, mut lags, mut open, mut stale_closes, mut other_closes) =
-        (0u64, Vec::new(), 0u64, 0u64, 0u64);
-    for reply in reports {
-        if let Reply::Report {
-            open: o,
-            pings: p,
-            ping_lag_us,
-            closes,
-        } = reply
-        {
-            open += o;
-            pings += p;
-            lags.extend(ping_lag_us);
-            for (code, count) in closes {
-                if code == "4002" {
-                    stale_closes += count;
-                } else {
-                    other_closes += count;
-                }
-            }
-        }
-    }
+    let FleetReport {
+        open,
+        pings,
+        mut lags,
+        stale_closes,
+        other_closes,
+    } = FleetReport::from_replies(reports);
     let cpu_share = (cpu1 - cpu0) / seconds;
     let mut row = vec![
         text("system", system.label()),

@@ -92,6 +92,49 @@ pub struct Held {
     pub wall_s: f64,
 }
 
+/// The workers' `Report` replies on a held fleet, added up.
+#[derive(Debug, Default)]
+pub struct FleetReport {
+    /// Sockets still open.
+    pub open: u64,
+    /// Server pings answered.
+    pub pings: u64,
+    /// Ping lags (send stamp to receipt), µs.
+    pub lags: Vec<u32>,
+    /// Sockets the server closed 4002 (stale).
+    pub stale_closes: u64,
+    /// Sockets closed with any other code.
+    pub other_closes: u64,
+}
+
+impl FleetReport {
+    /// Adds up `replies` (other kinds of reply are ignored).
+    pub fn from_replies(replies: Vec<Reply>) -> Self {
+        let mut report = Self::default();
+        for reply in replies {
+            if let Reply::Report {
+                open,
+                pings,
+                ping_lag_us,
+                closes,
+            } = reply
+            {
+                report.open += open;
+                report.pings += pings;
+                report.lags.extend(ping_lag_us);
+                for (code, count) in closes {
+                    if code == "4002" {
+                        report.stale_closes += count;
+                    } else {
+                        report.other_closes += count;
+                    }
+                }
+            }
+        }
+        report
+    }
+}
+
 impl Held {
     /// Adds a `failed` column (count and first error) to `row` when agents failed.
     pub fn note_failures(&self, row: &mut Row) {
@@ -137,28 +180,36 @@ pub async fn hold(
             }
         })
         .await?;
-    let mut held = Held::default();
-    let (mut first, mut last) = (u64::MAX, 0u64);
-    for reply in replies {
-        if let Reply::Held {
-            ok,
-            failed,
-            errors,
-            lat_us,
-            start_us,
-            end_us,
-        } = reply
-        {
-            held.ok += ok;
-            held.failed += failed;
-            held.errors.extend(errors);
-            held.lat_us.extend(lat_us);
-            first = first.min(start_us);
-            last = last.max(end_us);
+    Ok(Held::from_replies(replies))
+}
+
+impl Held {
+    /// The workers' `Held` replies added up (wall time from the first dial of any to
+    /// the last answer of any).
+    pub fn from_replies(replies: Vec<Reply>) -> Self {
+        let mut held = Held::default();
+        let (mut first, mut last) = (u64::MAX, 0u64);
+        for reply in replies {
+            if let Reply::Held {
+                ok,
+                failed,
+                errors,
+                lat_us,
+                start_us,
+                end_us,
+            } = reply
+            {
+                held.ok += ok;
+                held.failed += failed;
+                held.errors.extend(errors);
+                held.lat_us.extend(lat_us);
+                first = first.min(start_us);
+                last = last.max(end_us);
+            }
         }
+        held.wall_s = last.saturating_sub(first) as f64 / 1e6;
+        held
     }
-    held.wall_s = last.saturating_sub(first) as f64 / 1e6;
-    Ok(held)
 }
 
 /// Closes every held socket of the pool.

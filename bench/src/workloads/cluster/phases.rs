@@ -9,7 +9,7 @@ use crate::pool::Pool;
 use crate::sse::EventTap;
 use crate::stats::{latency_ms, now_us, Row};
 use crate::wire::{Cmd, Reply};
-use crate::workloads::{num, opt, text, workers_for, Held};
+use crate::workloads::{num, opt, text, workers_for, FleetReport, Held};
 use std::time::{Duration, Instant};
 
 /// Worker index of the routing pool (its own loopback source addresses).
@@ -61,27 +61,7 @@ pub async fn spread(
             return Err(e);
         }
     };
-    let mut held = Held::default();
-    let (mut first, mut last) = (u64::MAX, 0u64);
-    for reply in replies {
-        if let Reply::Held {
-            ok,
-            failed,
-            errors,
-            lat_us,
-            start_us,
-            end_us,
-        } = reply
-        {
-            held.ok += ok;
-            held.failed += failed;
-            held.errors.extend(errors);
-            held.lat_us.extend(lat_us);
-            first = first.min(start_us);
-            last = last.max(end_us);
-        }
-    }
-    held.wall_s = last.saturating_sub(first) as f64 / 1e6;
+    let held = Held::from_replies(replies);
     Ok((pool, held))
 }
 
@@ -137,28 +117,13 @@ pub async fn hold(args: &Args, nodes: &Nodes, per_worker: u64) -> Result<(Pool, 
     let calls3 = redis_calls(&args.redis).await?;
     let reports = pool.all(|_| Cmd::Report).await?;
     let stale1 = nodes.stale_declared().await;
-    let (mut open, mut pings, mut stale_closes, mut other_closes) = (0u64, 0u64, 0u64, 0u64);
-    let mut lags = Vec::new();
-    for reply in reports {
-        if let Reply::Report {
-            open: o,
-            pings: p,
-            ping_lag_us,
-            closes,
-        } = reply
-        {
-            open += o;
-            pings += p;
-            lags.extend(ping_lag_us);
-            for (code, count) in closes {
-                if code == "4002" {
-                    stale_closes += count;
-                } else {
-                    other_closes += count;
-                }
-            }
-        }
-    }
+    let FleetReport {
+        open,
+        pings,
+        mut lags,
+        stale_closes,
+        other_closes,
+    } = FleetReport::from_replies(reports);
     row.push(num("open at end", open as f64, 0));
     row.push(num("lost", held.ok.saturating_sub(open) as f64, 0));
     row.push(num("false stale (4002)", stale_closes as f64, 0));
