@@ -16,6 +16,7 @@
 
 mod claims;
 mod crossing;
+mod direct;
 mod directory;
 mod keys;
 mod membership;
@@ -23,7 +24,8 @@ mod recovery;
 mod scripts;
 mod takeover;
 
-pub use crossing::{Forward, Spread};
+pub use crossing::Spread;
+pub use direct::{Forward, HOLDER_TTL};
 pub use directory::{ClusterNodes, GetHeld, HeldAgent, ListHeld, NodeInfo, RemoveHeld};
 pub use keys::Keys;
 pub use takeover::{Answer, HandOver, HandoverRequest, TakeOver, Transfer};
@@ -162,6 +164,8 @@ pub struct Cluster {
     requests: u64,
     /// Takeover requests waiting for the holder's answer.
     waiting: takeover::Waiting,
+    /// Holders of the ids this node recently sent messages to.
+    holders: direct::Holders,
     /// The node is shutting down (said in its lease: no new agents are sent here).
     leaving: bool,
     /// The lease is refreshed at the next tick (its description changed).
@@ -204,6 +208,7 @@ impl Cluster {
             unreleased: Vec::new(),
             requests: 0,
             waiting: Default::default(),
+            holders: Default::default(),
             leaving: false,
             announce: false,
             settings,

@@ -1,0 +1,349 @@
+//! Direct messages to agents of other nodes, over Redis pub/sub.
+//!
+//! A direct message the local table cannot deliver is [`Forward`]ed to the member
+//! holding its target, published on that member's channel. The holder is read from
+//! the target's hash (`HGET`) and remembered for [`HOLDER_TTL`] ([`Holders`]), so a
+//! conversation costs one `PUBLISH` per message, not two commands.
+//!
+//! A remembered holder may be out of date (the agent moved or left): a member that
+//! receives a message for an agent it does not hold sends it on once to the id's
+//! current holder (`again`, never a third hop) and tells the sender's member to forget
+//! what it remembered (`moved`); when nobody holds the id, the sender gets its
+//! `unknown_agent` error through its own member (`bounce`). The taking node of a
+//! takeover parks messages for the id until the agent is registered there
+//! (`Routes::expect`), so none is lost while it moves.
+//!
+//! Payloads on a member's channel (agent ids, member ids and message ids contain no
+//! newline):
+//! - `message\n<target>\n<origin member>\n<sender id>\n<message id>\n<frame>`, and
+//!   `again\n…` the same for the second hop;
+//! - `moved\n<target>`: forget the holder remembered for `target`;
+//! - `bounce\n<target>\n<sender id>\n<error frame>`: deliver the error to the sender and
+//!   forget the holder remembered for `target`.
+
+use super::{Cluster, Keys};
+use crate::outbound::OutFrame;
+use crate::protocol::{self, ErrorCode, ProtocolError};
+use crate::routes::Routes;
+use actix::prelude::*;
+use redis::aio::ConnectionManager;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a looked-up holder is used without looking it up again.
+pub const HOLDER_TTL: Duration = Duration::from_secs(2);
+/// Most holders remembered (about 100 bytes each).
+const MOST_HOLDERS: usize = 16_384;
+
+/// A direct message whose target is not on this node.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Forward {
+    /// The target agent id.
+    pub target: String,
+    /// The frame as the target receives it (JSON text).
+    pub frame: String,
+    /// The sender, told of an `unknown_agent` or `cluster_unavailable` error.
+    pub sender_id: String,
+    /// The message's id, echoed in such an error.
+    pub message_id: String,
+}
+
+/// Holders of the ids this node recently sent messages to: agent id → member.
+#[derive(Debug, Default)]
+pub(super) struct Holders {
+    entries: HashMap<String, (Arc<str>, Instant)>,
+}
+
+impl Holders {
+    /// The member remembered for `agent_id`, unless older than [`HOLDER_TTL`].
+    fn get(&self, agent_id: &str) -> Option<Arc<str>> {
+        let (member, at) = self.entries.get(agent_id)?;
+        (at.elapsed() < HOLDER_TTL).then(|| member.clone())
+    }
+
+    fn remember(&mut self, agent_id: String, member: Arc<str>) {
+        if self.entries.len() >= MOST_HOLDERS {
+            self.entries.retain(|_, (_, at)| at.elapsed() < HOLDER_TTL);
+            if self.entries.len() >= MOST_HOLDERS {
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(agent_id, (member, Instant::now()));
+    }
+
+    pub(super) fn forget(&mut self, agent_id: &str) {
+        self.entries.remove(agent_id);
+    }
+}
+
+/// A direct message on its way between members.
+#[derive(Debug, Clone)]
+pub(super) struct Crossing {
+    pub target: String,
+    /// The member of the sender.
+    pub origin: String,
+    pub sender_id: String,
+    pub message_id: String,
+    pub frame: String,
+}
+
+impl Crossing {
+    /// The payload of kind `kind` (`message` or `again`).
+    fn payload(&self, kind: &str) -> String {
+        format!(
+            "{kind}\n{}\n{}\n{}\n{}\n{}",
+            self.target, self.origin, self.sender_id, self.message_id, self.frame
+        )
+    }
+
+    /// Reads the body of a `message` or `again` payload.
+    pub(super) fn parse(body: &str) -> Option<Self> {
+        let mut parts = body.splitn(5, '\n');
+        let mut next = || parts.next().map(str::to_owned);
+        Some(Self {
+            target: next()?,
+            origin: next()?,
+            sender_id: next()?,
+            message_id: next()?,
+            frame: next()?,
+        })
+    }
+
+    /// The `unknown_agent` error its sender gets.
+    fn unknown(&self) -> ProtocolError {
+        ProtocolError::new(
+            ErrorCode::UnknownAgent,
+            format!("Agent {} is not connected", self.target),
+        )
+    }
+}
+
+fn error_to(routes: &Routes, sender_id: &str, error: &ProtocolError, message_id: &str) {
+    let frame = protocol::error_frame(error, Some(message_id));
+    routes.deliver(sender_id, OutFrame::json(&frame));
+}
+
+async fn publish(
+    redis: &mut ConnectionManager,
+    channel: String,
+    payload: String,
+) -> Result<bool, redis::RedisError> {
+    let receivers: u64 = redis::cmd("PUBLISH")
+        .arg(channel)
+        .arg(payload)
+        .query_async(redis)
+        .await?;
+    Ok(receivers > 0)
+}
+
+async fn holder(
+    redis: &mut ConnectionManager,
+    keys: &Keys,
+    agent_id: &str,
+) -> Result<Option<String>, redis::RedisError> {
+    redis::cmd("HGET")
+        .arg(keys.agent(agent_id))
+        .arg("node")
+        .query_async(redis)
+        .await
+}
+
+/// What became of a forwarded message, for the holder cache.
+enum Forwarded {
+    /// Published to the remembered holder.
+    AsRemembered,
+    /// Published to this holder, looked up.
+    To(Arc<str>),
+    /// Not published to another member (delivered here, or answered with an error).
+    NotSent,
+}
+
+impl Handler<Forward> for Cluster {
+    type Result = ();
+
+    fn handle(&mut self, msg: Forward, ctx: &mut Self::Context) {
+        let mut redis = match self.live() {
+            Ok(redis) => redis,
+            Err(error) => {
+                let error = ProtocolError::new(ErrorCode::ClusterUnavailable, error.0);
+                return error_to(&self.routes, &msg.sender_id, &error, &msg.message_id);
+            }
+        };
+        let remembered = self.holders.get(&msg.target);
+        let (keys, me, routes) = (self.keys.clone(), self.member.clone(), self.routes.clone());
+        let crossing = Crossing {
+            target: msg.target,
+            origin: me.to_string(),
+            sender_id: msg.sender_id,
+            message_id: msg.message_id,
+            frame: msg.frame,
+        };
+        let target = crossing.target.clone();
+        let forward = async move {
+            let payload = crossing.payload("message");
+            if let Some(member) = remembered {
+                if let Ok(true) = publish(&mut redis, keys.inbox(&member), payload.clone()).await {
+                    crate::metrics::cross_node_message("direct");
+                    return Forwarded::AsRemembered;
+                }
+            }
+            let routed = async {
+                Ok::<_, redis::RedisError>(
+                    match holder(&mut redis, &keys, &crossing.target).await? {
+                        None => None,
+                        Some(member) if *member == *me => routes
+                            .deliver(&crossing.target, OutFrame::text(&crossing.frame))
+                            .then_some(None),
+                        Some(member) => {
+                            let member: Arc<str> = member.into();
+                            let sent = publish(&mut redis, keys.inbox(&member), payload).await?;
+                            sent.then_some(Some(member))
+                        }
+                    },
+                )
+            };
+            let error = match routed.await {
+                Ok(Some(Some(member))) => {
+                    crate::metrics::cross_node_message("direct");
+                    return Forwarded::To(member);
+                }
+                Ok(Some(None)) => return Forwarded::NotSent,
+                Ok(None) => crossing.unknown(),
+                Err(error) => ProtocolError::new(
+                    ErrorCode::ClusterUnavailable,
+                    format!("The message could not be routed through the cluster ({error}); retry"),
+                ),
+            };
+            error_to(&routes, &crossing.sender_id, &error, &crossing.message_id);
+            Forwarded::NotSent
+        };
+        ctx.spawn(fut::wrap_future(forward).map(
+            move |forwarded, act: &mut Self, _| match forwarded {
+                Forwarded::AsRemembered => {}
+                Forwarded::To(member) => act.holders.remember(target, member),
+                Forwarded::NotSent => act.holders.forget(&target),
+            },
+        ));
+    }
+}
+
+/// A message that reached this member for an agent it does not hold: sent on to the
+/// id's holder once, or bounced to its sender as `unknown_agent`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct Reforward(pub Crossing);
+
+impl Handler<Reforward> for Cluster {
+    type Result = ();
+
+    fn handle(&mut self, msg: Reforward, ctx: &mut Self::Context) {
+        let Ok(mut redis) = self.live() else {
+            return crate::metrics::cluster_messages_dropped("cluster_unavailable", 1);
+        };
+        let (keys, me, routes) = (self.keys.clone(), self.member.clone(), self.routes.clone());
+        let crossing = msg.0;
+        let again = async move {
+            let sent = match holder(&mut redis, &keys, &crossing.target).await {
+                // Registered here by now (or expected here).
+                Ok(Some(member)) if *member == *me => {
+                    routes.deliver(&crossing.target, OutFrame::text(&crossing.frame))
+                }
+                Ok(Some(member)) => {
+                    let moved = format!("moved\n{}", crossing.target);
+                    let _ = publish(&mut redis, keys.inbox(&crossing.origin), moved).await;
+                    let payload = crossing.payload("again");
+                    matches!(
+                        publish(&mut redis, keys.inbox(&member), payload).await,
+                        Ok(true)
+                    )
+                }
+                Ok(None) => false,
+                Err(_) => {
+                    return crate::metrics::cluster_messages_dropped("cluster_unavailable", 1)
+                }
+            };
+            if !sent {
+                bounce(&mut redis, &keys, &crossing).await;
+            }
+        };
+        ctx.spawn(fut::wrap_future(again));
+    }
+}
+
+/// Answers `crossing`'s sender `unknown_agent` through its member.
+pub(super) async fn bounce(redis: &mut ConnectionManager, keys: &Keys, crossing: &Crossing) {
+    let error = protocol::error_frame(&crossing.unknown(), Some(&crossing.message_id));
+    let payload = format!(
+        "bounce\n{}\n{}\n{}",
+        crossing.target, crossing.sender_id, error
+    );
+    if !matches!(
+        publish(redis, keys.inbox(&crossing.origin), payload).await,
+        Ok(true)
+    ) {
+        crate::metrics::cluster_messages_dropped("sender_gone", 1);
+    }
+}
+
+/// Told by the subscriber: the holder remembered for this id is out of date.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct HolderMoved(pub String);
+
+impl Handler<HolderMoved> for Cluster {
+    type Result = ();
+
+    fn handle(&mut self, msg: HolderMoved, _ctx: &mut Self::Context) {
+        self.holders.forget(&msg.0);
+    }
+}
+
+/// A `bounce` body: the error for the sender, delivered here; the target's remembered
+/// holder is forgotten.
+pub(super) fn bounced(routes: &Routes, cluster: &Addr<Cluster>, body: &str) {
+    let mut parts = body.splitn(3, '\n');
+    let (Some(target), Some(sender_id), Some(error)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return log::warn!("cluster: a malformed bounce was ignored");
+    };
+    cluster.do_send(HolderMoved(target.to_owned()));
+    routes.deliver(sender_id, OutFrame::text(error));
+}
+
+/// A `message` or `again` body: delivered here, or sent on (`message`) or bounced
+/// (`again`) when the agent is not here.
+pub(super) fn received(routes: &Routes, cluster: &Addr<Cluster>, kind: &str, body: &str) {
+    let Some(crossing) = Crossing::parse(body) else {
+        return log::warn!("cluster: a malformed message was ignored");
+    };
+    if routes.deliver(&crossing.target, OutFrame::text(&crossing.frame)) {
+        return;
+    }
+    if kind == "message" {
+        // It moved on (or left) after the sender looked its holder up.
+        cluster.do_send(Reforward(crossing));
+    } else {
+        cluster.do_send(Bounce(crossing));
+    }
+}
+
+/// Bounce `0` to its sender (from the subscriber, which has no connection of its own).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct Bounce(pub Crossing);
+
+impl Handler<Bounce> for Cluster {
+    type Result = ();
+
+    fn handle(&mut self, msg: Bounce, ctx: &mut Self::Context) {
+        let Some(mut redis) = self.redis.clone() else {
+            return crate::metrics::cluster_messages_dropped("cluster_unavailable", 1);
+        };
+        let keys = self.keys.clone();
+        ctx.spawn(fut::wrap_future(async move {
+            bounce(&mut redis, &keys, &msg.0).await;
+        }));
+    }
+}
