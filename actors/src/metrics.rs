@@ -161,7 +161,7 @@ pub fn node_lost_agent() {
 }
 
 /// `count` direct messages that crossed nodes were dropped for `reason`
-/// (`takeover_failed`, `target_gone`).
+/// (`takeover_failed`, `cluster_unavailable`, `sender_gone`).
 pub fn cluster_messages_dropped(reason: &'static str, count: usize) {
     counter!(CLUSTER_MESSAGES_DROPPED, "reason" => reason).increment(count as u64);
 }
