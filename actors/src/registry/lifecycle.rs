@@ -280,6 +280,7 @@ impl Handler<LeaseLost> for Registry {
     /// without publishing its end, which the node that noticed the loss publishes
     /// (once, cluster-wide).
     fn handle(&mut self, _msg: LeaseLost, _ctx: &mut Self::Context) {
+        self.lease_losses += 1;
         let agents: Vec<(Arc<str>, AgentEntry)> = self.agents.drain().collect();
         for (agent_id, entry) in agents {
             self.forget(&agent_id, &entry, Disconnect::NODE_LOST);

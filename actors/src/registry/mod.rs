@@ -133,6 +133,13 @@ pub struct Registry {
     retaking: Option<Arc<str>>,
     /// Ids this node is taking over from another node (registrations of them wait).
     taking_over: HashSet<Arc<str>>,
+    /// Ids whose claim is in flight to the cluster, with their metadata's size (other
+    /// registrations go on meanwhile; those of the same id are refused).
+    claiming: HashMap<Arc<str>, usize>,
+    /// Bytes of metadata of the registrations in `claiming`.
+    claiming_bytes: usize,
+    /// Counts this node's lease losses: a claim granted before one is not admitted.
+    lease_losses: u64,
 }
 
 impl Registry {
@@ -172,6 +179,9 @@ impl Registry {
             cluster: None,
             retaking: None,
             taking_over: HashSet::new(),
+            claiming: HashMap::new(),
+            claiming_bytes: 0,
+            lease_losses: 0,
         }
     }
 

@@ -195,16 +195,13 @@ impl Handler<RegisterAgent> for Registry {
             let error = ErrorCode::ShuttingDown.into();
             return self.refuse(session_id, &msg, error, Some(Disconnect::SHUTDOWN));
         }
-        if self
-            .taking_over
-            .contains(msg.registration.agent_id.as_str())
-        {
+        let agent_id = msg.registration.agent_id.as_str();
+        if self.taking_over.contains(agent_id) || self.claiming.contains_key(agent_id) {
             let error = ProtocolError::new(
                 ErrorCode::AgentIdInUse,
                 format!(
-                    "Agent {} is being taken over from another node by another connection; \
-                     retry once that registration is answered",
-                    msg.registration.agent_id
+                    "Agent {agent_id} is being registered by another connection; retry once \
+                     that registration is answered"
                 ),
             );
             return self.refuse(session_id, &msg, error, None);
@@ -214,7 +211,8 @@ impl Handler<RegisterAgent> for Registry {
             Err(error) => return self.refuse(session_id, &msg, error, None),
         };
         let max = self.settings.network.max_connections;
-        if takeover.is_none() && self.agents.len() >= max {
+        let coming = self.claiming.len() + self.taking_over.len();
+        if takeover.is_none() && self.agents.len() + coming >= max {
             let error = ProtocolError::new(
                 ErrorCode::ServerFull,
                 format!("The network is full ({max} agents registered); try again later"),
@@ -226,7 +224,7 @@ impl Handler<RegisterAgent> for Registry {
             .expect("a JSON object always serializes");
         let replaced = self.agents.get(msg.registration.agent_id.as_str());
         let freed = replaced.map_or(0, |entry| entry.metadata.get().len());
-        let held = self.metadata_bytes - freed + metadata.get().len();
+        let held = self.metadata_bytes + self.claiming_bytes - freed + metadata.get().len();
         let budget = self.settings.limits.max_metadata_bytes_total;
         if held > budget {
             let error = ProtocolError::new(
@@ -246,18 +244,29 @@ impl Handler<RegisterAgent> for Registry {
             let incarnation = self.next_incarnation(&agent_id);
             return self.admit(msg, takeover, metadata, session, incarnation);
         };
-        // Clustered: the id is claimed in Redis first. The registry waits for the
-        // answer (one round trip), so nothing it holds changes meanwhile.
+        // Clustered: the id is claimed in Redis first (one round trip). Other
+        // registrations go on meanwhile; this id's wait (`claiming`), and what changed
+        // while the claim was in flight is checked again when it is answered.
+        let bytes = metadata.get().len();
+        self.claiming.insert(agent_id.clone(), bytes);
+        self.claiming_bytes += bytes;
+        let lease_losses = self.lease_losses;
         let claim = Claim {
-            agent_id,
+            agent_id: agent_id.clone(),
             session: session.to_string(),
             metadata: metadata.get().to_owned(),
         };
         let claimed = fut::wrap_future(cluster.send(claim));
-        ctx.wait(claimed.map(move |outcome, act: &mut Self, ctx| {
+        ctx.spawn(claimed.map(move |outcome, act: &mut Self, ctx| {
+            act.claiming.remove(&agent_id);
+            act.claiming_bytes -= bytes;
             let error = match answered(outcome) {
                 Ok(ClaimOutcome::Granted { incarnation }) => {
-                    return act.admit(msg, takeover, metadata, session, incarnation);
+                    let claimed = Claimed {
+                        incarnation,
+                        lease_losses,
+                    };
+                    return act.claimed(msg, takeover, metadata, session, claimed);
                 }
                 Ok(ClaimOutcome::HeldElsewhere { member }) => match act.remote_proof(&msg) {
                     Some(proof) => {
@@ -277,6 +286,49 @@ impl Handler<RegisterAgent> for Registry {
             };
             act.refuse(session_id, &msg, error, None);
         }));
+    }
+}
+
+/// A claim the cluster granted: the incarnation, and the lease losses counted when it
+/// was asked.
+struct Claimed {
+    incarnation: u64,
+    lease_losses: u64,
+}
+
+impl Registry {
+    /// Admits `msg` once its claim was granted, unless what changed while the claim was
+    /// in flight forbids it (shutdown began, or the lease was lost): then the claim is
+    /// released and the registration refused.
+    fn claimed(
+        &mut self,
+        msg: RegisterAgent,
+        takeover: Option<Takeover>,
+        metadata: Box<serde_json::value::RawValue>,
+        session: uuid::Uuid,
+        claimed: Claimed,
+    ) {
+        let incarnation = claimed.incarnation;
+        let (error, close) = if self.shutting_down {
+            (ErrorCode::ShuttingDown.into(), Some(Disconnect::SHUTDOWN))
+        } else if self.lease_losses != claimed.lease_losses {
+            let error = "this node lost its cluster lease while the registration was \
+                         claimed; retry (on any node)";
+            (
+                ProtocolError::new(ErrorCode::ClusterUnavailable, error),
+                None,
+            )
+        } else {
+            return self.admit(msg, takeover, metadata, session, incarnation);
+        };
+        if let Some(cluster) = &self.cluster {
+            let agent_id = msg.registration.agent_id.as_str().into();
+            cluster.do_send(Release {
+                agent_id,
+                incarnation,
+            });
+        }
+        self.refuse(msg.session_id, &msg, error, close);
     }
 }
 
@@ -406,8 +458,8 @@ impl Registry {
         let session_id = msg.session_id;
         let agent_id: Arc<str> = Arc::from(msg.registration.agent_id.as_str());
         let Some(socket) = self.sockets.get(&session_id) else {
-            // (Not while the registry waits for a claim, which holds back the
-            // connection's end; a local holder being taken over keeps the id.)
+            // The socket closed while the claim was in flight: the claim is let go
+            // (unless a local holder being taken over still has the id).
             if let (Some(cluster), false) = (&self.cluster, self.agents.contains_key(&agent_id)) {
                 cluster.do_send(Release {
                     agent_id,
