@@ -245,8 +245,8 @@ impl Handler<RegisterAgent> for Registry {
             return self.admit(msg, takeover, metadata, session, incarnation);
         };
         // Clustered: the id is claimed in Redis first (one round trip). Other
-        // registrations go on meanwhile; this id's wait (`claiming`), and what changed
-        // while the claim was in flight is checked again when it is answered.
+        // registrations go on meanwhile, those of this id are refused (`claiming`), and
+        // what may change while the claim is in flight is checked when it is answered.
         let bytes = metadata.get().len();
         self.claiming.insert(agent_id.clone(), bytes);
         self.claiming_bytes += bytes;
