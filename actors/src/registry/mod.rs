@@ -1,7 +1,8 @@
 //! The registry actor: the table of agent id → connection, and the one owner of every
 //! agent's lifecycle.
 //!
-//! It validates registrations and takeovers ([`registration`]), numbers incarnations
+//! It validates registrations and takeovers ([`registration`]; those that involve other
+//! nodes of a cluster in [`remote`]), numbers incarnations
 //! and events and ends incarnations ([`lifecycle`]), routes messages and answers the
 //! requests that need the table ([`routing`]; messages between agents go through the
 //! [`Routes`] it keeps, read by the connections), and serves the admin API and the
@@ -20,6 +21,7 @@ mod incarnations;
 mod lifecycle;
 pub mod messages;
 mod registration;
+mod remote;
 mod routing;
 #[cfg(test)]
 mod tests;
