@@ -69,6 +69,7 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
         "" => format!("ws://{local}/ws"),
         url => url.to_owned(),
     };
+    let mut direct = None;
     let cluster = if settings.cluster.enabled {
         let mut cluster_settings = settings.cluster.clone();
         cluster_settings.advertise_url = advertise_url.clone();
@@ -82,6 +83,7 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
             source.clone(),
         )
         .map_err(|e| std::io::Error::other(e.0))?;
+        direct = Some(node.direct_line());
         Some(Cluster::start_in_arbiter(
             &cluster_arbiter.handle(),
             move |_| node,
@@ -131,6 +133,7 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
                 registration_timeout: settings.network.registration_timeout,
                 liveness: rules,
                 cluster: cluster.clone(),
+                direct,
             }),
             open_sockets: Arc::new(AtomicUsize::new(0)),
         },

@@ -1,7 +1,9 @@
 //! Direct messages to agents of other nodes, over Redis pub/sub.
 //!
 //! A direct message the local table cannot deliver is [`Forward`]ed to the member
-//! holding its target, published on that member's channel. The holder is read from
+//! holding its target, published on that member's channel by the sender's own worker
+//! thread, on a Redis connection of that thread's ([`DirectLine`]): no hop through
+//! another thread on the sending side. The holder is read from
 //! the target's hash (`HGET`) and remembered for [`HOLDER_TTL`] ([`Holders`]), so a
 //! conversation costs one `PUBLISH` per message, not two commands.
 //!
@@ -27,8 +29,10 @@ use crate::protocol::{self, ErrorCode, ProtocolError};
 use crate::routes::Routes;
 use actix::prelude::*;
 use redis::aio::ConnectionManager;
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 /// How long a looked-up holder is used without looking it up again.
@@ -37,8 +41,7 @@ pub const HOLDER_TTL: Duration = Duration::from_secs(2);
 const MOST_HOLDERS: usize = 16_384;
 
 /// A direct message whose target is not on this node.
-#[derive(Message)]
-#[rtype(result = "()")]
+#[derive(Debug)]
 pub struct Forward {
     /// The target agent id.
     pub target: String,
@@ -150,29 +153,104 @@ async fn holder(
         .await
 }
 
-/// What became of a forwarded message, for the holder cache.
+/// What became of a forwarded message.
 enum Forwarded {
     /// Published to the remembered holder.
     AsRemembered,
     /// Published to this holder, looked up.
     To(Arc<str>),
-    /// Not published to another member (delivered here, or answered with an error).
-    NotSent,
+    /// Delivered on this node (it holds the target after all).
+    Here,
+    /// Nobody holds the target.
+    Unknown,
 }
 
-impl Handler<Forward> for Cluster {
-    type Result = ();
+/// What the worker threads need to send direct messages to other nodes themselves,
+/// kept up to date by the cluster actor (its member id, whether it is a live member)
+/// and shared with it (the remembered holders).
+#[derive(Debug)]
+pub struct DirectLine {
+    client: redis::Client,
+    keys: Keys,
+    member: RwLock<Arc<str>>,
+    live: AtomicBool,
+    pub(super) holders: Mutex<Holders>,
+    routes: Arc<Routes>,
+}
 
-    fn handle(&mut self, msg: Forward, ctx: &mut Self::Context) {
-        let mut redis = match self.live() {
-            Ok(redis) => redis,
-            Err(error) => {
-                let error = ProtocolError::new(ErrorCode::ClusterUnavailable, error.0);
-                return error_to(&self.routes, &msg.sender_id, &error, &msg.message_id);
-            }
-        };
-        let remembered = self.holders.get(&msg.target);
-        let (keys, me, routes) = (self.keys.clone(), self.member.clone(), self.routes.clone());
+thread_local! {
+    /// This thread's connections to Redis, by URL (one per worker thread).
+    static LINES: RefCell<HashMap<String, ConnectionManager>> = RefCell::new(HashMap::new());
+}
+
+impl DirectLine {
+    pub(super) fn new(
+        client: redis::Client,
+        keys: Keys,
+        member: Arc<str>,
+        routes: Arc<Routes>,
+    ) -> Self {
+        Self {
+            client,
+            keys,
+            member: RwLock::new(member),
+            live: AtomicBool::new(false),
+            holders: Mutex::default(),
+            routes,
+        }
+    }
+
+    /// This node is a live member as `member` (or not, `None`).
+    pub(super) fn set_member(&self, member: Option<Arc<str>>) {
+        if let Some(member) = member {
+            *self.member.write().unwrap_or_else(|e| e.into_inner()) = member;
+            self.live.store(true, Ordering::Release);
+        } else {
+            self.live.store(false, Ordering::Release);
+        }
+    }
+
+    pub(super) fn holders(&self) -> MutexGuard<'_, Holders> {
+        self.holders.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// This thread's connection to Redis (made on first use).
+    async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
+        let url = self.client.get_connection_info().addr.to_string();
+        if let Some(line) = LINES.with(|lines| lines.borrow().get(&url).cloned()) {
+            return Ok(line);
+        }
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(super::RESPONSE_TIMEOUT)
+            .set_response_timeout(super::RESPONSE_TIMEOUT)
+            .set_number_of_retries(1);
+        let line = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+        LINES.with(|lines| lines.borrow_mut().insert(url, line.clone()));
+        Ok(line)
+    }
+
+    /// Sends `msg` to the node holding its target, from the calling worker thread.
+    pub fn forward(self: &Arc<Self>, msg: Forward) {
+        let line = self.clone();
+        actix::spawn(async move { line.send(msg).await });
+    }
+
+    async fn send(&self, msg: Forward) {
+        let routes = &self.routes;
+        if !self.live.load(Ordering::Acquire) {
+            let error = ProtocolError::new(
+                ErrorCode::ClusterUnavailable,
+                "this node is not connected to its cluster (Redis unreachable or the node is \
+                 rejoining); try again shortly",
+            );
+            return error_to(routes, &msg.sender_id, &error, &msg.message_id);
+        }
+        let me = self
+            .member
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let remembered = self.holders().get(&msg.target);
         let crossing = Crossing {
             target: msg.target,
             origin: me.to_string(),
@@ -180,52 +258,49 @@ impl Handler<Forward> for Cluster {
             message_id: msg.message_id,
             frame: msg.frame,
         };
-        let target = crossing.target.clone();
-        let forward = async move {
-            let payload = crossing.payload("message");
+        let keys = &self.keys;
+        let payload = crossing.payload("message");
+        let routed = async {
+            let mut redis = self.connection().await?;
             if let Some(member) = remembered {
-                if let Ok(true) = publish(&mut redis, keys.inbox(&member), payload.clone()).await {
-                    crate::metrics::cross_node_message("direct");
-                    return Forwarded::AsRemembered;
+                if publish(&mut redis, keys.inbox(&member), payload.clone()).await? {
+                    return Ok(Forwarded::AsRemembered);
                 }
             }
-            let routed = async {
-                Ok::<_, redis::RedisError>(
-                    match holder(&mut redis, &keys, &crossing.target).await? {
-                        None => None,
-                        Some(member) if *member == *me => routes
-                            .deliver(&crossing.target, OutFrame::text(&crossing.frame))
-                            .then_some(None),
-                        Some(member) => {
-                            let member: Arc<str> = member.into();
-                            let sent = publish(&mut redis, keys.inbox(&member), payload).await?;
-                            sent.then_some(Some(member))
-                        }
-                    },
-                )
-            };
-            let error = match routed.await {
-                Ok(Some(Some(member))) => {
-                    crate::metrics::cross_node_message("direct");
-                    return Forwarded::To(member);
+            Ok::<_, redis::RedisError>(match holder(&mut redis, keys, &crossing.target).await? {
+                None => Forwarded::Unknown,
+                Some(member) if *member == *me => {
+                    match routes.deliver(&crossing.target, OutFrame::text(&crossing.frame)) {
+                        true => Forwarded::Here,
+                        false => Forwarded::Unknown,
+                    }
                 }
-                Ok(Some(None)) => return Forwarded::NotSent,
-                Ok(None) => crossing.unknown(),
-                Err(error) => ProtocolError::new(
-                    ErrorCode::ClusterUnavailable,
-                    format!("The message could not be routed through the cluster ({error}); retry"),
-                ),
-            };
-            error_to(&routes, &crossing.sender_id, &error, &crossing.message_id);
-            Forwarded::NotSent
+                Some(member) => {
+                    let member: Arc<str> = member.into();
+                    match publish(&mut redis, keys.inbox(&member), payload).await? {
+                        true => Forwarded::To(member),
+                        false => Forwarded::Unknown,
+                    }
+                }
+            })
         };
-        ctx.spawn(fut::wrap_future(forward).map(
-            move |forwarded, act: &mut Self, _| match forwarded {
-                Forwarded::AsRemembered => {}
-                Forwarded::To(member) => act.holders.remember(target, member),
-                Forwarded::NotSent => act.holders.forget(&target),
-            },
-        ));
+        let error = match routed.await {
+            Ok(Forwarded::AsRemembered) => return crate::metrics::cross_node_message("direct"),
+            Ok(Forwarded::To(member)) => {
+                crate::metrics::cross_node_message("direct");
+                return self.holders().remember(crossing.target, member);
+            }
+            Ok(Forwarded::Here) => return self.holders().forget(&crossing.target),
+            Ok(Forwarded::Unknown) => {
+                self.holders().forget(&crossing.target);
+                crossing.unknown()
+            }
+            Err(error) => ProtocolError::new(
+                ErrorCode::ClusterUnavailable,
+                format!("The message could not be routed through the cluster ({error}); retry"),
+            ),
+        };
+        error_to(routes, &crossing.sender_id, &error, &crossing.message_id);
     }
 }
 
@@ -296,7 +371,7 @@ impl Handler<HolderMoved> for Cluster {
     type Result = ();
 
     fn handle(&mut self, msg: HolderMoved, _ctx: &mut Self::Context) {
-        self.holders.forget(&msg.0);
+        self.direct.holders().forget(&msg.0);
     }
 }
 

@@ -252,6 +252,7 @@ impl Cluster {
                             act.joined(ctx);
                         }
                         act.standing = Standing::Member { confirmed: at };
+                        act.direct.set_member(Some(act.member.clone()));
                         act.retry_releases(ctx);
                     }
                     Ok(Some(LeaseCheck::Expired)) if joining => {

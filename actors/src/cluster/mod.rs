@@ -25,7 +25,7 @@ mod scripts;
 mod takeover;
 
 pub use crossing::Spread;
-pub use direct::{Forward, HOLDER_TTL};
+pub use direct::{DirectLine, Forward, HOLDER_TTL};
 pub use directory::{ClusterNodes, GetHeld, HeldAgent, ListHeld, NodeInfo, RemoveHeld};
 pub use keys::Keys;
 pub use takeover::{Answer, HandOver, HandoverRequest, TakeOver, Transfer};
@@ -164,8 +164,8 @@ pub struct Cluster {
     requests: u64,
     /// Takeover requests waiting for the holder's answer.
     waiting: takeover::Waiting,
-    /// Holders of the ids this node recently sent messages to.
-    holders: direct::Holders,
+    /// What the worker threads send direct messages to other nodes with.
+    direct: Arc<DirectLine>,
     /// The node is shutting down (said in its lease: no new agents are sent here).
     leaving: bool,
     /// The lease is refreshed at the next tick (its description changed).
@@ -188,6 +188,12 @@ impl Cluster {
         let client = redis::Client::open(settings.redis_url.as_str()).map_err(|e| {
             ClusterUnavailable(format!("cluster.redis_url is not a usable Redis URL: {e}"))
         })?;
+        let direct = Arc::new(DirectLine::new(
+            client.clone(),
+            Keys::new(&settings.prefix),
+            node_id.into(),
+            routes.clone(),
+        ));
         Ok(Self {
             keys: Keys::new(&settings.prefix),
             node_id: node_id.into(),
@@ -208,11 +214,17 @@ impl Cluster {
             unreleased: Vec::new(),
             requests: 0,
             waiting: Default::default(),
-            holders: Default::default(),
+            direct,
             leaving: false,
             announce: false,
             settings,
         })
+    }
+
+    /// What the worker threads send direct messages to other nodes with (give it to
+    /// the connections).
+    pub fn direct_line(&self) -> Arc<DirectLine> {
+        self.direct.clone()
     }
 
     /// The length of the lease.
@@ -240,6 +252,7 @@ impl Cluster {
             self.member
         );
         self.standing = Standing::Outside;
+        self.direct.set_member(None);
         // The lost member's claims are the reaper's now.
         self.unreleased.clear();
         if let Some(subscriber) = self.subscriber.take() {

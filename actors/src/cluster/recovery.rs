@@ -127,6 +127,7 @@ impl Cluster {
             return self.fence(ctx, "Redis lost it and this node cannot re-assert it");
         };
         self.standing = Standing::Outside;
+        self.direct.set_member(None);
         // No tick joins (under a new member id) while this runs.
         self.busy = true;
         let (keys, member, info) = (self.keys.clone(), self.member.clone(), self.info());
@@ -153,6 +154,7 @@ impl Cluster {
                             outcome.taken.len()
                         );
                         act.standing = Standing::Member { confirmed };
+                        act.direct.set_member(Some(act.member.clone()));
                         crate::metrics::cluster_reasserted();
                         if let Some(registry) = &act.registry {
                             registry.reasserted.do_send(outcome);

@@ -72,8 +72,11 @@ pub struct ConnectionSettings {
     pub registration_timeout: f64,
     /// The liveness rules (when activity ends an inactive period).
     pub liveness: Liveness,
-    /// The cluster, if clustered: what the local routing table cannot deliver goes there.
+    /// The cluster, if clustered: broadcasts go there too.
     pub cluster: Option<Addr<crate::cluster::Cluster>>,
+    /// If clustered: direct messages the local routing table cannot deliver are sent
+    /// to their target's node with it, from the connection's own thread.
+    pub direct: Option<Arc<crate::cluster::DirectLine>>,
 }
 
 /// What every connection is given by the server: whom it reports to, where it routes

@@ -234,10 +234,10 @@ impl AgentConnection {
             .routes
             .route(self.session_id, &agent_id, &kind, encoded);
         crate::metrics::message_routed(&kind, &routed);
-        if let Some(cluster) = &self.settings.cluster {
+        if let (Some(cluster), Some(direct)) = (&self.settings.cluster, &self.settings.direct) {
             match (routed, &kind) {
                 (Routed::UnknownTarget, MessageKind::Direct(target)) => {
-                    return cluster.do_send(Forward {
+                    return direct.forward(Forward {
                         target: target.clone(),
                         frame: text,
                         sender_id: agent_id.to_string(),
