@@ -30,7 +30,7 @@ const SCAN_EXCLUSIONS: usize = 8;
 
 /// Most bytes of frames parked for one expected id (beyond: `unknown_agent`, or
 /// dropped and counted when forwarded from another node).
-pub const PARKED_BYTES: usize = 1 << 20;
+const PARKED_BYTES: usize = 1 << 20;
 
 /// Where an agent's frames go.
 #[derive(Debug, Clone, Copy)]

@@ -13,7 +13,7 @@
 //! [`super::takeover`]). On the broadcast channel: `<origin member>\n<excluded ids,
 //! space-separated>\n<frame>` (agent ids contain neither spaces nor newlines).
 
-use super::direct::{self, HolderMoved};
+use super::direct::{self, DirectLine};
 use super::takeover::{Asked, HandoverAnswer, HandoverRequest, Unwanted, Waiting};
 use super::{Cluster, Keys};
 use crate::outbound::OutFrame;
@@ -65,6 +65,8 @@ impl Handler<Spread> for Cluster {
 struct Inbox {
     cluster: Addr<Cluster>,
     waiting: Waiting,
+    /// Where remembered holders are forgotten.
+    direct: Arc<DirectLine>,
 }
 
 impl Inbox {
@@ -96,8 +98,8 @@ impl Inbox {
         };
         match kind {
             "message" | "again" => direct::received(routes, &self.cluster, kind, body),
-            "moved" => self.cluster.do_send(HolderMoved(body.to_owned())),
-            "bounce" => direct::bounced(routes, &self.cluster, body),
+            "moved" => self.direct.holders().forget(body),
+            "bounce" => direct::bounced(routes, &self.direct, body),
             "remove" => self.cluster.do_send(RemoveAsked(body.to_owned())),
             "takeover" => match serde_json::from_str::<HandoverRequest>(body) {
                 Ok(request) => self.cluster.do_send(Asked(request)),
@@ -146,13 +148,18 @@ pub(super) async fn subscribe(
     client: redis::Client,
     keys: Keys,
     member: Arc<str>,
-    routes: Arc<Routes>,
+    direct: Arc<DirectLine>,
     subscribed: Arc<AtomicBool>,
     cluster: Addr<Cluster>,
     waiting: Waiting,
 ) {
     let (inbox, broadcasts) = (keys.inbox(&member), keys.broadcasts());
-    let handler = Inbox { cluster, waiting };
+    let routes = direct.routes().clone();
+    let handler = Inbox {
+        cluster,
+        waiting,
+        direct,
+    };
     loop {
         match client.get_async_pubsub().await {
             Ok(mut pubsub) => {

@@ -19,11 +19,13 @@
 //! newline):
 //! - `message\n<target>\n<origin member>\n<sender id>\n<message id>\n<frame>`, and
 //!   `again\n…` the same for the second hop;
-//! - `moved\n<target>`: forget the holder remembered for `target`;
+//! - `moved\n<target>`: forget the holder remembered for `target` (the subscriber does,
+//!   on the shared [`DirectLine`]);
 //! - `bounce\n<target>\n<sender id>\n<error frame>`: deliver the error to the sender and
 //!   forget the holder remembered for `target`.
 
-use super::{Cluster, Keys};
+use super::claims::unavailable;
+use super::{Cluster, ClusterUnavailable, Keys};
 use crate::outbound::OutFrame;
 use crate::protocol::{self, ErrorCode, ProtocolError};
 use crate::routes::Routes;
@@ -171,10 +173,12 @@ enum Forwarded {
 #[derive(Debug)]
 pub struct DirectLine {
     client: redis::Client,
+    /// The Redis address, which names this thread's connection in `LINES`.
+    url: String,
     keys: Keys,
     member: RwLock<Arc<str>>,
     live: AtomicBool,
-    pub(super) holders: Mutex<Holders>,
+    holders: Mutex<Holders>,
     routes: Arc<Routes>,
 }
 
@@ -191,6 +195,7 @@ impl DirectLine {
         routes: Arc<Routes>,
     ) -> Self {
         Self {
+            url: client.get_connection_info().addr.to_string(),
             client,
             keys,
             member: RwLock::new(member),
@@ -210,22 +215,23 @@ impl DirectLine {
         }
     }
 
+    /// The routing table messages are delivered to.
+    pub(super) fn routes(&self) -> &Arc<Routes> {
+        &self.routes
+    }
+
     pub(super) fn holders(&self) -> MutexGuard<'_, Holders> {
         self.holders.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// This thread's connection to Redis (made on first use).
-    async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
-        let url = self.client.get_connection_info().addr.to_string();
-        if let Some(line) = LINES.with(|lines| lines.borrow().get(&url).cloned()) {
+    /// This thread's connection to Redis (made on first use, with the cluster's
+    /// timeouts).
+    async fn connection(&self) -> Result<ConnectionManager, ClusterUnavailable> {
+        if let Some(line) = LINES.with(|lines| lines.borrow().get(&self.url).cloned()) {
             return Ok(line);
         }
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(super::RESPONSE_TIMEOUT)
-            .set_response_timeout(super::RESPONSE_TIMEOUT)
-            .set_number_of_retries(1);
-        let line = ConnectionManager::new_with_config(self.client.clone(), config).await?;
-        LINES.with(|lines| lines.borrow_mut().insert(url, line.clone()));
+        let line = super::connect(self.client.clone()).await?;
+        LINES.with(|lines| lines.borrow_mut().insert(self.url.clone(), line.clone()));
         Ok(line)
     }
 
@@ -262,12 +268,19 @@ impl DirectLine {
         let payload = crossing.payload("message");
         let routed = async {
             let mut redis = self.connection().await?;
+            let failed = |e: redis::RedisError| unavailable("message", &e);
             if let Some(member) = remembered {
-                if publish(&mut redis, keys.inbox(&member), payload.clone()).await? {
+                if publish(&mut redis, keys.inbox(&member), payload.clone())
+                    .await
+                    .map_err(failed)?
+                {
                     return Ok(Forwarded::AsRemembered);
                 }
             }
-            Ok::<_, redis::RedisError>(match holder(&mut redis, keys, &crossing.target).await? {
+            let holder = holder(&mut redis, keys, &crossing.target)
+                .await
+                .map_err(failed)?;
+            Ok::<_, ClusterUnavailable>(match holder {
                 None => Forwarded::Unknown,
                 Some(member) if *member == *me => {
                     match routes.deliver(&crossing.target, OutFrame::text(&crossing.frame)) {
@@ -277,7 +290,10 @@ impl DirectLine {
                 }
                 Some(member) => {
                     let member: Arc<str> = member.into();
-                    match publish(&mut redis, keys.inbox(&member), payload).await? {
+                    match publish(&mut redis, keys.inbox(&member), payload)
+                        .await
+                        .map_err(failed)?
+                    {
                         true => Forwarded::To(member),
                         false => Forwarded::Unknown,
                     }
@@ -362,28 +378,15 @@ pub(super) async fn bounce(redis: &mut ConnectionManager, keys: &Keys, crossing:
     }
 }
 
-/// Told by the subscriber: the holder remembered for this id is out of date.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(super) struct HolderMoved(pub String);
-
-impl Handler<HolderMoved> for Cluster {
-    type Result = ();
-
-    fn handle(&mut self, msg: HolderMoved, _ctx: &mut Self::Context) {
-        self.direct.holders().forget(&msg.0);
-    }
-}
-
 /// A `bounce` body: the error for the sender, delivered here; the target's remembered
 /// holder is forgotten.
-pub(super) fn bounced(routes: &Routes, cluster: &Addr<Cluster>, body: &str) {
+pub(super) fn bounced(routes: &Routes, direct: &DirectLine, body: &str) {
     let mut parts = body.splitn(3, '\n');
     let (Some(target), Some(sender_id), Some(error)) = (parts.next(), parts.next(), parts.next())
     else {
         return log::warn!("cluster: a malformed bounce was ignored");
     };
-    cluster.do_send(HolderMoved(target.to_owned()));
+    direct.holders().forget(target);
     routes.deliver(sender_id, OutFrame::text(error));
 }
 

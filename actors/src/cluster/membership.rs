@@ -101,7 +101,7 @@ async fn lost_members(
 }
 
 /// Takes (`joining`) or refreshes the lease of `member`, describing it as `info`.
-async fn renew_lease(
+pub(super) async fn renew_lease(
     redis: &mut ConnectionManager,
     keys: &Keys,
     member: &str,
@@ -159,7 +159,7 @@ async fn reap_lost(
 }
 
 /// What a lease round trip found.
-enum LeaseCheck {
+pub(super) enum LeaseCheck {
     /// Redis confirmed the lease (refreshed, or taken on joining) at this instant.
     Confirmed(Instant),
     /// The lease was gone when it was refreshed.
@@ -310,7 +310,7 @@ impl Cluster {
             self.client.clone(),
             self.keys.clone(),
             self.member.clone(),
-            self.routes.clone(),
+            self.direct.clone(),
             self.subscribed.clone(),
             ctx.address(),
             self.waiting.clone(),

@@ -19,6 +19,7 @@
 //! Incarnation counters of ids not held at the time are lost with Redis's data: run
 //! Redis with persistence where incarnations must only grow across such a loss.
 
+use super::membership::{renew_lease, LeaseCheck};
 use super::{scripts, Cluster, Keys, Standing};
 use crate::registry::{ClaimsReasserted, HeldClaim, HeldClaims};
 use actix::prelude::*;
@@ -39,26 +40,12 @@ async fn reassert(
     lease_ms: u64,
     held: Vec<HeldClaim>,
 ) -> Result<(Instant, ClaimsReasserted), String> {
-    let sent = Instant::now();
-    let taken: Option<String> = redis::pipe()
-        .cmd("SET")
-        .arg(keys.lease(&member))
-        .arg(&info)
-        .arg("NX")
-        .arg("PX")
-        .arg(lease_ms)
-        .cmd("HSET")
-        .arg(keys.members())
-        .arg(&*member)
-        .arg(&info)
-        .ignore()
-        .query_async::<(Option<String>,)>(&mut redis)
-        .await
-        .map_err(|e| e.to_string())?
-        .0;
-    if taken.is_none() {
-        return Err(format!("member id {member} is taken"));
-    }
+    // Taken as on joining, under the same member id.
+    let sent = match renew_lease(&mut redis, &keys, &member, &info, true, lease_ms).await {
+        LeaseCheck::Confirmed(sent) => sent,
+        LeaseCheck::Expired => return Err(format!("member id {member} is taken")),
+        LeaseCheck::Unreachable(error) => return Err(error),
+    };
     let mut outcome = ClaimsReasserted::default();
     for chunk in held.chunks(CHUNK) {
         let mut pipe = redis::pipe();
