@@ -20,6 +20,7 @@ pub fn effective_toml(settings: &Settings) -> String {
     }
     shown.events.redis.url = redact_url_password(&shown.events.redis.url);
     shown.events.rabbitmq.url = redact_url_password(&shown.events.rabbitmq.url);
+    shown.storage.url = redact_url_password(&shown.storage.url);
     let body = toml::to_string(&shown).expect("settings are plain TOML values");
     format!(
         "# Tether's effective configuration (embedded default, file, environment).\n\

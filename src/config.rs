@@ -222,6 +222,7 @@ pub fn validate(s: &Settings) -> Result<(), ConfigError> {
         return Err(invalid("identity.secret", "must not be empty when set"));
     }
     validate_cluster(s)?;
+    validate_instructions(s)?;
     if s.shutdown.timeout.is_nan() || s.shutdown.timeout < 0.0 {
         return Err(invalid("shutdown.timeout", "must be zero or more seconds"));
     }
@@ -327,6 +328,45 @@ pub fn validate(s: &Settings) -> Result<(), ConfigError> {
 }
 
 /// `[cluster]`: checked only when enabled (a single node ignores it).
+fn validate_instructions(s: &Settings) -> Result<(), ConfigError> {
+    let url = &s.storage.url;
+    let known = ["sqlite://", "postgres://", "postgresql://"];
+    if !known.iter().any(|scheme| url.starts_with(scheme)) {
+        return Err(invalid(
+            "storage.url",
+            format!("must start with sqlite:// (a file, created on first start) or postgres://, not {url:?}"),
+        ));
+    }
+    if s.storage.max_connections == 0 {
+        return Err(invalid("storage.max_connections", "must be at least 1"));
+    }
+    let i = &s.instructions;
+    positive("instructions.default_ttl", i.default_ttl)?;
+    positive("instructions.default_ack_timeout", i.default_ack_timeout)?;
+    positive("instructions.max_ttl", i.max_ttl)?;
+    positive("instructions.sweep_interval", i.sweep_interval)?;
+    positive("sessions.idle_timeout", s.sessions.idle_timeout)?;
+    if i.default_ttl > i.max_ttl {
+        return Err(invalid(
+            "instructions.default_ttl",
+            "must not exceed instructions.max_ttl",
+        ));
+    }
+    if i.default_max_attempts == 0 {
+        return Err(invalid(
+            "instructions.default_max_attempts",
+            "must be at least 1",
+        ));
+    }
+    if i.max_payload_bytes == 0 {
+        return Err(invalid(
+            "instructions.max_payload_bytes",
+            "must be at least 1",
+        ));
+    }
+    Ok(())
+}
+
 fn validate_cluster(s: &Settings) -> Result<(), ConfigError> {
     let cluster = &s.cluster;
     if !cluster.enabled {

@@ -20,6 +20,7 @@ mod cluster_api;
 mod config;
 mod dashboard;
 mod events_cmd;
+mod instructions_api;
 mod listener;
 mod metrics;
 mod publishers;

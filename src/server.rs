@@ -2,7 +2,7 @@
 //! listener, and the shutdown sequence run on SIGINT or SIGTERM.
 
 use crate::state::AppState;
-use crate::{admin, cluster_api, dashboard, listener, metrics, publishers, sse};
+use crate::{admin, cluster_api, dashboard, instructions_api, listener, metrics, publishers, sse};
 use actix::prelude::*;
 use actix_web::middleware::from_fn;
 use actix_web::{web, App};
@@ -14,6 +14,7 @@ use tether_actors::cluster::{Cluster, Leaving, TellRegistry};
 use tether_actors::connection::{ConnectionContext, ConnectionSettings};
 use tether_actors::event::{EventSource, LifecycleEvent, NetworkEvent};
 use tether_actors::heartbeat::Heartbeat;
+use tether_actors::instructions::{Dispatcher, Store};
 use tether_actors::liveness::Liveness;
 use tether_actors::registry::{BeginShutdown, CloseAll, Drained, Registry, WaitFor};
 use tether_actors::routes::Routes;
@@ -53,6 +54,11 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
     tcp.set_nonblocking(true)?;
     let local = tcp.local_addr()?;
 
+    // Before any actor starts: a storage that cannot be opened stops the start-up.
+    let store = Store::open(&settings.storage.url, settings.storage.max_connections)
+        .await
+        .map_err(|e| std::io::Error::other(format!("storage.url: {e}")))?;
+
     let bus_arbiter = Arbiter::new();
     let registry_arbiter = Arbiter::new();
     let heartbeat_arbiter = Arbiter::new();
@@ -91,8 +97,24 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
     } else {
         None
     };
+    let dispatcher_arbiter = Arbiter::new();
+    let instructions = {
+        let (store, routes, events) = (store.clone(), routes.clone(), bus.clone());
+        let (source, settings) = (source.clone(), settings.clone());
+        Dispatcher::start_in_arbiter(&dispatcher_arbiter.handle(), move |_| {
+            Dispatcher::new(
+                store,
+                routes,
+                events.recipient(),
+                source,
+                settings.instructions.clone(),
+                settings.sessions.clone(),
+            )
+        })
+    };
     let registry = {
         let (settings, source, events) = (settings.clone(), source.clone(), bus.clone());
+        let presence = instructions.clone().recipient();
         let routes = routes.clone();
         let cluster = cluster.clone();
         let heartbeat_arbiter = heartbeat_arbiter.handle();
@@ -104,7 +126,8 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
             let _ = heartbeat_tx.send(heartbeat.clone());
             let watch = heartbeat.recipient();
             let registry =
-                Registry::new(settings, source, events.recipient(), watch, secret, routes);
+                Registry::new(settings, source, events.recipient(), watch, secret, routes)
+                    .with_instructions(presence);
             match cluster {
                 Some(cluster) => {
                     cluster.do_send(TellRegistry {
@@ -134,6 +157,7 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
                 liveness: rules,
                 cluster: cluster.clone(),
                 direct,
+                instructions: Some(instructions.clone().recipient()),
             }),
             open_sockets: Arc::new(AtomicUsize::new(0)),
         },
@@ -141,6 +165,8 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
         registry: registry.clone(),
         heartbeat,
         bus: bus.clone(),
+        instructions,
+        store,
         source: source.clone(),
         next_session: Arc::new(AtomicU64::new(1)),
         accepting: Arc::new(AtomicBool::new(true)),
@@ -149,6 +175,8 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
         placements: Arc::new(AtomicUsize::new(0)),
     };
     let app_state = web::Data::new(state.clone());
+    // An instruction's body: its payload and a few fields.
+    let body_limit = settings.instructions.max_payload_bytes + 64 * 1024;
     let app = move || {
         App::new()
             .app_data(app_state.clone())
@@ -170,7 +198,38 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
                     .route("/agents/{id}", web::get().to(admin::get_agent))
                     .route("/agents/{id}", web::delete().to(admin::remove_agent))
                     .route("/events", web::get().to(sse::events))
-                    .route("/cluster/nodes", web::get().to(cluster_api::cluster_nodes)),
+                    .route("/cluster/nodes", web::get().to(cluster_api::cluster_nodes))
+                    .app_data(web::PayloadConfig::new(body_limit))
+                    .route(
+                        "/agents/{id}/instructions",
+                        web::post().to(instructions_api::create_for_agent),
+                    )
+                    .route(
+                        "/agents/{id}/instructions",
+                        web::get().to(instructions_api::agent_instructions),
+                    )
+                    .route(
+                        "/instructions",
+                        web::post().to(instructions_api::create_instruction),
+                    )
+                    .route(
+                        "/instructions/{id}",
+                        web::get().to(instructions_api::get_instruction),
+                    )
+                    .route(
+                        "/instructions/{id}",
+                        web::delete().to(instructions_api::cancel_instruction),
+                    )
+                    .route("/sessions", web::post().to(instructions_api::open_session))
+                    .route("/sessions", web::get().to(instructions_api::list_sessions))
+                    .route(
+                        "/sessions/{id}",
+                        web::get().to(instructions_api::get_session),
+                    )
+                    .route(
+                        "/sessions/{id}/close",
+                        web::post().to(instructions_api::close_session),
+                    ),
             )
     };
     // Tests and scripts read this line to learn the port (network.port may be 0).

@@ -8,6 +8,7 @@ use tether_actors::cluster::Cluster;
 use tether_actors::connection::ConnectionContext;
 use tether_actors::event::EventSource;
 use tether_actors::heartbeat::Heartbeat;
+use tether_actors::instructions::{Dispatcher, Store};
 use tether_actors::registry::Registry;
 use tether_actors::settings::Settings;
 
@@ -25,6 +26,10 @@ pub struct AppState {
     pub heartbeat: Addr<Heartbeat>,
     /// The event bus actor.
     pub bus: Addr<EventBus>,
+    /// The instruction dispatcher.
+    pub instructions: Addr<Dispatcher>,
+    /// Where instructions and sessions are kept (read directly by the admin API).
+    pub store: Store,
     /// Where events come from.
     pub source: EventSource,
     /// Next connection's session id.

@@ -40,6 +40,24 @@ pub enum EventKind {
     NetworkStopping,
     /// `network.stopped`
     NetworkStopped,
+    /// `instruction.created`
+    InstructionCreated,
+    /// `instruction.delivered`
+    InstructionDelivered,
+    /// `instruction.done`
+    InstructionDone,
+    /// `instruction.failed`
+    InstructionFailed,
+    /// `instruction.rejected`
+    InstructionRejected,
+    /// `instruction.expired`
+    InstructionExpired,
+    /// `instruction.cancelled`
+    InstructionCancelled,
+    /// `session.opened`
+    SessionOpened,
+    /// `session.closed`
+    SessionClosed,
 }
 
 impl EventKind {
@@ -57,6 +75,15 @@ impl EventKind {
             Self::NetworkStarted => "network.started",
             Self::NetworkStopping => "network.stopping",
             Self::NetworkStopped => "network.stopped",
+            Self::InstructionCreated => "instruction.created",
+            Self::InstructionDelivered => "instruction.delivered",
+            Self::InstructionDone => "instruction.done",
+            Self::InstructionFailed => "instruction.failed",
+            Self::InstructionRejected => "instruction.rejected",
+            Self::InstructionExpired => "instruction.expired",
+            Self::InstructionCancelled => "instruction.cancelled",
+            Self::SessionOpened => "session.opened",
+            Self::SessionClosed => "session.closed",
         }
     }
 }
@@ -311,6 +338,26 @@ impl LifecycleEvent {
             node_id: &source.node_id,
         };
         Self::build(source, payload.kind(), source.node_id.clone(), 0, 0, data)
+    }
+
+    /// An `instruction.*` or `session.*` event: `key` is the instruction's (or
+    /// session's) id, `seq` the number of its change (consumers order by it), and
+    /// `payload` the rest of its `data`.
+    pub fn work<P: Serialize>(
+        source: &EventSource,
+        kind: EventKind,
+        key: Arc<str>,
+        seq: u64,
+        payload: &P,
+    ) -> Self {
+        let data = Data {
+            payload,
+            agent_id: None,
+            incarnation: None,
+            seq: Some(seq),
+            node_id: &source.node_id,
+        };
+        Self::build(source, kind, key, 0, seq, data)
     }
 
     fn build<P: Serialize>(

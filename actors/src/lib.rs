@@ -26,6 +26,7 @@ pub mod disconnect;
 pub mod event;
 pub mod heartbeat;
 pub mod identity;
+pub mod instructions;
 pub mod liveness;
 pub mod metrics;
 pub mod outbound;

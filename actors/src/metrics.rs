@@ -35,6 +35,9 @@ pub const CLUSTER_REASSERTS: &str = "tether_cluster_reasserts_total";
 /// Direct messages from or for other nodes that were dropped, by `reason` (counter).
 pub const CLUSTER_MESSAGES_DROPPED: &str = "tether_cluster_messages_dropped_total";
 
+/// Instructions that reached a state, by `state` (`pending` counts creations) (counter).
+pub const INSTRUCTIONS: &str = "tether_instructions_total";
+
 /// How long incarnations stayed registered, in seconds (histogram).
 pub const CONNECTION_DURATION: &str = "tether_connection_duration_seconds";
 /// Buckets of [`CONNECTION_DURATION`], in seconds: 1 s to 1 day.
@@ -169,4 +172,9 @@ pub fn cluster_messages_dropped(reason: &'static str, count: usize) {
 /// A message of `kind` (`direct`, `broadcast`) went through Redis to other nodes.
 pub fn cross_node_message(kind: &'static str) {
     counter!(CLUSTER_MESSAGES_FORWARDED, "kind" => kind).increment(1);
+}
+
+/// An instruction reached `state` (`pending`: it was created).
+pub fn instruction_event(state: &'static str) {
+    counter!(INSTRUCTIONS, "state" => state).increment(1);
 }

@@ -27,6 +27,48 @@ pub struct Settings {
     pub events: EventsSettings,
     /// Several nodes as one network, coordinated through Redis.
     pub cluster: ClusterSettings,
+    /// Where instructions and sessions are kept.
+    pub storage: StorageSettings,
+    /// Instructions: durable work for agents.
+    pub instructions: InstructionsSettings,
+    /// Sessions instructions belong to.
+    pub sessions: SessionsSettings,
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    /// `sqlite://path` (created on first start) or `postgres://user@host/database`.
+    pub url: String,
+    /// Most connections to the database.
+    pub max_connections: u32,
+}
+
+/// `[instructions]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstructionsSettings {
+    /// Seconds an instruction lives when it does not say (`ttl`).
+    pub default_ttl: f64,
+    /// Deliveries when it does not say (`max_attempts`).
+    pub default_max_attempts: u32,
+    /// Seconds an agent has to acknowledge a delivery when it does not say.
+    pub default_ack_timeout: f64,
+    /// Longest `ttl` accepted, in seconds.
+    pub max_ttl: f64,
+    /// Largest `payload` accepted, in bytes of JSON.
+    pub max_payload_bytes: usize,
+    /// Seconds between checks of acknowledgement deadlines and expiries.
+    pub sweep_interval: f64,
+}
+
+/// `[sessions]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsSettings {
+    /// Seconds without activity after which an open session is closed.
+    pub idle_timeout: f64,
 }
 
 /// `[cluster]`

@@ -300,6 +300,11 @@ pub async fn start_tether_logging_to(
         .env("TETHER__NETWORK__HOST", "127.0.0.1")
         .env("TETHER__NETWORK__MAX_CONNECTIONS", "1000000")
         .env("TETHER__SHUTDOWN__TIMEOUT", "2")
+        // Each server its own instructions database, next to its log.
+        .env(
+            "TETHER__STORAGE__URL",
+            format!("sqlite://{}.db", log.display()),
+        )
         .env_remove("TETHER_CONFIG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -29,6 +29,9 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 /// A running server process, killed when dropped.
 pub struct TestServer {
     child: Option<Child>,
+    /// The SQLite file made for this server (removed with it), unless the test gave
+    /// `TETHER__STORAGE__URL`.
+    database: Option<std::path::PathBuf>,
     /// `127.0.0.1:PORT`.
     pub addr: String,
     /// Lines the server wrote to stderr (logs), collected in the background.
@@ -51,6 +54,16 @@ impl TestServer {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // Each server its own instructions database: servers of concurrent tests must
+        // not share one file.
+        let database = (!env.iter().any(|(key, _)| *key == "TETHER__STORAGE__URL")).then(|| {
+            let path = fresh_database_path();
+            command.env(
+                "TETHER__STORAGE__URL",
+                format!("sqlite://{}", path.display()),
+            );
+            path
+        });
         for (key, value) in env {
             command.env(key, value);
         }
@@ -82,6 +95,7 @@ impl TestServer {
         std::thread::spawn(move || for _ in reader.lines() {});
         Self {
             child: Some(child),
+            database,
             addr,
             stderr,
         }
@@ -145,7 +159,28 @@ impl Drop for TestServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if let Some(path) = self.database.take() {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+            }
+        }
     }
+}
+
+/// A path for a new SQLite database in the temporary directory.
+pub fn fresh_database_path() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("tether-test-{}.db", uuid_like()))
+}
+
+/// A unique enough name: the process id, the time and a counter.
+fn uuid_like() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{}-{nanos}-{n}", std::process::id())
 }
 
 /// A WebSocket client speaking the agent protocol.

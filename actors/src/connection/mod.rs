@@ -77,6 +77,8 @@ pub struct ConnectionSettings {
     /// If clustered: direct messages the local routing table cannot deliver are sent
     /// to their target's node with it, from the connection's own thread.
     pub direct: Option<Arc<crate::cluster::DirectLine>>,
+    /// The instruction dispatcher, which `instruction_ack`s go to.
+    pub instructions: Option<Recipient<crate::instructions::Acknowledge>>,
 }
 
 /// What every connection is given by the server: whom it reports to, where it routes

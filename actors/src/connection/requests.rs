@@ -7,9 +7,10 @@ use super::{AgentConnection, RegistrationState};
 use crate::clock::{epoch_secs, monotonic_ms};
 use crate::cluster::{Forward, Spread};
 use crate::disconnect::Disconnect;
+use crate::instructions::Acknowledge;
 use crate::outbound::OutFrame;
 use crate::protocol::command::{Command, Refusal, Registration, Request};
-use crate::protocol::{self, ErrorCode, Inbound, MessageKind, ProtocolError};
+use crate::protocol::{self, ErrorCode, Inbound, InstructionAck, MessageKind, ProtocolError};
 use crate::registry::{ActivityResumed, RegisterAgent, RegistrationRefused, SystemRequest};
 use crate::routes::Routed;
 use actix::prelude::*;
@@ -62,7 +63,7 @@ impl AgentConnection {
                 }
             }
             Inbound::OtherResponse => self.clock.seen(now),
-            Inbound::Request(_) | Inbound::Message(_) => {
+            Inbound::Request(_) | Inbound::Message(_) | Inbound::InstructionAck(_) => {
                 let previous = self.clock.active(now);
                 if self.settings.liveness.is_idle(previous, now) {
                     self.registry.do_send(ActivityResumed {
@@ -76,6 +77,37 @@ impl AgentConnection {
             Inbound::PingAnswer { .. } | Inbound::OtherResponse => {}
             Inbound::Request(request) => self.on_request(ctx, request),
             Inbound::Message(frame) => self.on_message(ctx, frame),
+            Inbound::InstructionAck(ack) => self.on_instruction_ack(ctx, ack),
+        }
+    }
+
+    /// Hands an `instruction_ack` to the dispatcher, which answers errors itself. An
+    /// acknowledgement costs one request of the connection's budget (it costs the
+    /// dispatcher a database write).
+    fn on_instruction_ack(&mut self, ctx: &mut Context<Self>, ack: InstructionAck) {
+        let refuse = |error: ProtocolError, id: &str| {
+            let mut frame = protocol::error_frame(&error, None);
+            frame["instruction_id"] = json!(id);
+            frame
+        };
+        let RegistrationState::Registered(agent_id) = &self.state else {
+            let frame = refuse(ErrorCode::NotRegistered.into(), &ack.instruction_id);
+            return self.send_json(ctx, &frame);
+        };
+        if self.requests.check().is_err() {
+            crate::metrics::frame_rejected("rate_limited");
+            let frame = refuse(ErrorCode::RateLimited.into(), &ack.instruction_id);
+            return self.send_json(ctx, &frame);
+        }
+        match &self.settings.instructions {
+            Some(dispatcher) => dispatcher.do_send(Acknowledge {
+                agent_id: agent_id.clone(),
+                ack,
+            }),
+            None => {
+                let frame = refuse(ErrorCode::UnknownInstruction.into(), &ack.instruction_id);
+                self.send_json(ctx, &frame);
+            }
         }
     }
 

@@ -49,6 +49,14 @@ pub enum ErrorCode {
     /// The cluster (its Redis) is unreachable, or this node is rejoining it:
     /// retryable.
     ClusterUnavailable,
+    /// An `instruction_ack` names no instruction Tether knows.
+    UnknownInstruction,
+    /// An `instruction_ack` names an instruction delivered to another agent.
+    NotYourInstruction,
+    /// An `instruction_ack` names an instruction that already finished.
+    InstructionFinished,
+    /// Instructions are unavailable (their storage cannot be reached): retryable.
+    StorageUnavailable,
 }
 
 impl ErrorCode {
@@ -74,6 +82,10 @@ impl ErrorCode {
             Self::TooManyClaims => "too_many_claims",
             Self::RateLimited => "rate_limited",
             Self::ClusterUnavailable => "cluster_unavailable",
+            Self::UnknownInstruction => "unknown_instruction",
+            Self::NotYourInstruction => "not_your_instruction",
+            Self::InstructionFinished => "instruction_finished",
+            Self::StorageUnavailable => "storage_unavailable",
         }
     }
 
@@ -100,6 +112,12 @@ impl ErrorCode {
             Self::RateLimited => "Too many requests on this connection; slow down",
             Self::ClusterUnavailable => {
                 "The network's cluster is unreachable from this node; retry shortly"
+            }
+            Self::UnknownInstruction => "No instruction has this instruction_id",
+            Self::NotYourInstruction => "This instruction was delivered to another agent",
+            Self::InstructionFinished => "This instruction has already finished",
+            Self::StorageUnavailable => {
+                "Instructions are unavailable: their storage cannot be reached; retry shortly"
             }
         }
     }

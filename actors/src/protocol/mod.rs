@@ -29,6 +29,62 @@ pub enum Inbound {
     OtherResponse,
     /// `{"type":"message","data":{...}}`; the whole frame is kept for forwarding.
     Message(Map<String, Value>),
+    /// `{"type":"instruction_ack","instruction_id":...,"status":...,"result":...}`.
+    InstructionAck(InstructionAck),
+}
+
+/// An agent's answer to an instruction (PROTOCOL.md §10).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstructionAck {
+    /// The instruction answered.
+    pub instruction_id: String,
+    /// How it ended.
+    pub status: AckStatus,
+    /// The agent's `result` (JSON text), if it gave one.
+    pub result: Option<String>,
+}
+
+/// The `status` of an `instruction_ack`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckStatus {
+    /// The work is done.
+    Done,
+    /// The agent tried and failed.
+    Failed,
+    /// The agent will not do it.
+    Rejected,
+}
+
+impl InstructionAck {
+    fn parse(fields: &mut Map<String, Value>) -> Result<Self, FrameError> {
+        let instruction_id = match fields.remove("instruction_id") {
+            Some(Value::String(id)) if !id.is_empty() && id.len() <= 128 => id,
+            _ => {
+                return Err(FrameError(
+                    "instruction_ack has no `instruction_id` string (1-128 characters)".into(),
+                ))
+            }
+        };
+        let status = match fields.get("status").and_then(Value::as_str) {
+            Some("done") => AckStatus::Done,
+            Some("failed") => AckStatus::Failed,
+            Some("rejected") => AckStatus::Rejected,
+            _ => {
+                return Err(FrameError(
+                    "instruction_ack `status` must be \"done\", \"failed\" or \"rejected\"".into(),
+                ))
+            }
+        };
+        let result = match fields.remove("result") {
+            None | Some(Value::Null) => None,
+            Some(result) => Some(result.to_string()),
+        };
+        Ok(Self {
+            instruction_id,
+            status,
+            result,
+        })
+    }
 }
 
 /// Why a text frame could not be understood (sent back as `invalid_frame`).
@@ -118,6 +174,7 @@ pub fn parse_frame(text: &str) -> Result<Inbound, FrameError> {
             Some(Value::Object(_)) => Ok(Inbound::Message(fields)),
             _ => Err(FrameError("message has no `data` object".into())),
         },
+        "instruction_ack" => Ok(Inbound::InstructionAck(InstructionAck::parse(&mut fields)?)),
         other => Err(FrameError(format!("unknown frame type `{other}`"))),
     }
 }

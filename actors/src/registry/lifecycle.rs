@@ -76,6 +76,14 @@ impl Registry {
     /// the seconds it lasted. The entry must already be out of the table.
     fn forget(&mut self, agent_id: &Arc<str>, entry: &AgentEntry, disconnect: Disconnect) -> f64 {
         self.routes.remove(agent_id, entry.session_id);
+        let took_instructions = entry.metadata.get().contains("instructions");
+        if let (Some(presence), true) = (&self.presence, took_instructions) {
+            // The dispatcher ignores incarnations it was never told of.
+            presence.do_send(crate::instructions::Presence::Offline {
+                agent_id: agent_id.clone(),
+                incarnation: entry.incarnation,
+            });
+        }
         self.certificates.released(agent_id);
         self.incarnations.departed(agent_id, entry.incarnation);
         self.metadata_bytes -= entry.metadata.get().len();

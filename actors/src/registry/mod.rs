@@ -34,6 +34,7 @@ use crate::cluster::Cluster;
 use crate::event::EventSource;
 use crate::heartbeat::Watch;
 use crate::identity::CertificateAuthority;
+use crate::instructions::Presence;
 use crate::liveness::{ConnectionClock, Liveness, SessionId};
 use crate::outbound::Outbox;
 use crate::routes::Routes;
@@ -142,6 +143,8 @@ pub struct Registry {
     claiming_bytes: usize,
     /// Counts this node's lease losses: a claim granted before one is not admitted.
     lease_losses: u64,
+    /// The instruction dispatcher: told when agents that take instructions come and go.
+    presence: Option<Recipient<Presence>>,
 }
 
 impl Registry {
@@ -184,7 +187,15 @@ impl Registry {
             claiming: HashMap::new(),
             claiming_bytes: 0,
             lease_losses: 0,
+            presence: None,
         }
+    }
+
+    /// The same registry telling `presence` when agents that take instructions come
+    /// and go.
+    pub fn with_instructions(mut self, presence: Recipient<Presence>) -> Self {
+        self.presence = Some(presence);
+        self
     }
 
     /// The same registry claiming ids in `cluster`.

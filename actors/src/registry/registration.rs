@@ -9,6 +9,7 @@ use crate::cluster::{answered, Claim, ClaimOutcome, Release};
 use crate::disconnect::Disconnect;
 use crate::event::AgentEvent;
 use crate::heartbeat::{StaleReason, Watch};
+use crate::instructions::Presence;
 use crate::liveness::SessionId;
 use crate::protocol::{self, ErrorCode, ProtocolError};
 use actix::prelude::*;
@@ -374,6 +375,17 @@ impl Registry {
             takeover: takeover.map(Takeover::as_str),
         };
         publish(&self.events, &self.source, &agent_id, &mut entry, payload);
+        if let Some(presence) = &self.presence {
+            if let Some(capabilities) =
+                crate::instructions::instruction_capabilities(entry.metadata.get())
+            {
+                presence.do_send(Presence::Online {
+                    agent_id: agent_id.clone(),
+                    incarnation: entry.incarnation,
+                    capabilities,
+                });
+            }
+        }
         self.metadata_bytes += entry.metadata.get().len();
         self.incarnations.registered(&agent_id);
         self.agents.insert(agent_id, entry);
