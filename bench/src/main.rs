@@ -149,6 +149,21 @@ enum Command {
         #[command(flatten)]
         args: workloads::cluster::Args,
     },
+    /// Instructions (issue 13): created/s and completed/s per storage backend (SQLite,
+    /// PostgreSQL) with agents acknowledging at once, then create→ack latency at half that.
+    Instructions {
+        /// Runs per backend; tables show medians.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Also append the tables to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The Tether binary (default: `tether` next to this binary).
+        #[arg(long)]
+        tether_bin: Option<PathBuf>,
+        #[command(flatten)]
+        args: workloads::instructions::Args,
+    },
     /// Every workload in a tiny configuration (Tether and floor), for CI. Exits
     /// non-zero if a workload could not run at all; never asserts speed.
     Smoke {
@@ -342,6 +357,29 @@ async fn harness(command: Command) -> ExitCode {
                 Box::pin(
                     async move { workloads::cluster::run(&ctx, &args).await.map(|t| (ctx, t)) },
                 )
+            })
+            .await
+        }
+        Command::Instructions {
+            repeat,
+            out,
+            tether_bin,
+            args,
+        } => {
+            let common = Common {
+                systems: "tether".into(),
+                repeat,
+                out,
+                tether_bin,
+                venv: None,
+                per_worker: 5000,
+            };
+            one(&common, |ctx| {
+                Box::pin(async move {
+                    workloads::instructions::run(&ctx, &args)
+                        .await
+                        .map(|t| (ctx, t))
+                })
             })
             .await
         }

@@ -10,6 +10,7 @@ pub mod event_publishing;
 pub mod heartbeat;
 pub mod hostile;
 pub mod idle_memory;
+pub mod instructions;
 pub mod publisher_throughput;
 pub mod registration;
 pub mod routing;
