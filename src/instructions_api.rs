@@ -3,6 +3,7 @@
 //! by field, so a bad one gets a 400 that names the field and nothing is stored.
 
 use crate::state::AppState;
+use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use serde_json::{json, Map, Value};
 use tether_actors::instructions::model::{SessionState, State, Strategy};
@@ -15,8 +16,17 @@ use tether_actors::protocol::command::valid_agent_id;
 /// Most entries a listing returns (`limit`).
 const MAX_LIST: i64 = 1000;
 
-fn bad_request(error: impl Into<String>) -> HttpResponse {
-    HttpResponse::BadRequest().json(json!({"error": error.into()}))
+/// A request refused before it reached the dispatcher: its status and what was wrong.
+struct Rejection(StatusCode, String);
+
+impl Rejection {
+    fn response(self) -> HttpResponse {
+        HttpResponse::build(self.0).json(json!({"error": self.1}))
+    }
+}
+
+fn bad_request(error: impl Into<String>) -> Rejection {
+    Rejection(StatusCode::BAD_REQUEST, error.into())
 }
 
 fn refused(refusal: Refused) -> HttpResponse {
@@ -34,7 +44,7 @@ fn storage_unavailable(error: impl std::fmt::Display) -> HttpResponse {
 }
 
 /// The body as a JSON object with only `allowed` keys.
-fn object(body: &[u8], allowed: &[&str]) -> Result<Map<String, Value>, HttpResponse> {
+fn object(body: &[u8], allowed: &[&str]) -> Result<Map<String, Value>, Rejection> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| bad_request(format!("the body is not valid JSON: {e}")))?;
     let Value::Object(fields) = value else {
@@ -53,7 +63,7 @@ fn seconds(
     key: &str,
     default: f64,
     max: f64,
-) -> Result<f64, HttpResponse> {
+) -> Result<f64, Rejection> {
     match fields.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(value) => match value.as_f64() {
@@ -69,7 +79,7 @@ fn text(
     fields: &Map<String, Value>,
     key: &str,
     max_len: usize,
-) -> Result<Option<String>, HttpResponse> {
+) -> Result<Option<String>, Rejection> {
     match fields.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) if !text.is_empty() && text.len() <= max_len => {
@@ -87,7 +97,7 @@ fn new_instruction(
     state: &AppState,
     body: &[u8],
     agent_id: Option<String>,
-) -> Result<NewInstruction, HttpResponse> {
+) -> Result<NewInstruction, Rejection> {
     let settings = &state.settings.instructions;
     let mut allowed = vec![
         "payload",
@@ -105,13 +115,14 @@ fn new_instruction(
         Some(payload) => payload.to_string(),
     };
     if payload.len() > settings.max_payload_bytes {
-        return Err(HttpResponse::PayloadTooLarge().json(json!({
-            "error": format!(
+        return Err(Rejection(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
                 "`payload` is {} bytes of JSON; instructions.max_payload_bytes is {}",
                 payload.len(),
                 settings.max_payload_bytes
-            )
-        })));
+            ),
+        ));
     }
     let agent_id = match agent_id {
         Some(agent_id) => Some(agent_id),
@@ -189,7 +200,7 @@ pub async fn create_for_agent(
 ) -> HttpResponse {
     match new_instruction(&state, &body, Some(id.into_inner())) {
         Ok(new) => create(&state, new).await,
-        Err(response) => response,
+        Err(rejection) => rejection.response(),
     }
 }
 
@@ -197,7 +208,7 @@ pub async fn create_for_agent(
 pub async fn create_instruction(state: web::Data<AppState>, body: web::Bytes) -> HttpResponse {
     match new_instruction(&state, &body, None) {
         Ok(new) => create(&state, new).await,
-        Err(response) => response,
+        Err(rejection) => rejection.response(),
     }
 }
 
@@ -231,7 +242,7 @@ pub struct ListQuery {
     limit: Option<i64>,
 }
 
-fn limit(query: &ListQuery) -> Result<i64, HttpResponse> {
+fn limit(query: &ListQuery) -> Result<i64, Rejection> {
     match query.limit {
         None => Ok(100),
         Some(limit @ 1..=MAX_LIST) => Ok(limit),
@@ -251,13 +262,14 @@ pub async fn agent_instructions(
             Some(wanted) => Some(wanted),
             None => {
                 let names: Vec<_> = State::ALL.iter().map(|s| s.as_str()).collect();
-                return bad_request(format!("`state` {name:?} is unknown; states are {names:?}"));
+                return bad_request(format!("`state` {name:?} is unknown; states are {names:?}"))
+                    .response();
             }
         },
     };
     let limit = match limit(&query) {
         Ok(limit) => limit,
-        Err(response) => return response,
+        Err(rejection) => return rejection.response(),
     };
     match state.store.for_agent(&id, wanted, limit).await {
         Ok(found) => {
@@ -271,7 +283,7 @@ pub async fn agent_instructions(
 
 /// `POST /sessions`
 pub async fn open_session(state: web::Data<AppState>, body: web::Bytes) -> HttpResponse {
-    let read = || -> Result<NewSession, HttpResponse> {
+    let read = || -> Result<NewSession, Rejection> {
         let fields = object(&body, &["agent_id", "name", "description", "parameters"])?;
         let agent_id =
             text(&fields, "agent_id", 128)?.ok_or_else(|| bad_request("`agent_id` is required"))?;
@@ -299,7 +311,7 @@ pub async fn open_session(state: web::Data<AppState>, body: web::Bytes) -> HttpR
     };
     let new = match read() {
         Ok(new) => new,
-        Err(response) => return response,
+        Err(rejection) => return rejection.response(),
     };
     match state.instructions.send(OpenSession(new)).await {
         Ok(Ok(session)) => HttpResponse::Created().json(session.to_json()),
@@ -317,12 +329,15 @@ pub async fn list_sessions(
         None => None,
         Some(name) => match SessionState::parse(name) {
             Some(wanted) => Some(wanted),
-            None => return bad_request(format!("`state` {name:?} is unknown: open or closed")),
+            None => {
+                return bad_request(format!("`state` {name:?} is unknown: open or closed"))
+                    .response()
+            }
         },
     };
     let limit = match limit(&query) {
         Ok(limit) => limit,
-        Err(response) => return response,
+        Err(rejection) => return rejection.response(),
     };
     match state
         .store

@@ -9,6 +9,7 @@
 
 pub mod brokers;
 pub mod cluster;
+pub mod instructions;
 pub mod lifecycle;
 pub mod takeover;
 

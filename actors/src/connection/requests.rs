@@ -81,9 +81,8 @@ impl AgentConnection {
         }
     }
 
-    /// Hands an `instruction_ack` to the dispatcher, which answers errors itself. An
-    /// acknowledgement costs one request of the connection's budget (it costs the
-    /// dispatcher a database write).
+    /// Hands an `instruction_ack` to the dispatcher, which answers errors itself (and
+    /// bounds how many wrong acknowledgements an agent may make it look up).
     fn on_instruction_ack(&mut self, ctx: &mut Context<Self>, ack: InstructionAck) {
         let refuse = |error: ProtocolError, id: &str| {
             let mut frame = protocol::error_frame(&error, None);
@@ -94,11 +93,6 @@ impl AgentConnection {
             let frame = refuse(ErrorCode::NotRegistered.into(), &ack.instruction_id);
             return self.send_json(ctx, &frame);
         };
-        if self.requests.check().is_err() {
-            crate::metrics::frame_rejected("rate_limited");
-            let frame = refuse(ErrorCode::RateLimited.into(), &ack.instruction_id);
-            return self.send_json(ctx, &frame);
-        }
         match &self.settings.instructions {
             Some(dispatcher) => dispatcher.do_send(Acknowledge {
                 agent_id: agent_id.clone(),

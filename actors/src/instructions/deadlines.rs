@@ -128,18 +128,9 @@ impl Dispatcher {
     fn expire(&mut self, ctx: &mut Context<Self>, id: String) {
         let (store, emit) = (self.store.clone(), self.emit.clone());
         let expire = async move {
-            let unfinished = [State::Pending, State::Delivered];
             let now = epoch_ms() as i64;
             let expired = store
-                .finish(
-                    &id,
-                    &unfinished,
-                    None,
-                    State::Expired,
-                    None,
-                    Some("ttl"),
-                    now,
-                )
+                .finish(&id, None, State::Expired, None, Some("ttl"), now)
                 .await?;
             if let Some(instruction) = &expired {
                 emit.instruction(instruction);

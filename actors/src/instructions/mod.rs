@@ -141,7 +141,16 @@ struct Online {
     busy: bool,
     /// Something was created for it while the round ran: run another.
     again: bool,
+    /// Acknowledgements of this incarnation that named no instruction it holds, in the
+    /// current second (`wrong_acks_since`, epoch ms): past [`MOST_WRONG_ACKS`] they are
+    /// refused without a look at the database.
+    wrong_acks: u32,
+    wrong_acks_since: i64,
 }
+
+/// Wrong acknowledgements (unknown, foreign or finished instructions) an agent may
+/// make per second before they are refused `rate_limited` unread.
+const MOST_WRONG_ACKS: u32 = 50;
 
 impl Online {
     /// What `least_loaded` compares.
@@ -229,6 +238,8 @@ impl Handler<Presence> for Dispatcher {
                         assigning: 0,
                         busy: false,
                         again: false,
+                        wrong_acks: 0,
+                        wrong_acks_since: 0,
                     },
                 );
                 self.pump(ctx, agent_id);

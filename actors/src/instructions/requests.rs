@@ -110,11 +110,10 @@ impl Handler<CancelInstruction> for Dispatcher {
         let (store, emit) = (self.store.clone(), self.emit.clone());
         let id = msg.0;
         let cancel = async move {
-            let unfinished = [State::Pending, State::Delivered];
             let now = epoch_ms() as i64;
             let reason = Some("cancelled");
             match store
-                .finish(&id, &unfinished, None, State::Cancelled, None, reason, now)
+                .finish(&id, None, State::Cancelled, None, reason, now)
                 .await?
             {
                 Some(instruction) => {
@@ -190,19 +189,10 @@ impl Dispatcher {
             };
             emit.session(&session);
             let mut cancelled = Vec::new();
-            let unfinished = [State::Pending, State::Delivered];
             for instruction in store.of_session(&id).await? {
                 let why = Some("session_closed");
                 if let Some(instruction) = store
-                    .finish(
-                        &instruction.id,
-                        &unfinished,
-                        None,
-                        State::Cancelled,
-                        None,
-                        why,
-                        now,
-                    )
+                    .finish(&instruction.id, None, State::Cancelled, None, why, now)
                     .await?
                 {
                     emit.instruction(&instruction);

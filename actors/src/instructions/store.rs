@@ -131,12 +131,6 @@ fn instructions(rows: &[AnyRow]) -> Result<Vec<Instruction>> {
     rows.iter().map(instruction).collect()
 }
 
-/// `'pending', 'delivered'`: a SQL list of state names (our own constants).
-fn states(states: &[State]) -> String {
-    let names: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
-    names.join(", ")
-}
-
 /// The instruction and session store.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -354,12 +348,11 @@ impl Store {
         row.as_ref().map(instruction).transpose()
     }
 
-    /// Finishes `id` as `state` (with the agent's `result` or a `reason`) if it is in
-    /// one of `from`, and, when `agent_id` is given, was last delivered to that agent.
+    /// Finishes `id` as `state` (with the agent's `result` or a `reason`) if it is
+    /// unfinished and, when `agent_id` is given, was last delivered to that agent.
     pub async fn finish(
         &self,
         id: &str,
-        from: &[State],
         agent_id: Option<&str>,
         state: State,
         result: Option<String>,
@@ -373,8 +366,7 @@ impl Store {
         let sql = format!(
             "UPDATE instructions SET state = $2, result = $3, reason = $4, finished_at_ms = $5, \
              ack_deadline_ms = NULL, version = version + 1 \
-             WHERE id = $1 AND state IN ({}) {mine} RETURNING {INSTRUCTION}",
-            states(from)
+             WHERE id = $1 AND state IN ('pending', 'delivered') {mine} RETURNING {INSTRUCTION}"
         );
         let row = sqlx::query(&sql)
             .bind(id)
