@@ -36,26 +36,21 @@ impl Dispatcher {
         let round = async move {
             let mut delivered: Deliveries = Vec::new();
             loop {
-                let backlog = match store.backlog(&agent, epoch_ms() as i64, ROUND).await {
-                    Ok(backlog) => backlog,
+                let now = epoch_ms() as i64;
+                let batch = match store.deliver_backlog(&agent, now, ROUND).await {
+                    Ok(batch) => batch,
                     Err(error) => return (delivered, Some(error)),
                 };
-                let full = backlog.len() as i64 == ROUND;
-                for pending in backlog {
-                    let instruction =
-                        match store.deliver(&pending.id, &agent, epoch_ms() as i64).await {
-                            Ok(Some(instruction)) => instruction,
-                            Ok(None) => continue,
-                            Err(error) => return (delivered, Some(error)),
-                        };
+                let full = batch.len() as i64 == ROUND;
+                let mut reachable = true;
+                for instruction in batch {
                     emit.instruction(&instruction);
-                    let sent = routes.deliver(&agent, OutFrame::text(&instruction.frame()));
-                    delivered.push((instruction, sent));
-                    if !sent {
-                        return (delivered, None);
-                    }
+                    // Once a frame does not reach the agent, the rest are taken back too.
+                    reachable =
+                        reachable && routes.deliver(&agent, OutFrame::text(&instruction.frame()));
+                    delivered.push((instruction, reachable));
                 }
-                if !full {
+                if !full || !reachable {
                     return (delivered, None);
                 }
             }
@@ -67,22 +62,33 @@ impl Dispatcher {
                     log::warn!("instructions: delivering to {agent_id} failed: {error}");
                     dispatcher.rescan = true;
                 }
-                if let Some(online) = dispatcher.online.get_mut(&agent_id) {
-                    if online.incarnation == incarnation {
-                        online.busy = false;
-                        if online.again {
-                            dispatcher.pump(ctx, agent_id);
-                        }
-                    }
-                }
+                dispatcher.round_ended(ctx, agent_id, incarnation);
             },
         ));
+    }
+
+    /// A delivery to `agent_id`'s `incarnation` finished: another round runs if
+    /// something was created for it meanwhile.
+    pub(super) fn round_ended(
+        &mut self,
+        ctx: &mut Context<Self>,
+        agent_id: Arc<str>,
+        incarnation: u64,
+    ) {
+        if let Some(online) = self.online.get_mut(&agent_id) {
+            if online.incarnation == incarnation {
+                online.busy = false;
+                if online.again {
+                    self.pump(ctx, agent_id);
+                }
+            }
+        }
     }
 
     /// Records deliveries made to `agent_id`'s `incarnation`: their deadlines, and
     /// their acknowledgement awaited; one whose frame did not reach that incarnation
     /// is taken back at once.
-    fn note_deliveries(
+    pub(super) fn note_deliveries(
         &mut self,
         ctx: &mut Context<Self>,
         agent_id: &Arc<str>,

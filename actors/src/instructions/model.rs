@@ -177,6 +177,24 @@ impl Instruction {
         })
     }
 
+    /// The instruction as it was when created (pending, change 1), for one that was
+    /// stored already delivered.
+    pub fn as_created(&self) -> Self {
+        Self {
+            state: State::Pending,
+            attempt: 0,
+            version: 1,
+            delivered_at_ms: None,
+            ack_deadline_ms: None,
+            agent_id: self
+                .capability
+                .is_none()
+                .then(|| self.agent_id.clone())
+                .flatten(),
+            ..self.clone()
+        }
+    }
+
     /// The frame its agent receives.
     pub fn frame(&self) -> String {
         #[derive(Serialize)]

@@ -4,6 +4,7 @@
 use super::model::{Instruction, Session, SessionState, State};
 use super::{deadlines::Due, Dispatcher, NewInstruction, NewSession, StoreError};
 use crate::clock::epoch_ms;
+use crate::outbound::OutFrame;
 use actix::prelude::*;
 
 /// Why a request was refused (the admin API's status code follows the variant).
@@ -74,28 +75,69 @@ impl Handler<CreateInstruction> for Dispatcher {
     type Result = ResponseActFuture<Self, Result<Instruction, Refused>>;
 
     fn handle(&mut self, msg: CreateInstruction, _ctx: &mut Self::Context) -> Self::Result {
-        let (store, emit) = (self.store.clone(), self.emit.clone());
+        let (store, emit, routes) = (self.store.clone(), self.emit.clone(), self.routes.clone());
         let new = msg.0;
+        // For an online agent with no delivery round running (so nothing older is
+        // pending for it), the instruction is stored as delivered and sent at once; a
+        // round started meanwhile waits for it, so the agent's order holds.
+        let direct = new
+            .agent_id
+            .as_deref()
+            .and_then(|agent| self.online.get_key_value(agent))
+            .filter(|(_, online)| !online.busy)
+            .map(|(agent, online)| (agent.clone(), online.incarnation));
+        if let Some((agent, _)) = &direct {
+            self.online.get_mut(agent).expect("online").busy = true;
+        }
+        let to = direct.as_ref().map(|(agent, _)| agent.clone());
         let create = async move {
             check_session(&store, &new).await?;
             let id = uuid::Uuid::new_v4().to_string();
             let now = epoch_ms() as i64;
-            let instruction = store.insert(&new, &id, now).await?;
-            emit.instruction(&instruction);
+            let created = match &to {
+                None => {
+                    let instruction = store.insert(&new, &id, now).await?;
+                    emit.instruction(&instruction);
+                    (instruction, false)
+                }
+                Some(agent) => {
+                    let instruction = store.insert_delivered(&new, &id, agent, now).await?;
+                    emit.instruction(&instruction.as_created());
+                    emit.instruction(&instruction);
+                    let sent = routes.deliver(agent, OutFrame::text(&instruction.frame()));
+                    (instruction, sent)
+                }
+            };
             if let Some(session) = &new.session_id {
                 store.touch_session(session, now).await?;
             }
-            Ok(instruction)
+            Ok(created)
         };
         Box::pin(fut::wrap_future(create).map(
-            |result: Result<Instruction, Refused>, dispatcher: &mut Self, ctx| {
-                if let Ok(instruction) = &result {
-                    dispatcher.deadlines.add(
-                        instruction.expires_at_ms,
-                        &instruction.id,
-                        Due::Expiry,
-                    );
-                    dispatcher.send_on(ctx, instruction.clone());
+            move |result: Result<(Instruction, bool), Refused>, dispatcher: &mut Self, ctx| {
+                let result = match result {
+                    Ok((instruction, sent)) => {
+                        dispatcher.deadlines.add(
+                            instruction.expires_at_ms,
+                            &instruction.id,
+                            Due::Expiry,
+                        );
+                        match &direct {
+                            Some((agent, incarnation)) => dispatcher.note_deliveries(
+                                ctx,
+                                agent,
+                                *incarnation,
+                                vec![(instruction.clone(), sent)],
+                            ),
+                            None => dispatcher.send_on(ctx, instruction.clone()),
+                        }
+                        // The answer shows the instruction as it was created.
+                        Ok(instruction.as_created())
+                    }
+                    Err(refusal) => Err(refusal),
+                };
+                if let Some((agent, incarnation)) = direct {
+                    dispatcher.round_ended(ctx, agent, incarnation);
                 }
                 result
             },

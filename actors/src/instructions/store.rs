@@ -214,6 +214,66 @@ impl Store {
         instruction(&row)
     }
 
+    /// Stores a new instruction already delivered to `agent_id` (an online agent with
+    /// nothing else pending): its first attempt, in one statement. Its change number
+    /// is 2: 1 was its creation.
+    pub async fn insert_delivered(
+        &self,
+        new: &NewInstruction,
+        id: &str,
+        agent_id: &str,
+        now_ms: i64,
+    ) -> Result<Instruction> {
+        let sql = format!(
+            "INSERT INTO instructions (id, agent_id, capability, strategy, session_id, payload, \
+             state, attempt, max_attempts, ack_timeout_ms, version, created_at_ms, expires_at_ms, \
+             delivered_at_ms, ack_deadline_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'delivered', 1, $7, $8, 2, $9, $10, $9, $11) \
+             RETURNING {INSTRUCTION}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .bind(agent_id)
+            .bind(new.capability.clone())
+            .bind(new.strategy.map(|s| s.as_str().to_owned()))
+            .bind(new.session_id.clone())
+            .bind(&new.payload)
+            .bind(new.max_attempts)
+            .bind(new.ack_timeout_ms)
+            .bind(now_ms)
+            .bind(now_ms.saturating_add(new.ttl_ms))
+            .bind(now_ms.saturating_add(new.ack_timeout_ms))
+            .fetch_one(&self.pool)
+            .await?;
+        instruction(&row)
+    }
+
+    /// Delivers the oldest `limit` pending, unexpired instructions given to `agent_id`
+    /// itself, in one statement; they come back in creation order.
+    pub async fn deliver_backlog(
+        &self,
+        agent_id: &str,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<Instruction>> {
+        let sql = format!(
+            "UPDATE instructions SET state = 'delivered', attempt = attempt + 1, \
+             delivered_at_ms = $2, ack_deadline_ms = $2 + ack_timeout_ms, version = version + 1 \
+             WHERE id IN (SELECT id FROM instructions WHERE agent_id = $1 AND state = 'pending' \
+             AND capability IS NULL AND expires_at_ms > $2 AND attempt < max_attempts \
+             ORDER BY seq LIMIT $3) AND state = 'pending' RETURNING {INSTRUCTION}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(agent_id)
+            .bind(now_ms)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut delivered = instructions(&rows)?;
+        delivered.sort_unstable_by_key(|instruction| instruction.seq);
+        Ok(delivered)
+    }
+
     /// The instruction `id`.
     pub async fn get(&self, id: &str) -> Result<Option<Instruction>> {
         let sql = format!("SELECT {INSTRUCTION} FROM instructions WHERE id = $1");
@@ -243,27 +303,6 @@ impl Store {
         let rows = sqlx::query(&sql)
             .bind(agent_id)
             .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        instructions(&rows)
-    }
-
-    /// The pending, unexpired instructions given to `agent_id` itself, in creation
-    /// order.
-    pub async fn backlog(
-        &self,
-        agent_id: &str,
-        now_ms: i64,
-        limit: i64,
-    ) -> Result<Vec<Instruction>> {
-        let sql = format!(
-            "SELECT {INSTRUCTION} FROM instructions WHERE agent_id = $1 AND state = 'pending' \
-             AND capability IS NULL AND expires_at_ms > $3 ORDER BY seq LIMIT $2"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(agent_id)
-            .bind(limit)
-            .bind(now_ms)
             .fetch_all(&self.pool)
             .await?;
         instructions(&rows)
