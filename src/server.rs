@@ -14,7 +14,7 @@ use tether_actors::cluster::{Cluster, Leaving, TellRegistry};
 use tether_actors::connection::{ConnectionContext, ConnectionSettings};
 use tether_actors::event::{EventSource, LifecycleEvent, NetworkEvent};
 use tether_actors::heartbeat::Heartbeat;
-use tether_actors::instructions::{Dispatcher, Store};
+use tether_actors::instructions::{Dispatcher, Notices, Store};
 use tether_actors::liveness::Liveness;
 use tether_actors::registry::{BeginShutdown, CloseAll, Drained, Registry, WaitFor};
 use tether_actors::routes::Routes;
@@ -101,15 +101,26 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
     let instructions = {
         let (store, routes, events) = (store.clone(), routes.clone(), bus.clone());
         let (source, settings) = (source.clone(), settings.clone());
+        let notices = match settings.cluster.enabled {
+            true => Some(
+                Notices::new(&settings.cluster.redis_url, &settings.cluster.prefix)
+                    .map_err(std::io::Error::other)?,
+            ),
+            false => None,
+        };
         Dispatcher::start_in_arbiter(&dispatcher_arbiter.handle(), move |_| {
-            Dispatcher::new(
+            let dispatcher = Dispatcher::new(
                 store,
                 routes,
                 events.recipient(),
                 source,
                 settings.instructions.clone(),
                 settings.sessions.clone(),
-            )
+            );
+            match notices {
+                Some(notices) => dispatcher.with_notices(notices),
+                None => dispatcher,
+            }
         })
     };
     let registry = {

@@ -713,3 +713,44 @@ async fn a_storage_that_cannot_be_opened_stops_the_start_with_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("storage.url"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instructions_reach_agents_on_any_node_of_a_cluster_sharing_postgresql() {
+    let database = TestDatabase::new(Db::Postgres).await;
+    let prefix = common::cluster::fresh_prefix();
+    let a = common::cluster::node(&prefix, "10", &database.env(&[])).await;
+    let b = common::cluster::node(&prefix, "10", &database.env(&[])).await;
+    let mut b_events = EventStream::subscribe(&b, None).await;
+
+    // Created on node A for an agent online on node B: pushed to it at once.
+    let mut w = worker(&b, "w", &["gpu"]).await;
+    let id = create(&a, "w", json!({"payload": {"from": "a"}})).await["instruction_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let frame = next_instruction(&mut w).await;
+    assert_eq!(frame["instruction_id"], id.as_str());
+    ack(&mut w, &id, "done", json!({"by": "w"})).await;
+    event_of(&mut b_events, "instruction.done", &id).await;
+    let (_, stored) = get(&a, &format!("/instructions/{id}")).await;
+    assert_eq!(stored["state"], "done", "node A reads what node B finished");
+
+    // Given to a capability on node A, whose only agent with it is on node B.
+    let (status, created) = post(
+        &a,
+        "/instructions",
+        json!({"capability": "gpu", "payload": {"n": 1}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let frame = next_instruction(&mut w).await;
+    assert_eq!(frame["instruction_id"], created["instruction_id"]);
+
+    // Created on node B for an offline agent that then registers on node A.
+    let id = create(&b, "x", json!({"payload": {}})).await["instruction_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut x = worker(&a, "x", &[]).await;
+    assert_eq!(next_instruction(&mut x).await["instruction_id"], id.as_str());
+}

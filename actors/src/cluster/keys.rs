@@ -50,6 +50,12 @@ impl Keys {
         format!("{}:to:{member}", self.prefix)
     }
 
+    /// Pub/sub channel of instruction notices: work waiting for an agent or a
+    /// capability, announced to every node.
+    pub fn work(&self) -> String {
+        format!("{}:work", self.prefix)
+    }
+
     /// Pub/sub channel of broadcasts.
     pub fn broadcasts(&self) -> String {
         format!("{}:broadcast", self.prefix)

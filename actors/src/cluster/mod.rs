@@ -267,7 +267,9 @@ impl Cluster {
 }
 
 /// Connects to Redis with the cluster's timeouts.
-async fn connect(client: redis::Client) -> Result<ConnectionManager, ClusterUnavailable> {
+pub(crate) async fn connect(
+    client: redis::Client,
+) -> Result<ConnectionManager, ClusterUnavailable> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(RESPONSE_TIMEOUT)
         .set_response_timeout(RESPONSE_TIMEOUT)

@@ -99,7 +99,14 @@ impl Dispatcher {
             .add(instruction.expires_at_ms, &instruction.id, Due::Expiry);
         if instruction.state == State::Delivered {
             let attempt = instruction.attempt;
-            self.take_back(ctx, instruction.id, attempt, "server_restarted");
+            match (&self.notices, instruction.ack_deadline_ms) {
+                // Clustered: its agent may be on a node that is still running.
+                (Some(_), Some(deadline)) => {
+                    self.deadlines
+                        .add(deadline, &instruction.id, Due::Ack(attempt))
+                }
+                _ => self.take_back(ctx, instruction.id, attempt, "server_restarted"),
+            }
         }
     }
 

@@ -145,7 +145,8 @@ impl Dispatcher {
         };
         let strategy = instruction.strategy.unwrap_or(Strategy::LeastLoaded);
         let Some(agent_id) = self.choose(&capability, strategy) else {
-            return;
+            // No agent here has it: perhaps one on another node.
+            return self.announce(ctx, super::Notice::Capability(capability));
         };
         let online = self
             .online
@@ -261,10 +262,14 @@ impl Dispatcher {
     pub(super) fn send_on(&mut self, ctx: &mut Context<Self>, instruction: Instruction) {
         if instruction.capability.is_some() {
             self.assign(ctx, instruction);
-        } else if let Some(agent_id) = instruction.agent_id.as_deref() {
-            if let Some((agent_id, _)) = self.online.get_key_value(agent_id) {
-                let agent_id = agent_id.clone();
-                self.pump(ctx, agent_id);
+        } else if let Some(agent_id) = instruction.agent_id {
+            match self.online.get_key_value(agent_id.as_str()) {
+                Some((agent_id, _)) => {
+                    let agent_id = agent_id.clone();
+                    self.pump(ctx, agent_id);
+                }
+                // Perhaps online on another node.
+                None => self.announce(ctx, super::Notice::Agent(agent_id)),
             }
         }
     }

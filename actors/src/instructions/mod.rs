@@ -19,9 +19,11 @@
 mod deadlines;
 mod delivery;
 pub mod model;
+mod notices;
 mod requests;
 pub mod store;
 
+pub use notices::{Notice, Notices};
 pub use requests::{CancelInstruction, CloseSession, CreateInstruction, OpenSession, Refused};
 pub use store::{Backend, NewInstruction, NewSession, Store, StoreError};
 
@@ -175,6 +177,8 @@ pub struct Dispatcher {
     rescan: bool,
     /// When idle sessions were last looked for (epoch ms).
     last_idle_check: i64,
+    /// When clustered: work announced to and by the other nodes.
+    notices: Option<Notices>,
 }
 
 impl Dispatcher {
@@ -199,7 +203,16 @@ impl Dispatcher {
             turns: HashMap::new(),
             rescan: false,
             last_idle_check: 0,
+            notices: None,
         }
+    }
+
+    /// The same dispatcher as one node of a cluster: work it cannot deliver is
+    /// announced through `notices`, and deliveries outstanding at start are left to
+    /// their deadlines (another node may be holding their agents).
+    pub fn with_notices(mut self, notices: Notices) -> Self {
+        self.notices = Some(notices);
+        self
     }
 
     /// The store (for the admin API's reads).
@@ -214,6 +227,7 @@ impl Actor for Dispatcher {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(usize::MAX >> 4);
         self.recover(ctx);
+        self.listen(ctx);
         let every = secs(self.settings.sweep_interval.max(0.01));
         ctx.run_interval(every, |dispatcher, ctx| dispatcher.sweep(ctx));
     }
