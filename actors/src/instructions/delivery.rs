@@ -3,10 +3,10 @@
 //! (`least_loaded` or `round_robin`), deliveries taken back, acknowledgements.
 
 use super::model::{Instruction, State, Strategy};
-use super::{Acknowledge, Dispatcher, StoreError};
+use super::{Dispatcher, StoreError};
 use crate::clock::epoch_ms;
 use crate::outbound::OutFrame;
-use crate::protocol::{self, AckStatus, ErrorCode, ProtocolError};
+use crate::protocol::{self, ErrorCode, ProtocolError};
 use actix::prelude::*;
 use std::sync::Arc;
 
@@ -287,73 +287,9 @@ impl Dispatcher {
     }
 }
 
-impl Handler<Acknowledge> for Dispatcher {
-    type Result = ();
-
-    fn handle(&mut self, msg: Acknowledge, ctx: &mut Self::Context) {
-        let (store, emit) = (self.store.clone(), self.emit.clone());
-        let Acknowledge { agent_id, ack } = msg;
-        // An agent that does not take instructions never received one; one that keeps
-        // naming instructions it does not hold is answered without the database.
-        let refusal = match self.online.get_mut(&agent_id) {
-            None => Some(ErrorCode::UnknownInstruction),
-            Some(online) if !online.unacked.contains_key(&ack.instruction_id) => {
-                let now = epoch_ms() as i64;
-                if now - online.wrong_acks_since >= 1000 {
-                    online.wrong_acks_since = now;
-                    online.wrong_acks = 0;
-                }
-                (online.wrong_acks >= super::MOST_WRONG_ACKS).then_some(ErrorCode::RateLimited)
-            }
-            Some(_) => None,
-        };
-        if let Some(code) = refusal {
-            return self.refuse_ack(&agent_id, code, ack.instruction_id);
-        }
-        let state = match ack.status {
-            AckStatus::Done => State::Done,
-            AckStatus::Failed => State::Failed,
-            AckStatus::Rejected => State::Rejected,
-        };
-        let agent = agent_id.clone();
-        let id = ack.instruction_id.clone();
-        let finish = async move {
-            let now = epoch_ms() as i64;
-            let finished = store
-                .finish(&id, Some(&agent), state, ack.result, None, now)
-                .await
-                .map_err(|_| ErrorCode::StorageUnavailable)?;
-            if let Some(instruction) = finished {
-                emit.instruction(&instruction);
-                if let Some(session) = &instruction.session_id {
-                    let _ = store.touch_session(session, now).await;
-                }
-                return Ok(instruction);
-            }
-            Err(match store.get(&id).await {
-                Ok(None) => ErrorCode::UnknownInstruction,
-                Ok(Some(found)) if found.state.is_final() => ErrorCode::InstructionFinished,
-                Ok(Some(_)) => ErrorCode::NotYourInstruction,
-                Err(_) => ErrorCode::StorageUnavailable,
-            })
-        };
-        ctx.spawn(fut::wrap_future(finish).map(
-            move |result, dispatcher: &mut Self, _| match result {
-                Ok(instruction) => dispatcher.forget_delivery(&instruction),
-                Err(code) => {
-                    if let Some(online) = dispatcher.online.get_mut(&agent_id) {
-                        online.wrong_acks += 1;
-                    }
-                    dispatcher.refuse_ack(&agent_id, code, ack.instruction_id);
-                }
-            },
-        ));
-    }
-}
-
 impl Dispatcher {
     /// Answers `agent_id`'s acknowledgement of `instruction_id` with the error `code`.
-    fn refuse_ack(&self, agent_id: &str, code: ErrorCode, instruction_id: String) {
+    pub(super) fn refuse_ack(&self, agent_id: &str, code: ErrorCode, instruction_id: String) {
         crate::metrics::frame_rejected(code.as_str());
         let mut frame = protocol::error_frame(&ProtocolError::from(code), None);
         frame["instruction_id"] = serde_json::Value::String(instruction_id);

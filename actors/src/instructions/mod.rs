@@ -16,6 +16,7 @@
 //! their `seq`. What this actor keeps in memory (who is online, deadlines, loads) is a
 //! cache of the store: at start it is rebuilt from the unfinished instructions.
 
+mod acks;
 mod deadlines;
 mod delivery;
 pub mod model;
@@ -179,6 +180,10 @@ pub struct Dispatcher {
     last_idle_check: i64,
     /// When clustered: work announced to and by the other nodes.
     notices: Option<Notices>,
+    /// Acknowledgements waiting to be stored.
+    acks: Vec<store::FinishedBy>,
+    /// A batch of acknowledgements is being committed.
+    storing_acks: bool,
 }
 
 impl Dispatcher {
@@ -204,6 +209,8 @@ impl Dispatcher {
             rescan: false,
             last_idle_check: 0,
             notices: None,
+            acks: Vec::new(),
+            storing_acks: false,
         }
     }
 

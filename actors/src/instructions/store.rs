@@ -62,6 +62,19 @@ pub struct NewInstruction {
     pub ttl_ms: i64,
 }
 
+/// An agent's acknowledgement, to be stored.
+#[derive(Debug, Clone)]
+pub struct FinishedBy {
+    /// The agent that sent it.
+    pub agent_id: std::sync::Arc<str>,
+    /// The instruction it names.
+    pub instruction_id: String,
+    /// `done`, `failed` or `rejected`.
+    pub state: State,
+    /// Its `result` (JSON text).
+    pub result: Option<String>,
+}
+
 /// A new session, checked.
 #[derive(Debug, Clone)]
 pub struct NewSession {
@@ -417,6 +430,37 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(instruction).transpose()
+    }
+
+    /// Finishes each of `acks` as its agent said, all in one transaction (one commit
+    /// for a batch of acknowledgements); `None` for those that were not the agent's
+    /// unfinished instruction.
+    pub async fn finish_acks(
+        &self,
+        acks: &[FinishedBy],
+        now_ms: i64,
+    ) -> Result<Vec<Option<Instruction>>> {
+        let sql = format!(
+            "UPDATE instructions SET state = $2, result = $3, finished_at_ms = $4, \
+             ack_deadline_ms = NULL, version = version + 1 \
+             WHERE id = $1 AND state IN ('pending', 'delivered') AND agent_id = $5 \
+             RETURNING {INSTRUCTION}"
+        );
+        let mut transaction = self.pool.begin().await?;
+        let mut finished = Vec::with_capacity(acks.len());
+        for ack in acks {
+            let row = sqlx::query(&sql)
+                .bind(&ack.instruction_id)
+                .bind(ack.state.as_str())
+                .bind(ack.result.clone())
+                .bind(now_ms)
+                .bind(&*ack.agent_id)
+                .fetch_optional(&mut *transaction)
+                .await?;
+            finished.push(row.as_ref().map(instruction).transpose()?);
+        }
+        transaction.commit().await?;
+        Ok(finished)
     }
 
     /// The unfinished instructions of session `session_id`.
