@@ -327,7 +327,7 @@ pub fn validate(s: &Settings) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// `[cluster]`: checked only when enabled (a single node ignores it).
+/// `[storage]`, `[instructions]` and `[sessions]`.
 fn validate_instructions(s: &Settings) -> Result<(), ConfigError> {
     let url = &s.storage.url;
     let known = ["sqlite://", "postgres://", "postgresql://"];
@@ -367,6 +367,7 @@ fn validate_instructions(s: &Settings) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `[cluster]`: checked only when enabled (a single node ignores it).
 fn validate_cluster(s: &Settings) -> Result<(), ConfigError> {
     let cluster = &s.cluster;
     if !cluster.enabled {

@@ -1,4 +1,4 @@
-//! The instructions and sessions routes of the admin API (PROTOCOL.md §10), behind the
+//! The instructions and sessions routes of the admin API (PROTOCOL.md §11), behind the
 //! admin token like the other admin routes. Bodies are read and checked here, field
 //! by field, so a bad one gets a 400 that names the field and nothing is stored.
 
@@ -149,6 +149,12 @@ fn new_instruction(
         (None, None) => return Err(bad_request("`agent_id` or `capability` is required")),
         (Some(_), None) if strategy.is_some() => {
             return Err(bad_request("`strategy` applies only with `capability`"))
+        }
+        (None, Some(_)) if fields.get("session_id").is_some_and(|s| !s.is_null()) => {
+            return Err(bad_request(
+                "`session_id` applies only to an instruction for one agent (a session is with \
+                 one agent); give `agent_id`",
+            ))
         }
         _ => {}
     }

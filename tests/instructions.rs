@@ -1,4 +1,4 @@
-//! Instructions and sessions (issue 13, PROTOCOL.md §10) against the real binary, each
+//! Instructions and sessions (issue 13, PROTOCOL.md §11) against the real binary, each
 //! test on SQLite and on PostgreSQL (a database of its own on the local server).
 
 mod common;
@@ -140,6 +140,16 @@ async fn an_unacknowledged_delivery_is_sent_again_then_fails_after_max_attempts(
     let failed = event_of(&mut events, "instruction.failed", &id).await;
     assert_eq!(failed["data"]["reason"], "ack_timeout");
     assert_eq!(failed["data"]["attempt"], 2);
+    // Every change is an event, numbered without gaps; the redelivery says why.
+    let created = event_of(&mut events, "instruction.created", &id).await;
+    let first = event_of(&mut events, "instruction.delivered", &id).await;
+    let again = event_of(&mut events, "instruction.delivered", &id).await;
+    assert_eq!(again["data"]["reason"], "ack_timeout");
+    let seqs: Vec<u64> = [&created, &first, &again, &failed]
+        .iter()
+        .map(|e| e["data"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4]);
     let (_, stored) = get(&server, &format!("/instructions/{id}")).await;
     assert_eq!(stored["state"], "failed");
     assert_no_instruction(&mut dave, "after its last attempt").await;
@@ -170,6 +180,11 @@ async fn a_delivery_cut_by_a_dropped_connection_is_sent_again_with_no_second_don
     assert_eq!(done["data"]["attempt"], 2);
     let (_, stored) = get(&server, &format!("/instructions/{id}")).await;
     assert_eq!(stored["state"], "done");
+    assert_eq!(
+        stored["reason"],
+        Value::Null,
+        "done by its agent: no reason left over"
+    );
     assert_no_instruction(&mut erin, "after done").await;
 }
 
@@ -621,6 +636,12 @@ async fn bad_input_on_every_route_gets_a_clear_4xx_and_stores_nothing(db: Db) {
             400,
             "`capability`",
         ),
+        (
+            "/instructions",
+            r#"{"payload":1,"capability":"gpu","session_id":"s"}"#.into(),
+            400,
+            "`session_id`",
+        ),
         ("/sessions", "{}".into(), 400, "`agent_id` is required"),
         (
             "/sessions",
@@ -679,6 +700,25 @@ async fn bad_input_on_every_route_gets_a_clear_4xx_and_stores_nothing(db: Db) {
         let error = lee.wait_for(|f| f["type"] == "error").await;
         assert_eq!(error["error_code"], "invalid_frame", "{bad}: {error}");
     }
+    // A flood of acks for instructions it does not hold: past 50 a second they are
+    // refused rate_limited without a database read.
+    for n in 0..200 {
+        ack(&mut lee, &format!("made-up-{n}"), "done", Value::Null).await;
+    }
+    let mut codes = HashMap::new();
+    for _ in 0..200 {
+        let error = lee.wait_for(|f| f["type"] == "error").await;
+        let code = error["error_code"].as_str().unwrap().to_owned();
+        *codes.entry(code).or_insert(0) += 1;
+    }
+    assert!(
+        codes.get("rate_limited").copied().unwrap_or(0) >= 100,
+        "{codes:?}"
+    );
+    assert!(
+        codes.get("unknown_instruction").copied().unwrap_or(0) <= 50,
+        "{codes:?}"
+    );
     let id = create(&server, "lee", json!({"payload": {}})).await["instruction_id"]
         .as_str()
         .unwrap()
@@ -752,5 +792,8 @@ async fn instructions_reach_agents_on_any_node_of_a_cluster_sharing_postgresql()
         .unwrap()
         .to_owned();
     let mut x = worker(&a, "x", &[]).await;
-    assert_eq!(next_instruction(&mut x).await["instruction_id"], id.as_str());
+    assert_eq!(
+        next_instruction(&mut x).await["instruction_id"],
+        id.as_str()
+    );
 }

@@ -1,11 +1,11 @@
 //! Agents' acknowledgements: checked against what the dispatcher knows first (an agent
-//! that takes no instructions, or keeps naming ones it does not hold, is answered
-//! without the database), then stored in batches: while one batch is being committed
+//! that takes no instructions, or names more than [`MOST_WRONG_ACKS`] a second that
+//! it does not hold, is answered without the database), then stored in batches: while one batch is being committed
 //! the next gathers, so under load many acknowledgements share one transaction.
 
 use super::model::{Instruction, State};
 use super::store::FinishedBy;
-use super::{Acknowledge, Dispatcher};
+use super::{Acknowledge, Dispatcher, MOST_WRONG_ACKS};
 use crate::clock::epoch_ms;
 use crate::protocol::{AckStatus, ErrorCode};
 use actix::prelude::*;
@@ -31,7 +31,9 @@ impl Handler<Acknowledge> for Dispatcher {
                     online.wrong_acks_since = now;
                     online.wrong_acks = 0;
                 }
-                (online.wrong_acks >= super::MOST_WRONG_ACKS).then_some(ErrorCode::RateLimited)
+                // Counted before the database answers, so a flood cannot outrun it.
+                online.wrong_acks += 1;
+                (online.wrong_acks > MOST_WRONG_ACKS).then_some(ErrorCode::RateLimited)
             }
             Some(_) => None,
         };
@@ -114,9 +116,6 @@ impl Dispatcher {
                     dispatcher.forget_delivery(instruction);
                 }
                 for (agent_id, instruction_id, code) in refused {
-                    if let Some(online) = dispatcher.online.get_mut(&agent_id) {
-                        online.wrong_acks += 1;
-                    }
                     dispatcher.refuse_ack(&agent_id, code, instruction_id);
                 }
                 dispatcher.storing_acks = false;

@@ -134,6 +134,7 @@ impl Dispatcher {
 
     fn expire(&mut self, ctx: &mut Context<Self>, id: String) {
         let (store, emit) = (self.store.clone(), self.emit.clone());
+        let retry_id = id.clone();
         let expire = async move {
             let now = epoch_ms() as i64;
             let expired = store
@@ -144,13 +145,17 @@ impl Dispatcher {
             }
             Ok::<_, super::StoreError>(expired)
         };
-        ctx.spawn(
-            fut::wrap_future(expire).map(|result, dispatcher: &mut Self, _| match result {
+        ctx.spawn(fut::wrap_future(expire).map(
+            move |result, dispatcher: &mut Self, _| match result {
                 Ok(Some(instruction)) => dispatcher.forget_delivery(&instruction),
                 Ok(None) => {}
-                Err(error) => log::warn!("instructions: expiring failed: {error}"),
-            }),
-        );
+                Err(error) => {
+                    log::warn!("instructions: expiring failed (retried in 1 s): {error}");
+                    let retry = epoch_ms() as i64 + super::delivery::RETRY_MS;
+                    dispatcher.deadlines.add(retry, &retry_id, Due::Expiry);
+                }
+            },
+        ));
     }
 
     fn close_idle_sessions(&mut self, ctx: &mut Context<Self>, now: i64) {

@@ -10,12 +10,11 @@ use crate::protocol::{self, ErrorCode, ProtocolError};
 use actix::prelude::*;
 use std::sync::Arc;
 
+/// A change that failed on a storage error is tried again this much later (ms).
+pub(super) const RETRY_MS: i64 = 1000;
+
 /// Instructions read from the backlog at once.
 const ROUND: i64 = 200;
-
-/// Deliveries made by one task: each with whether its frame reached the agent's
-/// connection on this node.
-type Deliveries = Vec<(Instruction, bool)>;
 
 impl Dispatcher {
     /// Sends `agent_id` its pending instructions in creation order, unless a round is
@@ -31,40 +30,38 @@ impl Dispatcher {
         online.busy = true;
         online.again = false;
         let incarnation = online.incarnation;
-        let (store, emit, routes) = (self.store.clone(), self.emit.clone(), self.routes.clone());
+        let (store, emit) = (self.store.clone(), self.emit.clone());
         let agent = agent_id.clone();
+        // One batch per round; a full batch runs another round after it is sent.
         let round = async move {
-            let mut delivered: Deliveries = Vec::new();
-            loop {
-                let now = epoch_ms() as i64;
-                let batch = match store.deliver_backlog(&agent, now, ROUND).await {
-                    Ok(batch) => batch,
-                    Err(error) => return (delivered, Some(error)),
-                };
-                let full = batch.len() as i64 == ROUND;
-                let mut reachable = true;
-                for instruction in batch {
-                    emit.instruction(&instruction);
-                    // Once a frame does not reach the agent, the rest are taken back too.
-                    reachable =
-                        reachable && routes.deliver(&agent, OutFrame::text(&instruction.frame()));
-                    delivered.push((instruction, reachable));
-                }
-                if !full || !reachable {
-                    return (delivered, None);
-                }
+            let batch = store
+                .deliver_backlog(&agent, epoch_ms() as i64, ROUND)
+                .await?;
+            for instruction in &batch {
+                emit.instruction(instruction);
             }
+            Ok::<_, StoreError>(batch)
         };
-        ctx.spawn(fut::wrap_future(round).map(
-            move |(delivered, error), dispatcher: &mut Self, ctx| {
-                dispatcher.note_deliveries(ctx, &agent_id, incarnation, delivered);
-                if let Some(error) = error {
-                    log::warn!("instructions: delivering to {agent_id} failed: {error}");
-                    dispatcher.rescan = true;
+        ctx.spawn(
+            fut::wrap_future(round).map(move |result, dispatcher: &mut Self, ctx| {
+                match result {
+                    Ok(batch) => {
+                        let full = batch.len() as i64 == ROUND;
+                        dispatcher.note_deliveries(ctx, &agent_id, incarnation, batch);
+                        if full {
+                            if let Some(online) = dispatcher.online.get_mut(&agent_id) {
+                                online.again = true;
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        log::warn!("instructions: delivering to {agent_id} failed: {error}");
+                        dispatcher.rescan = true;
+                    }
                 }
                 dispatcher.round_ended(ctx, agent_id, incarnation);
-            },
-        ));
+            }),
+        );
     }
 
     /// A delivery to `agent_id`'s `incarnation` finished: another round runs if
@@ -85,27 +82,38 @@ impl Dispatcher {
         }
     }
 
-    /// Records deliveries made to `agent_id`'s `incarnation`: their deadlines, and
-    /// their acknowledgement awaited; one whose frame did not reach that incarnation
-    /// is taken back at once.
+    /// Sends deliveries stored for `agent_id`'s `incarnation`, in order, once their
+    /// acknowledgements are awaited (so an acknowledgement can never come before the
+    /// dispatcher knows of its delivery); one that cannot reach that incarnation is
+    /// taken back at once, and so is every later one.
     pub(super) fn note_deliveries(
         &mut self,
         ctx: &mut Context<Self>,
         agent_id: &Arc<str>,
         incarnation: u64,
-        delivered: Deliveries,
+        delivered: Vec<Instruction>,
     ) {
-        for (instruction, sent) in delivered {
+        let mut reachable = true;
+        for instruction in delivered {
             let attempt = instruction.attempt;
             let deadline = instruction.ack_deadline_ms.unwrap_or(i64::MAX);
             match self.online.get_mut(agent_id) {
-                Some(online) if sent && online.incarnation == incarnation => {
+                Some(online) if reachable && online.incarnation == incarnation => {
                     online.unacked.insert(instruction.id.clone(), attempt);
                     self.deadlines.add(
                         deadline,
                         &instruction.id,
                         super::deadlines::Due::Ack(attempt),
                     );
+                    reachable = self
+                        .routes
+                        .deliver(agent_id, OutFrame::text(&instruction.frame()));
+                    if !reachable {
+                        if let Some(online) = self.online.get_mut(agent_id) {
+                            online.unacked.remove(&instruction.id);
+                        }
+                        self.take_back(ctx, instruction.id, attempt, "connection_ended");
+                    }
                 }
                 _ => self.take_back(ctx, instruction.id, attempt, "connection_ended"),
             }
@@ -154,17 +162,16 @@ impl Dispatcher {
             .expect("chosen among the online");
         online.assigning += 1;
         let incarnation = online.incarnation;
-        let (store, emit, routes) = (self.store.clone(), self.emit.clone(), self.routes.clone());
+        let (store, emit) = (self.store.clone(), self.emit.clone());
         let agent = agent_id.clone();
         let deliver = async move {
             let delivered = store
                 .deliver(&instruction.id, &agent, epoch_ms() as i64)
                 .await?;
-            Ok::<_, StoreError>(delivered.map(|instruction| {
-                emit.instruction(&instruction);
-                let sent = routes.deliver(&agent, OutFrame::text(&instruction.frame()));
-                vec![(instruction, sent)]
-            }))
+            if let Some(instruction) = &delivered {
+                emit.instruction(instruction);
+            }
+            Ok::<_, StoreError>(delivered)
         };
         ctx.spawn(
             fut::wrap_future(deliver).map(move |result, dispatcher: &mut Self, ctx| {
@@ -175,7 +182,7 @@ impl Dispatcher {
                 }
                 match result {
                     Ok(Some(delivered)) => {
-                        dispatcher.note_deliveries(ctx, &agent_id, incarnation, delivered)
+                        dispatcher.note_deliveries(ctx, &agent_id, incarnation, vec![delivered])
                     }
                     Ok(None) => {}
                     Err(error) => {
@@ -187,30 +194,38 @@ impl Dispatcher {
         );
     }
 
-    /// Gives out the pending instructions that ask for `capability`.
+    /// Gives out the pending instructions that ask for `capability`, a page at a time.
     pub(super) fn assign_waiting(&mut self, ctx: &mut Context<Self>, capability: String) {
-        if capability == "instructions" {
-            return;
-        }
+        self.assign_waiting_after(ctx, capability, 0);
+    }
+
+    fn assign_waiting_after(&mut self, ctx: &mut Context<Self>, capability: String, after: i64) {
+        const PAGE: i64 = 1000;
         let store = self.store.clone();
+        let name = capability.clone();
         let waiting = async move {
             store
-                .waiting_for(&capability, epoch_ms() as i64, 1000)
+                .waiting_for(&name, epoch_ms() as i64, after, PAGE)
                 .await
         };
-        ctx.spawn(fut::wrap_future(waiting).map(
-            |result, dispatcher: &mut Self, ctx| match result {
+        ctx.spawn(
+            fut::wrap_future(waiting).map(move |result, dispatcher: &mut Self, ctx| match result {
                 Ok(waiting) => {
+                    let next = waiting.last().map(|last| last.seq);
+                    let full = waiting.len() as i64 == PAGE;
                     for instruction in waiting {
                         dispatcher.assign(ctx, instruction);
+                    }
+                    if let (true, Some(after)) = (full, next) {
+                        dispatcher.assign_waiting_after(ctx, capability, after);
                     }
                 }
                 Err(error) => {
                     log::warn!("instructions: reading waiting instructions failed: {error}");
                     dispatcher.rescan = true;
                 }
-            },
-        ));
+            }),
+        );
     }
 
     /// Takes delivery `attempt` of `id` back: pending again and sent on (to its agent
@@ -224,6 +239,7 @@ impl Dispatcher {
         reason: &'static str,
     ) {
         let (store, emit) = (self.store.clone(), self.emit.clone());
+        let retry_id = id.clone();
         let take_back = async move {
             let taken = store
                 .take_back(&id, attempt, reason, epoch_ms() as i64)
@@ -233,29 +249,38 @@ impl Dispatcher {
             }
             Ok::<_, StoreError>(taken)
         };
-        ctx.spawn(fut::wrap_future(take_back).map(
-            |result, dispatcher: &mut Self, ctx| match result {
-                Ok(Some(instruction)) => {
-                    if let Some(online) = instruction
-                        .agent_id
-                        .as_deref()
-                        .and_then(|agent| dispatcher.online.get_mut(agent))
-                    {
-                        online.unacked.remove(&instruction.id);
+        ctx.spawn(
+            fut::wrap_future(take_back).map(
+                move |result, dispatcher: &mut Self, ctx| match result {
+                    Ok(Some(instruction)) => {
+                        if let Some(online) = instruction
+                            .agent_id
+                            .as_deref()
+                            .and_then(|agent| dispatcher.online.get_mut(agent))
+                        {
+                            online.unacked.remove(&instruction.id);
+                        }
+                        if instruction.state == State::Failed {
+                            dispatcher.deadlines.forget(&instruction.id);
+                        } else {
+                            dispatcher.send_on(ctx, instruction);
+                        }
                     }
-                    if instruction.state == State::Failed {
-                        dispatcher.deadlines.forget(&instruction.id);
-                    } else {
-                        dispatcher.send_on(ctx, instruction);
+                    Ok(None) => {}
+                    Err(error) => {
+                        log::warn!(
+                            "instructions: taking a delivery back failed (retried in 1 s): {error}"
+                        );
+                        let retry = epoch_ms() as i64 + RETRY_MS;
+                        dispatcher.deadlines.add(
+                            retry,
+                            &retry_id,
+                            super::deadlines::Due::Ack(attempt),
+                        );
                     }
-                }
-                Ok(None) => {}
-                Err(error) => {
-                    log::warn!("instructions: taking a delivery back failed: {error}");
-                    dispatcher.rescan = true;
-                }
-            },
-        ));
+                },
+            ),
+        );
     }
 
     /// Sends a pending instruction to whoever should get it now, if anyone is online.

@@ -1,4 +1,4 @@
-//! The dispatcher actor: durable work for agents (issue 13, PROTOCOL.md §10).
+//! The dispatcher actor: durable work for agents (issue 13, PROTOCOL.md §11).
 //!
 //! Instructions and sessions live in the [`Store`] (SQLite or PostgreSQL); this actor
 //! moves them through their states and sends them to the agents that take
@@ -151,8 +151,9 @@ struct Online {
     wrong_acks_since: i64,
 }
 
-/// Wrong acknowledgements (unknown, foreign or finished instructions) an agent may
-/// make per second before they are refused `rate_limited` unread.
+/// Acknowledgements of instructions an agent does not hold (unknown, foreign,
+/// finished or taken back) it may make per second before they are refused
+/// `rate_limited` without a look at the database.
 const MOST_WRONG_ACKS: u32 = 50;
 
 impl Online {

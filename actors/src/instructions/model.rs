@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde_json::{json, value::RawValue, Value};
 use std::time::{Duration, UNIX_EPOCH};
 
-/// The state of an instruction (PROTOCOL.md §10).
+/// The state of an instruction (PROTOCOL.md §11).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum State {
     /// Waiting for its agent (or for an agent with its capability).

@@ -4,7 +4,6 @@
 use super::model::{Instruction, Session, SessionState, State};
 use super::{deadlines::Due, Dispatcher, NewInstruction, NewSession, StoreError};
 use crate::clock::epoch_ms;
-use crate::outbound::OutFrame;
 use actix::prelude::*;
 
 /// Why a request was refused (the admin API's status code follows the variant).
@@ -75,7 +74,7 @@ impl Handler<CreateInstruction> for Dispatcher {
     type Result = ResponseActFuture<Self, Result<Instruction, Refused>>;
 
     fn handle(&mut self, msg: CreateInstruction, _ctx: &mut Self::Context) -> Self::Result {
-        let (store, emit, routes) = (self.store.clone(), self.emit.clone(), self.routes.clone());
+        let (store, emit) = (self.store.clone(), self.emit.clone());
         let new = msg.0;
         // For an online agent with no delivery round running (so nothing older is
         // pending for it), the instruction is stored as delivered and sent at once; a
@@ -98,14 +97,13 @@ impl Handler<CreateInstruction> for Dispatcher {
                 None => {
                     let instruction = store.insert(&new, &id, now).await?;
                     emit.instruction(&instruction);
-                    (instruction, false)
+                    instruction
                 }
                 Some(agent) => {
                     let instruction = store.insert_delivered(&new, &id, agent, now).await?;
                     emit.instruction(&instruction.as_created());
                     emit.instruction(&instruction);
-                    let sent = routes.deliver(agent, OutFrame::text(&instruction.frame()));
-                    (instruction, sent)
+                    instruction
                 }
             };
             if let Some(session) = &new.session_id {
@@ -114,9 +112,9 @@ impl Handler<CreateInstruction> for Dispatcher {
             Ok(created)
         };
         Box::pin(fut::wrap_future(create).map(
-            move |result: Result<(Instruction, bool), Refused>, dispatcher: &mut Self, ctx| {
+            move |result: Result<Instruction, Refused>, dispatcher: &mut Self, ctx| {
                 let result = match result {
-                    Ok((instruction, sent)) => {
+                    Ok(instruction) => {
                         dispatcher.deadlines.add(
                             instruction.expires_at_ms,
                             &instruction.id,
@@ -127,7 +125,7 @@ impl Handler<CreateInstruction> for Dispatcher {
                                 ctx,
                                 agent,
                                 *incarnation,
-                                vec![(instruction.clone(), sent)],
+                                vec![instruction.clone()],
                             ),
                             None => dispatcher.send_on(ctx, instruction.clone()),
                         }
@@ -223,23 +221,15 @@ impl Dispatcher {
         let (store, emit) = (self.store.clone(), self.emit.clone());
         let close = async move {
             let now = epoch_ms() as i64;
-            let Some(session) = store.close_session(&id, reason, now).await? else {
+            let Some((session, cancelled)) = store.close_session(&id, reason, now).await? else {
                 return Err(match store.session(&id).await? {
                     None => Refused::NotFound(format!("no session has the id {id:?}")),
                     Some(_) => Refused::Conflict(format!("session {id} is already closed")),
                 });
             };
             emit.session(&session);
-            let mut cancelled = Vec::new();
-            for instruction in store.of_session(&id).await? {
-                let why = Some("session_closed");
-                if let Some(instruction) = store
-                    .finish(&instruction.id, None, State::Cancelled, None, why, now)
-                    .await?
-                {
-                    emit.instruction(&instruction);
-                    cancelled.push(instruction);
-                }
+            for instruction in &cancelled {
+                emit.instruction(instruction);
             }
             Ok((session, cancelled))
         };

@@ -321,21 +321,24 @@ impl Store {
         instructions(&rows)
     }
 
-    /// Pending, unexpired instructions asking for `capability`, in creation order.
+    /// Pending, unexpired instructions asking for `capability` created after `after_seq`,
+    /// in creation order.
     pub async fn waiting_for(
         &self,
         capability: &str,
         now_ms: i64,
+        after_seq: i64,
         limit: i64,
     ) -> Result<Vec<Instruction>> {
         let sql = format!(
             "SELECT {INSTRUCTION} FROM instructions WHERE capability = $1 AND state = 'pending' \
-             AND expires_at_ms > $3 ORDER BY seq LIMIT $2"
+             AND expires_at_ms > $3 AND seq > $4 ORDER BY seq LIMIT $2"
         );
         let rows = sqlx::query(&sql)
             .bind(capability)
             .bind(limit)
             .bind(now_ms)
+            .bind(after_seq)
             .fetch_all(&self.pool)
             .await?;
         instructions(&rows)
@@ -376,6 +379,8 @@ impl Store {
 
     /// Takes back delivery `attempt` of `id` (not acknowledged in time, or its agent's
     /// connection ended): pending again, or `failed` when it was the last attempt.
+    /// Only failing is a change with an event (and a new `version`): a return to
+    /// pending shows in the next delivery's event (`attempt` + 1, and `reason`).
     pub async fn take_back(
         &self,
         id: &str,
@@ -387,7 +392,8 @@ impl Store {
             "UPDATE instructions SET \
              state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'pending' END, \
              finished_at_ms = CASE WHEN attempt >= max_attempts THEN $3 ELSE NULL END, \
-             reason = $4, ack_deadline_ms = NULL, version = version + 1 \
+             reason = $4, ack_deadline_ms = NULL, \
+             version = CASE WHEN attempt >= max_attempts THEN version + 1 ELSE version END \
              WHERE id = $1 AND state = 'delivered' AND attempt = $2 RETURNING {INSTRUCTION}"
         );
         let row = sqlx::query(&sql)
@@ -442,7 +448,7 @@ impl Store {
     ) -> Result<Vec<Option<Instruction>>> {
         let sql = format!(
             "UPDATE instructions SET state = $2, result = $3, finished_at_ms = $4, \
-             ack_deadline_ms = NULL, version = version + 1 \
+             reason = NULL, ack_deadline_ms = NULL, version = version + 1 \
              WHERE id = $1 AND state IN ('pending', 'delivered') AND agent_id = $5 \
              RETURNING {INSTRUCTION}"
         );
@@ -461,19 +467,6 @@ impl Store {
         }
         transaction.commit().await?;
         Ok(finished)
-    }
-
-    /// The unfinished instructions of session `session_id`.
-    pub async fn of_session(&self, session_id: &str) -> Result<Vec<Instruction>> {
-        let sql = format!(
-            "SELECT {INSTRUCTION} FROM instructions WHERE session_id = $1 \
-             AND state IN ('pending', 'delivered') ORDER BY seq"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(session_id)
-            .fetch_all(&self.pool)
-            .await?;
-        instructions(&rows)
     }
 
     /// Stores a new open session.
@@ -532,24 +525,43 @@ impl Store {
         rows.iter().map(session).collect()
     }
 
-    /// Closes session `id` if it is open; `None` otherwise.
+    /// Closes session `id` if it is open and cancels its unfinished instructions, in
+    /// one transaction; `None` when it was not open.
     pub async fn close_session(
         &self,
         id: &str,
         reason: &str,
         now_ms: i64,
-    ) -> Result<Option<Session>> {
+    ) -> Result<Option<(Session, Vec<Instruction>)>> {
+        let mut transaction = self.pool.begin().await?;
         let sql = format!(
             "UPDATE sessions SET state = 'closed', closed_at_ms = $2, close_reason = $3, \
              version = version + 1 WHERE id = $1 AND state = 'open' RETURNING {SESSION}"
         );
-        let row = sqlx::query(&sql)
+        let Some(row) = sqlx::query(&sql)
             .bind(id)
             .bind(now_ms)
             .bind(reason)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *transaction)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let closed = session(&row)?;
+        let sql = format!(
+            "UPDATE instructions SET state = 'cancelled', reason = 'session_closed', \
+             finished_at_ms = $2, ack_deadline_ms = NULL, version = version + 1 \
+             WHERE session_id = $1 AND state IN ('pending', 'delivered') RETURNING {INSTRUCTION}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(id)
+            .bind(now_ms)
+            .fetch_all(&mut *transaction)
             .await?;
-        row.as_ref().map(session).transpose()
+        let mut cancelled = instructions(&rows)?;
+        cancelled.sort_unstable_by_key(|instruction| instruction.seq);
+        transaction.commit().await?;
+        Ok(Some((closed, cancelled)))
     }
 
     /// Records activity in session `id` (an instruction created or acknowledged in it).

@@ -33,7 +33,7 @@ pub enum Inbound {
     InstructionAck(InstructionAck),
 }
 
-/// An agent's answer to an instruction (PROTOCOL.md §10).
+/// An agent's answer to an instruction (PROTOCOL.md §11).
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstructionAck {
     /// The instruction answered.
