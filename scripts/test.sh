@@ -7,6 +7,8 @@
 # What it makes sure of, idempotently:
 #   - Redis on 127.0.0.1:6379 and RabbitMQ on 127.0.0.1:5672 (started if installed but
 #     stopped; installed with apt-get if missing);
+#   - PostgreSQL on 127.0.0.1:5432 (started if installed but stopped; installed if
+#     missing), for the instructions tests' databases;
 #   - tansu (a Kafka-compatible broker) installed with cargo and listening on
 #     127.0.0.1:9092 (its build is cached in ~/.cargo/bin);
 #   - a Python venv in .venv with openagents==0.5.1 for the compatibility test;
@@ -44,6 +46,20 @@ if ! port_open 5672; then
   log "starting RabbitMQ"
   rabbitmq-server -detached || true
   wait_port 5672 90 RabbitMQ
+fi
+
+# --- PostgreSQL (the instructions tests create a database of their own on it) ---
+if ! port_open 5432; then
+  command -v pg_ctlcluster >/dev/null || apt_install postgresql
+  log "starting PostgreSQL"
+  for cluster in /etc/postgresql/*/main; do
+    version=$(basename "$(dirname "$cluster")")
+    pg_ctlcluster "$version" main start || true
+  done
+  wait_port 5432 30 PostgreSQL
+fi
+if command -v psql >/dev/null && ! psql -h 127.0.0.1 -U postgres -Atc 'select 1' >/dev/null 2>&1; then
+  log "PostgreSQL on 127.0.0.1:5432 refuses user postgres without a password; the instructions tests need trust auth for it (or set TETHER_TEST_POSTGRES)"
 fi
 
 # --- Kafka (tansu) ---
