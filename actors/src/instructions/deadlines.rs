@@ -13,6 +13,8 @@ use std::collections::{BTreeSet, HashMap};
 pub(super) enum Due {
     /// Delivery `attempt` was not acknowledged in time.
     Ack(i64),
+    /// Taking delivery `attempt` back for this reason failed on a storage error: again.
+    Retake(i64, &'static str),
     /// The instruction's `ttl` ran out.
     Expiry,
 }
@@ -116,14 +118,27 @@ impl Dispatcher {
         for (id, due) in self.deadlines.take_due(now) {
             match due {
                 Due::Ack(attempt) => self.take_back(ctx, id, attempt, "ack_timeout"),
+                Due::Retake(attempt, reason) => self.take_back(ctx, id, attempt, reason),
                 Due::Expiry => self.expire(ctx, id),
             }
         }
         if self.rescan {
+            // Work left undone by a storage error: every online agent's backlog, and
+            // what waits for the capabilities they have.
             self.rescan = false;
             let agents: Vec<_> = self.online.keys().cloned().collect();
+            let mut capabilities: Vec<String> = self
+                .online
+                .values()
+                .flat_map(|online| online.capabilities.iter().cloned())
+                .collect();
+            capabilities.sort_unstable();
+            capabilities.dedup();
             for agent_id in agents {
                 self.pump(ctx, agent_id);
+            }
+            for capability in capabilities {
+                self.assign_waiting(ctx, capability);
             }
         }
         if now - self.last_idle_check >= IDLE_CHECK_MS {

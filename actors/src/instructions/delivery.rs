@@ -23,6 +23,9 @@ impl Dispatcher {
         let Some(online) = self.online.get_mut(&agent_id) else {
             return;
         };
+        if online.unreachable {
+            return;
+        }
         if online.busy {
             online.again = true;
             return;
@@ -109,8 +112,11 @@ impl Dispatcher {
                         .routes
                         .deliver(agent_id, OutFrame::text(&instruction.frame()));
                     if !reachable {
+                        // Its connection is gone; the registry's word follows. Until
+                        // then nothing more is sent to it.
                         if let Some(online) = self.online.get_mut(agent_id) {
                             online.unacked.remove(&instruction.id);
+                            online.unreachable = true;
                         }
                         self.take_back(ctx, instruction.id, attempt, "connection_ended");
                     }
@@ -125,7 +131,9 @@ impl Dispatcher {
         let mut able: Vec<(&Arc<str>, usize)> = self
             .online
             .iter()
-            .filter(|(_, online)| online.capabilities.iter().any(|c| c == capability))
+            .filter(|(_, online)| {
+                !online.unreachable && online.capabilities.iter().any(|c| c == capability)
+            })
             .map(|(id, online)| (id, online.load()))
             .collect();
         if able.is_empty() {
@@ -275,7 +283,7 @@ impl Dispatcher {
                         dispatcher.deadlines.add(
                             retry,
                             &retry_id,
-                            super::deadlines::Due::Ack(attempt),
+                            super::deadlines::Due::Retake(attempt, reason),
                         );
                     }
                 },

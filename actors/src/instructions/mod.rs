@@ -144,6 +144,9 @@ struct Online {
     busy: bool,
     /// Something was created for it while the round ran: run another.
     again: bool,
+    /// A frame could not reach its connection (it ended; the registry's `Offline`
+    /// is on its way): nothing more is sent to it.
+    unreachable: bool,
     /// Acknowledgements of this incarnation that named no instruction it holds, in the
     /// current second (`wrong_acks_since`, epoch ms): past [`MOST_WRONG_ACKS`] they are
     /// refused without a look at the database.
@@ -260,6 +263,7 @@ impl Handler<Presence> for Dispatcher {
                         assigning: 0,
                         busy: false,
                         again: false,
+                        unreachable: false,
                         wrong_acks: 0,
                         wrong_acks_since: 0,
                     },

@@ -107,13 +107,35 @@ impl Handler<CreateInstruction> for Dispatcher {
                 }
             };
             if let Some(session) = &new.session_id {
-                store.touch_session(session, now).await?;
+                // Stored: a failure from here on must not answer 503 (a retry would
+                // create it twice).
+                if let Err(error) = store.touch_session(session, now).await {
+                    log::warn!(
+                        "instructions: recording activity in session {session} failed: {error}"
+                    );
+                }
+                // Closed meanwhile (after the check above): cancelled like the rest of
+                // the session's instructions.
+                if let Ok(Some(found)) = store.session(session).await {
+                    if found.state == SessionState::Closed {
+                        let why = Some("session_closed");
+                        if let Ok(Some(cancelled)) = store
+                            .finish(&created.id, None, State::Cancelled, None, why, now)
+                            .await
+                        {
+                            emit.instruction(&cancelled);
+                            return Ok(cancelled);
+                        }
+                    }
+                }
             }
             Ok(created)
         };
         Box::pin(fut::wrap_future(create).map(
             move |result: Result<Instruction, Refused>, dispatcher: &mut Self, ctx| {
                 let result = match result {
+                    // Its session closed while it was created: cancelled already.
+                    Ok(instruction) if instruction.state.is_final() => Ok(instruction),
                     Ok(instruction) => {
                         dispatcher.deadlines.add(
                             instruction.expires_at_ms,
