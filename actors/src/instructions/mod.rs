@@ -17,6 +17,7 @@
 //! cache of the store: at start it is rebuilt from the unfinished instructions.
 
 mod acks;
+mod creates;
 mod deadlines;
 mod delivery;
 pub mod model;
@@ -188,6 +189,10 @@ pub struct Dispatcher {
     acks: Vec<store::FinishedBy>,
     /// A batch of acknowledgements is being committed.
     storing_acks: bool,
+    /// Creations waiting to be stored.
+    creates: Vec<creates::QueuedCreate>,
+    /// A batch of creations is being committed.
+    storing_creates: bool,
 }
 
 impl Dispatcher {
@@ -215,6 +220,8 @@ impl Dispatcher {
             notices: None,
             acks: Vec::new(),
             storing_acks: false,
+            creates: Vec::new(),
+            storing_creates: false,
         }
     }
 

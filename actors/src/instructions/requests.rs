@@ -2,7 +2,7 @@
 //! and close sessions. Reads go to the [`Store`](super::Store) directly.
 
 use super::model::{Instruction, Session, SessionState, State};
-use super::{deadlines::Due, Dispatcher, NewInstruction, NewSession, StoreError};
+use super::{Dispatcher, NewInstruction, NewSession, StoreError};
 use crate::clock::epoch_ms;
 use actix::prelude::*;
 
@@ -46,7 +46,10 @@ pub struct CloseSession(pub String);
 
 /// Checks that `session_id` is open and, when the instruction names its agent, that
 /// it is the session's agent.
-async fn check_session(store: &super::Store, new: &NewInstruction) -> Result<(), Refused> {
+pub(super) async fn check_session(
+    store: &super::Store,
+    new: &NewInstruction,
+) -> Result<(), Refused> {
     let Some(session_id) = &new.session_id else {
         return Ok(());
     };
@@ -68,101 +71,6 @@ async fn check_session(store: &super::Store, new: &NewInstruction) -> Result<(),
         }
     }
     Ok(())
-}
-
-impl Handler<CreateInstruction> for Dispatcher {
-    type Result = ResponseActFuture<Self, Result<Instruction, Refused>>;
-
-    fn handle(&mut self, msg: CreateInstruction, _ctx: &mut Self::Context) -> Self::Result {
-        let (store, emit) = (self.store.clone(), self.emit.clone());
-        let new = msg.0;
-        // For an online agent with no delivery round running (so nothing older is
-        // pending for it), the instruction is stored as delivered and sent at once; a
-        // round started meanwhile waits for it, so the agent's order holds.
-        let direct = new
-            .agent_id
-            .as_deref()
-            .and_then(|agent| self.online.get_key_value(agent))
-            .filter(|(_, online)| !online.busy)
-            .map(|(agent, online)| (agent.clone(), online.incarnation));
-        if let Some((agent, _)) = &direct {
-            self.online.get_mut(agent).expect("online").busy = true;
-        }
-        let to = direct.as_ref().map(|(agent, _)| agent.clone());
-        let create = async move {
-            check_session(&store, &new).await?;
-            let id = uuid::Uuid::new_v4().to_string();
-            let now = epoch_ms() as i64;
-            let created = match &to {
-                None => {
-                    let instruction = store.insert(&new, &id, now).await?;
-                    emit.instruction(&instruction);
-                    instruction
-                }
-                Some(agent) => {
-                    let instruction = store.insert_delivered(&new, &id, agent, now).await?;
-                    emit.instruction(&instruction.as_created());
-                    emit.instruction(&instruction);
-                    instruction
-                }
-            };
-            if let Some(session) = &new.session_id {
-                // Stored: a failure from here on must not answer 503 (a retry would
-                // create it twice).
-                if let Err(error) = store.touch_session(session, now).await {
-                    log::warn!(
-                        "instructions: recording activity in session {session} failed: {error}"
-                    );
-                }
-                // Closed meanwhile (after the check above): cancelled like the rest of
-                // the session's instructions.
-                if let Ok(Some(found)) = store.session(session).await {
-                    if found.state == SessionState::Closed {
-                        let why = Some("session_closed");
-                        if let Ok(Some(cancelled)) = store
-                            .finish(&created.id, None, State::Cancelled, None, why, now)
-                            .await
-                        {
-                            emit.instruction(&cancelled);
-                            return Ok(cancelled);
-                        }
-                    }
-                }
-            }
-            Ok(created)
-        };
-        Box::pin(fut::wrap_future(create).map(
-            move |result: Result<Instruction, Refused>, dispatcher: &mut Self, ctx| {
-                let result = match result {
-                    // Its session closed while it was created: cancelled already.
-                    Ok(instruction) if instruction.state.is_final() => Ok(instruction),
-                    Ok(instruction) => {
-                        dispatcher.deadlines.add(
-                            instruction.expires_at_ms,
-                            &instruction.id,
-                            Due::Expiry,
-                        );
-                        match &direct {
-                            Some((agent, incarnation)) => dispatcher.note_deliveries(
-                                ctx,
-                                agent,
-                                *incarnation,
-                                vec![instruction.clone()],
-                            ),
-                            None => dispatcher.send_on(ctx, instruction.clone()),
-                        }
-                        // The answer shows the instruction as it was created.
-                        Ok(instruction.as_created())
-                    }
-                    Err(refusal) => Err(refusal),
-                };
-                if let Some((agent, incarnation)) = direct {
-                    dispatcher.round_ended(ctx, agent, incarnation);
-                }
-                result
-            },
-        ))
-    }
 }
 
 impl Handler<CancelInstruction> for Dispatcher {

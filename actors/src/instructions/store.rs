@@ -75,6 +75,54 @@ pub struct FinishedBy {
     pub result: Option<String>,
 }
 
+/// A new instruction to store with its id: pending, or, with `to`, already delivered
+/// to that agent (an online agent with nothing else pending): its first attempt, in
+/// the same statement, its change number 2 (1 was its creation).
+#[derive(Debug, Clone, Copy)]
+pub struct ToStore<'a> {
+    /// What was asked.
+    pub new: &'a NewInstruction,
+    /// Its id.
+    pub id: &'a str,
+    /// The agent it is delivered to at once, if any.
+    pub to: Option<&'a str>,
+}
+
+fn insert_sql() -> String {
+    format!(
+        "INSERT INTO instructions (id, agent_id, capability, strategy, session_id, payload, \
+         state, attempt, max_attempts, ack_timeout_ms, version, created_at_ms, expires_at_ms, \
+         delivered_at_ms, ack_deadline_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+         RETURNING {INSTRUCTION}"
+    )
+}
+
+fn insert_query<'q>(
+    sql: &'q str,
+    item: &'q ToStore<'q>,
+    now_ms: i64,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    let new = item.new;
+    let delivered = item.to.is_some();
+    sqlx::query(sql)
+        .bind(item.id)
+        .bind(item.to.map(str::to_owned).or_else(|| new.agent_id.clone()))
+        .bind(new.capability.clone())
+        .bind(new.strategy.map(|s| s.as_str().to_owned()))
+        .bind(new.session_id.clone())
+        .bind(new.payload.as_str())
+        .bind(if delivered { "delivered" } else { "pending" })
+        .bind(i64::from(delivered))
+        .bind(new.max_attempts)
+        .bind(new.ack_timeout_ms)
+        .bind(if delivered { 2_i64 } else { 1 })
+        .bind(now_ms)
+        .bind(now_ms.saturating_add(new.ttl_ms))
+        .bind(delivered.then_some(now_ms))
+        .bind(delivered.then(|| now_ms.saturating_add(new.ack_timeout_ms)))
+}
+
 /// A new session, checked.
 #[derive(Debug, Clone)]
 pub struct NewSession {
@@ -204,61 +252,33 @@ impl Store {
         self.backend
     }
 
-    /// Stores a new pending instruction.
-    pub async fn insert(&self, new: &NewInstruction, id: &str, now_ms: i64) -> Result<Instruction> {
-        let sql = format!(
-            "INSERT INTO instructions (id, agent_id, capability, strategy, session_id, payload, \
-             state, attempt, max_attempts, ack_timeout_ms, version, created_at_ms, expires_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'pending', 0, $7, $8, 1, $9, $10) RETURNING {INSTRUCTION}"
-        );
-        let row = sqlx::query(&sql)
-            .bind(id)
-            .bind(new.agent_id.clone())
-            .bind(new.capability.clone())
-            .bind(new.strategy.map(|s| s.as_str().to_owned()))
-            .bind(new.session_id.clone())
-            .bind(&new.payload)
-            .bind(new.max_attempts)
-            .bind(new.ack_timeout_ms)
-            .bind(now_ms)
-            .bind(now_ms.saturating_add(new.ttl_ms))
+    /// Stores a new instruction (see [`ToStore`]).
+    pub async fn insert(&self, item: &ToStore<'_>, now_ms: i64) -> Result<Instruction> {
+        let sql = insert_sql();
+        let row = insert_query(&sql, item, now_ms)
             .fetch_one(&self.pool)
             .await?;
         instruction(&row)
     }
 
-    /// Stores a new instruction already delivered to `agent_id` (an online agent with
-    /// nothing else pending): its first attempt, in one statement. Its change number
-    /// is 2: 1 was its creation.
-    pub async fn insert_delivered(
+    /// Stores new instructions in one transaction (one commit for a batch of
+    /// creations), in the order given: that is their creation order.
+    pub async fn insert_many(
         &self,
-        new: &NewInstruction,
-        id: &str,
-        agent_id: &str,
+        items: &[ToStore<'_>],
         now_ms: i64,
-    ) -> Result<Instruction> {
-        let sql = format!(
-            "INSERT INTO instructions (id, agent_id, capability, strategy, session_id, payload, \
-             state, attempt, max_attempts, ack_timeout_ms, version, created_at_ms, expires_at_ms, \
-             delivered_at_ms, ack_deadline_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'delivered', 1, $7, $8, 2, $9, $10, $9, $11) \
-             RETURNING {INSTRUCTION}"
-        );
-        let row = sqlx::query(&sql)
-            .bind(id)
-            .bind(agent_id)
-            .bind(new.capability.clone())
-            .bind(new.strategy.map(|s| s.as_str().to_owned()))
-            .bind(new.session_id.clone())
-            .bind(&new.payload)
-            .bind(new.max_attempts)
-            .bind(new.ack_timeout_ms)
-            .bind(now_ms)
-            .bind(now_ms.saturating_add(new.ttl_ms))
-            .bind(now_ms.saturating_add(new.ack_timeout_ms))
-            .fetch_one(&self.pool)
-            .await?;
-        instruction(&row)
+    ) -> Result<Vec<Instruction>> {
+        let sql = insert_sql();
+        let mut transaction = self.pool.begin().await?;
+        let mut stored = Vec::with_capacity(items.len());
+        for item in items {
+            let row = insert_query(&sql, item, now_ms)
+                .fetch_one(&mut *transaction)
+                .await?;
+            stored.push(instruction(&row)?);
+        }
+        transaction.commit().await?;
+        Ok(stored)
     }
 
     /// Delivers the oldest `limit` pending, unexpired instructions given to `agent_id`
