@@ -345,6 +345,7 @@ fn validate_instructions(s: &Settings) -> Result<(), ConfigError> {
     positive("instructions.default_ack_timeout", i.default_ack_timeout)?;
     positive("instructions.max_ttl", i.max_ttl)?;
     positive("instructions.sweep_interval", i.sweep_interval)?;
+    positive("instructions.overdue_check", i.overdue_check)?;
     positive("sessions.idle_timeout", s.sessions.idle_timeout)?;
     if i.default_ttl > i.max_ttl {
         return Err(invalid(

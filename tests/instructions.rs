@@ -797,3 +797,39 @@ async fn instructions_reach_agents_on_any_node_of_a_cluster_sharing_postgresql()
         id.as_str()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_nodes_deliveries_and_expiries_are_handled_by_a_survivor() {
+    let database = TestDatabase::new(Db::Postgres).await;
+    let prefix = common::cluster::fresh_prefix();
+    let fast = [("TETHER__INSTRUCTIONS__OVERDUE_CHECK", "0.5")];
+    let a = common::cluster::node(&prefix, "2", &database.env(&fast)).await;
+    let b = common::cluster::node(&prefix, "2", &database.env(&fast)).await;
+    let mut b_events = EventStream::subscribe(&b, None).await;
+    let mut w = worker(&a, "w", &[]).await;
+    let held = create(&a, "w", json!({"payload": {}, "ack_timeout": 3})).await["instruction_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(next_instruction(&mut w).await["attempt"], 1);
+    let expiring = create(&a, "nobody", json!({"payload": {}, "ttl": 3})).await["instruction_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Node A dies holding both deadlines; only B is left to handle them.
+    a.signal("KILL");
+    drop(a);
+    w.abort();
+    tokio::time::timeout(
+        common::DEADLINE,
+        b_events.wait_for(|e| e["type"] == "agent.cleaned_up" && e["subject"] == "w"),
+    )
+    .await
+    .expect("node B did not end node A's agent in time");
+    let mut w = worker(&b, "w", &[]).await;
+    let again = next_instruction(&mut w).await;
+    assert_eq!(again["instruction_id"], held.as_str());
+    assert_eq!(again["attempt"], 2);
+    let expired = event_of(&mut b_events, "instruction.expired", &expiring).await;
+    assert_eq!(expired["data"]["reason"], "ttl");
+}

@@ -61,6 +61,9 @@ pub struct InstructionsSettings {
     pub max_payload_bytes: usize,
     /// Seconds between checks of acknowledgement deadlines and expiries.
     pub sweep_interval: f64,
+    /// Seconds between looks in the storage for expiries and acknowledgement deadlines
+    /// that this long overdue (a lost node's, in a cluster: nobody else holds them).
+    pub overdue_check: f64,
 }
 
 /// `[sessions]`

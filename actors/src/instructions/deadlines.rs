@@ -145,6 +145,56 @@ impl Dispatcher {
             self.last_idle_check = now;
             self.close_idle_sessions(ctx, now);
         }
+        let overdue_ms = (self.settings.overdue_check * 1000.0) as i64;
+        if now - self.last_overdue_check >= overdue_ms {
+            self.last_overdue_check = now;
+            self.handle_overdue(ctx, now - overdue_ms);
+        }
+    }
+
+    /// Expires and takes back what was due before `cutoff` and no deadline of this
+    /// node's handled: in a cluster, a lost node's (every node looks; the storage lets
+    /// one change each).
+    fn handle_overdue(&mut self, ctx: &mut Context<Self>, cutoff: i64) {
+        const MOST: i64 = 1000;
+        let (store, emit) = (self.store.clone(), self.emit.clone());
+        let overdue = async move {
+            let now = epoch_ms() as i64;
+            let expired = store.expire_overdue(cutoff, now, MOST).await?;
+            let taken = store.take_back_overdue(cutoff, now, MOST).await?;
+            for instruction in expired.iter().chain(&taken) {
+                if instruction.state.is_final() {
+                    emit.instruction(instruction);
+                }
+            }
+            Ok::<_, super::StoreError>(expired.into_iter().chain(taken).collect::<Vec<_>>())
+        };
+        ctx.spawn(fut::wrap_future(overdue).map(
+            |result, dispatcher: &mut Self, ctx| match result {
+                Ok(changed) => {
+                    if !changed.is_empty() {
+                        log::info!("instructions: {} overdue deadlines handled", changed.len());
+                    }
+                    for instruction in changed {
+                        if let Some(online) = instruction
+                            .agent_id
+                            .as_deref()
+                            .and_then(|agent| dispatcher.online.get_mut(agent))
+                        {
+                            online.unacked.remove(&instruction.id);
+                        }
+                        if instruction.state.is_final() {
+                            dispatcher.deadlines.forget(&instruction.id);
+                        } else {
+                            dispatcher.send_on(ctx, instruction);
+                        }
+                    }
+                }
+                Err(error) => {
+                    log::warn!("instructions: looking for overdue deadlines failed: {error}")
+                }
+            },
+        ));
     }
 
     fn expire(&mut self, ctx: &mut Context<Self>, id: String) {

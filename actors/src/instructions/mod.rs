@@ -30,6 +30,7 @@ pub use requests::{CancelInstruction, CloseSession, CreateInstruction, OpenSessi
 pub use store::{Backend, NewInstruction, NewSession, Store, StoreError};
 
 use crate::bus::Publish;
+use crate::clock::epoch_ms;
 use crate::event::{EventKind, EventSource, LifecycleEvent};
 use crate::protocol::InstructionAck;
 use crate::routes::Routes;
@@ -183,6 +184,8 @@ pub struct Dispatcher {
     rescan: bool,
     /// When idle sessions were last looked for (epoch ms).
     last_idle_check: i64,
+    /// When overdue deadlines were last looked for in the storage (epoch ms).
+    last_overdue_check: i64,
     /// When clustered: work announced to and by the other nodes.
     notices: Option<Notices>,
     /// Acknowledgements waiting to be stored.
@@ -217,6 +220,7 @@ impl Dispatcher {
             turns: HashMap::new(),
             rescan: false,
             last_idle_check: 0,
+            last_overdue_check: epoch_ms() as i64,
             notices: None,
             acks: Vec::new(),
             storing_acks: false,

@@ -426,6 +426,57 @@ impl Store {
         row.as_ref().map(instruction).transpose()
     }
 
+    /// Expires up to `limit` unfinished instructions whose `ttl` ran out before
+    /// `cutoff_ms` (deadlines no live node handled: a lost node's).
+    pub async fn expire_overdue(
+        &self,
+        cutoff_ms: i64,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<Instruction>> {
+        let sql = format!(
+            "UPDATE instructions SET state = 'expired', reason = 'ttl', finished_at_ms = $2, \
+             ack_deadline_ms = NULL, version = version + 1 \
+             WHERE id IN (SELECT id FROM instructions WHERE state IN ('pending', 'delivered') \
+             AND expires_at_ms < $1 LIMIT $3) AND state IN ('pending', 'delivered') \
+             RETURNING {INSTRUCTION}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(cutoff_ms)
+            .bind(now_ms)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        instructions(&rows)
+    }
+
+    /// Takes back up to `limit` deliveries whose acknowledgement was due before
+    /// `cutoff_ms` (deadlines no live node handled: a lost node's), as
+    /// [`take_back`](Self::take_back) does with reason `ack_timeout`.
+    pub async fn take_back_overdue(
+        &self,
+        cutoff_ms: i64,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<Instruction>> {
+        let sql = format!(
+            "UPDATE instructions SET \
+             state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'pending' END, \
+             finished_at_ms = CASE WHEN attempt >= max_attempts THEN $2 ELSE NULL END, \
+             reason = 'ack_timeout', ack_deadline_ms = NULL, \
+             version = CASE WHEN attempt >= max_attempts THEN version + 1 ELSE version END \
+             WHERE id IN (SELECT id FROM instructions WHERE state = 'delivered' \
+             AND ack_deadline_ms < $1 LIMIT $3) AND state = 'delivered' RETURNING {INSTRUCTION}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(cutoff_ms)
+            .bind(now_ms)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        instructions(&rows)
+    }
+
     /// Finishes `id` as `state` (with the agent's `result` or a `reason`) if it is
     /// unfinished and, when `agent_id` is given, was last delivered to that agent.
     pub async fn finish(
