@@ -88,6 +88,17 @@ pub struct ToStore<'a> {
     pub to: Option<&'a str>,
 }
 
+/// The `SET` of taking a delivery back: pending again, or `failed` (a change, with a
+/// new version) when it was its last attempt; `now` and `reason` are SQL expressions.
+fn taking_back(now: &str, reason: &str) -> String {
+    format!(
+        "state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'pending' END, \
+         finished_at_ms = CASE WHEN attempt >= max_attempts THEN {now} ELSE NULL END, \
+         reason = {reason}, ack_deadline_ms = NULL, \
+         version = CASE WHEN attempt >= max_attempts THEN version + 1 ELSE version END"
+    )
+}
+
 fn insert_sql() -> String {
     format!(
         "INSERT INTO instructions (id, agent_id, capability, strategy, session_id, payload, \
@@ -409,12 +420,9 @@ impl Store {
         now_ms: i64,
     ) -> Result<Option<Instruction>> {
         let sql = format!(
-            "UPDATE instructions SET \
-             state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'pending' END, \
-             finished_at_ms = CASE WHEN attempt >= max_attempts THEN $3 ELSE NULL END, \
-             reason = $4, ack_deadline_ms = NULL, \
-             version = CASE WHEN attempt >= max_attempts THEN version + 1 ELSE version END \
-             WHERE id = $1 AND state = 'delivered' AND attempt = $2 RETURNING {INSTRUCTION}"
+            "UPDATE instructions SET {} \
+             WHERE id = $1 AND state = 'delivered' AND attempt = $2 RETURNING {INSTRUCTION}",
+            taking_back("$3", "$4")
         );
         let row = sqlx::query(&sql)
             .bind(id)
@@ -441,7 +449,18 @@ impl Store {
              AND expires_at_ms < $1 LIMIT $3) AND state IN ('pending', 'delivered') \
              RETURNING {INSTRUCTION}"
         );
-        let rows = sqlx::query(&sql)
+        self.overdue(&sql, cutoff_ms, now_ms, limit).await
+    }
+
+    /// Runs an overdue statement (`$1` cutoff, `$2` now, `$3` limit).
+    async fn overdue(
+        &self,
+        sql: &str,
+        cutoff_ms: i64,
+        now_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<Instruction>> {
+        let rows = sqlx::query(sql)
             .bind(cutoff_ms)
             .bind(now_ms)
             .bind(limit)
@@ -460,21 +479,12 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<Instruction>> {
         let sql = format!(
-            "UPDATE instructions SET \
-             state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'pending' END, \
-             finished_at_ms = CASE WHEN attempt >= max_attempts THEN $2 ELSE NULL END, \
-             reason = 'ack_timeout', ack_deadline_ms = NULL, \
-             version = CASE WHEN attempt >= max_attempts THEN version + 1 ELSE version END \
+            "UPDATE instructions SET {} \
              WHERE id IN (SELECT id FROM instructions WHERE state = 'delivered' \
-             AND ack_deadline_ms < $1 LIMIT $3) AND state = 'delivered' RETURNING {INSTRUCTION}"
+             AND ack_deadline_ms < $1 LIMIT $3) AND state = 'delivered' RETURNING {INSTRUCTION}",
+            taking_back("$2", "'ack_timeout'")
         );
-        let rows = sqlx::query(&sql)
-            .bind(cutoff_ms)
-            .bind(now_ms)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        instructions(&rows)
+        self.overdue(&sql, cutoff_ms, now_ms, limit).await
     }
 
     /// Finishes `id` as `state` (with the agent's `result` or a `reason`) if it is
