@@ -35,6 +35,7 @@ on_both_databases!(
     a_cancelled_instruction_is_not_delivered_and_its_late_ack_is_refused,
     an_agent_without_the_instructions_capability_never_receives_one,
     capability_instructions_spread_least_loaded_and_move_when_their_agent_goes_stale,
+    round_robin_gives_each_capable_agent_its_turn,
     a_server_killed_with_1000_unfinished_instructions_loses_none_and_finishes_none_twice,
     closing_a_session_cancels_its_instructions_and_idle_sessions_close,
     bad_input_on_every_route_gets_a_clear_4xx_and_stores_nothing,
@@ -371,6 +372,53 @@ async fn capability_instructions_spread_least_loaded_and_move_when_their_agent_g
         assert_eq!(frame["attempt"], 2, "{frame}");
         moved_to.insert(id);
     }
+}
+
+async fn round_robin_gives_each_capable_agent_its_turn(db: Db) {
+    let database = TestDatabase::new(db).await;
+    let server = database.start(&[]);
+    let mut events = EventStream::subscribe(&server, None).await;
+    let names = ["rr-a", "rr-b", "rr-c"];
+    let mut agents = Vec::new();
+    for name in names {
+        agents.push(worker(&server, name, &["render"]).await);
+    }
+    // rr-b and rr-c are busy (5 unacknowledged each), rr-a idle: least_loaded would give
+    // rr-a the next 10; round_robin gives each agent every third.
+    for name in ["rr-b", "rr-c"] {
+        for _ in 0..5 {
+            let id = create(&server, name, json!({"payload": {"busy": true}})).await
+                ["instruction_id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            event_of(&mut events, "instruction.delivered", &id).await;
+        }
+    }
+    for n in 0..12 {
+        let (status, created) = post(
+            &server,
+            "/instructions",
+            json!({"capability": "render", "strategy": "round_robin", "payload": {"n": n}}),
+        )
+        .await;
+        assert_eq!(status, 201, "{created}");
+        assert_eq!(created["strategy"], "round_robin");
+    }
+    let mut turns = Vec::new();
+    for (agent, name) in agents.iter_mut().zip(names) {
+        let busy = if name == "rr-a" { 0 } else { 5 };
+        let mut got = 0;
+        for _ in 0..busy + 4 {
+            let frame = next_instruction(agent).await;
+            if frame["payload"].get("n").is_some() {
+                got += 1;
+            }
+        }
+        assert_no_instruction(agent, "more than its turns").await;
+        turns.push(got);
+    }
+    assert_eq!(turns, [4, 4, 4]);
 }
 
 async fn a_server_killed_with_1000_unfinished_instructions_loses_none_and_finishes_none_twice(
