@@ -5,6 +5,7 @@
 use crate::state::AppState;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
+use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 use tether_actors::instructions::model::{SessionState, State, Strategy};
 use tether_actors::instructions::{
@@ -198,24 +199,61 @@ async fn create(state: &AppState, new: NewInstruction) -> HttpResponse {
     }
 }
 
+/// Reads a request body: at most the payload limit and 64 KiB for the other fields,
+/// refused `413` (with what to change) past it, before the rest is read.
+async fn read_body(state: &AppState, mut payload: web::Payload) -> Result<Vec<u8>, Rejection> {
+    let limit = state.settings.instructions.max_payload_bytes + 64 * 1024;
+    let mut body = Vec::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| bad_request(format!("the body could not be read: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(Rejection(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the body is larger than {limit} bytes \
+                     (instructions.max_payload_bytes + 64 KiB for the other fields)"
+                ),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// `POST /agents/{id}/instructions`
 pub async fn create_for_agent(
     state: web::Data<AppState>,
     id: web::Path<String>,
-    body: web::Bytes,
+    payload: web::Payload,
 ) -> HttpResponse {
-    match new_instruction(&state, &body, Some(id.into_inner())) {
+    let new = match read_body(&state, payload).await {
+        Ok(body) => new_instruction(&state, &body, Some(id.into_inner())),
+        Err(rejection) => Err(rejection),
+    };
+    match new {
         Ok(new) => create(&state, new).await,
         Err(rejection) => rejection.response(),
     }
 }
 
 /// `POST /instructions`
-pub async fn create_instruction(state: web::Data<AppState>, body: web::Bytes) -> HttpResponse {
-    match new_instruction(&state, &body, None) {
+pub async fn create_instruction(state: web::Data<AppState>, payload: web::Payload) -> HttpResponse {
+    let new = match read_body(&state, payload).await {
+        Ok(body) => new_instruction(&state, &body, None),
+        Err(rejection) => Err(rejection),
+    };
+    match new {
         Ok(new) => create(&state, new).await,
         Err(rejection) => rejection.response(),
     }
+}
+
+/// Answers a query string that does not parse with a JSON 400 like the other refusals.
+pub fn query_config() -> web::QueryConfig {
+    web::QueryConfig::default().error_handler(|error, _| {
+        let response = bad_request(format!("the query string is not valid: {error}")).response();
+        actix_web::error::InternalError::from_response(error, response).into()
+    })
 }
 
 /// `GET /instructions/{id}`
@@ -288,7 +326,11 @@ pub async fn agent_instructions(
 }
 
 /// `POST /sessions`
-pub async fn open_session(state: web::Data<AppState>, body: web::Bytes) -> HttpResponse {
+pub async fn open_session(state: web::Data<AppState>, payload: web::Payload) -> HttpResponse {
+    let body = match read_body(&state, payload).await {
+        Ok(body) => body,
+        Err(rejection) => return rejection.response(),
+    };
     let read = || -> Result<NewSession, Rejection> {
         let fields = object(&body, &["agent_id", "name", "description", "parameters"])?;
         let agent_id =

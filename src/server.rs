@@ -186,8 +186,6 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
         placements: Arc::new(AtomicUsize::new(0)),
     };
     let app_state = web::Data::new(state.clone());
-    // An instruction's body: its payload and a few fields.
-    let body_limit = settings.instructions.max_payload_bytes + 64 * 1024;
     let app = move || {
         App::new()
             .app_data(app_state.clone())
@@ -210,7 +208,7 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
                     .route("/agents/{id}", web::delete().to(admin::remove_agent))
                     .route("/events", web::get().to(sse::events))
                     .route("/cluster/nodes", web::get().to(cluster_api::cluster_nodes))
-                    .app_data(web::PayloadConfig::new(body_limit))
+                    .app_data(instructions_api::query_config())
                     .route(
                         "/agents/{id}/instructions",
                         web::post().to(instructions_api::create_for_agent),

@@ -726,11 +726,27 @@ async fn bad_input_on_every_route_gets_a_clear_4xx_and_stores_nothing(db: Db) {
         ("/agents/lee/instructions?state=finished", 400),
         ("/agents/lee/instructions?limit=0", 400),
         ("/sessions?state=half", 400),
+        ("/agents/lee/instructions?limit=abc", 400),
     ] {
         let (got, answer) = get(&server, path).await;
         assert_eq!(got, status, "GET {path}: {answer}");
         assert!(answer["error"].is_string(), "GET {path}: {answer}");
     }
+    // A body far past the payload limit: 413 as JSON, before it is all read.
+    let (status, answer) = common::instructions::post_raw(
+        &server,
+        "/agents/lee/instructions",
+        &format!(r#"{{"payload":"{}"}}"#, "x".repeat(200_000)),
+    )
+    .await;
+    assert_eq!(status, 413, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("max_payload_bytes"),
+        "{answer}"
+    );
     // Nothing was stored.
     let (_, listed) = get(&server, "/agents/lee/instructions").await;
     assert_eq!(listed["count"], 0, "{listed}");
