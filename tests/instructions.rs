@@ -4,8 +4,8 @@
 mod common;
 
 use common::instructions::{
-    ack, assert_no_instruction, create, event_of, get, next_instruction, post, worker, Db,
-    TestDatabase,
+    ack, assert_no_instruction, create, create_id, event_of, get, next_instruction, post, worker,
+    Db, TestDatabase,
 };
 use common::{Agent, EventStream};
 use futures_util::StreamExt;
@@ -129,10 +129,7 @@ async fn an_unacknowledged_delivery_is_sent_again_then_fails_after_max_attempts(
     let mut events = EventStream::subscribe(&server, None).await;
     let mut dave = worker(&server, "dave", &[]).await;
     let body = json!({"payload": {}, "ack_timeout": 0.3, "max_attempts": 2});
-    let id = create(&server, "dave", body).await["instruction_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = create_id(&server, "dave", body).await;
     let first = next_instruction(&mut dave).await;
     assert_eq!(first["attempt"], 1);
     let second = next_instruction(&mut dave).await;
@@ -161,10 +158,7 @@ async fn a_delivery_cut_by_a_dropped_connection_is_sent_again_with_no_second_don
     let server = database.start(&[]);
     let mut events = EventStream::subscribe(&server, None).await;
     let mut erin = worker(&server, "erin", &[]).await;
-    let id = create(&server, "erin", json!({"payload": {"job": 1}})).await["instruction_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = create_id(&server, "erin", json!({"payload": {"job": 1}})).await;
     assert_eq!(next_instruction(&mut erin).await["attempt"], 1);
     erin.abort();
     event_of(&mut events, "instruction.delivered", &id).await;
@@ -193,10 +187,7 @@ async fn an_instruction_past_its_ttl_expires_undelivered(db: Db) {
     let database = TestDatabase::new(db).await;
     let server = database.start(&[]);
     let mut events = EventStream::subscribe(&server, None).await;
-    let id = create(&server, "frank", json!({"payload": {}, "ttl": 0.3})).await["instruction_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = create_id(&server, "frank", json!({"payload": {}, "ttl": 0.3})).await;
     let expired = event_of(&mut events, "instruction.expired", &id).await;
     assert_eq!(expired["data"]["reason"], "ttl");
     let mut frank = worker(&server, "frank", &[]).await;
@@ -260,10 +251,7 @@ async fn an_agent_without_the_instructions_capability_never_receives_one(db: Db)
     let server = database.start(&[]);
     // As an OpenAgents 0.5.1 agent registers: no capabilities.
     let (mut plain, _) = Agent::register(&server.ws_url(), "hana").await;
-    let id = create(&server, "hana", json!({"payload": {}})).await["instruction_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = create_id(&server, "hana", json!({"payload": {}})).await;
     assert_no_instruction(&mut plain, "an agent without the capability").await;
     let (_, stored) = get(&server, &format!("/instructions/{id}")).await;
     assert_eq!(stored["state"], "pending");
@@ -387,11 +375,7 @@ async fn round_robin_gives_each_capable_agent_its_turn(db: Db) {
     // rr-a the next 10; round_robin gives each agent every third.
     for name in ["rr-b", "rr-c"] {
         for _ in 0..5 {
-            let id = create(&server, name, json!({"payload": {"busy": true}})).await
-                ["instruction_id"]
-                .as_str()
-                .unwrap()
-                .to_owned();
+            let id = create_id(&server, name, json!({"payload": {"busy": true}})).await;
             event_of(&mut events, "instruction.delivered", &id).await;
         }
     }
@@ -783,10 +767,7 @@ async fn bad_input_on_every_route_gets_a_clear_4xx_and_stores_nothing(db: Db) {
         codes.get("unknown_instruction").copied().unwrap_or(0) <= 50,
         "{codes:?}"
     );
-    let id = create(&server, "lee", json!({"payload": {}})).await["instruction_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = create_id(&server, "lee", json!({"payload": {}})).await;
     assert_eq!(
         next_instruction(&mut lee).await["instruction_id"],
         id.as_str()
@@ -828,10 +809,7 @@ async fn instructions_reach_agents_on_any_node_of_a_cluster_sharing_postgresql()
 
     // Created on node A for an agent online on node B: pushed to it at once.
     let mut w = worker(&b, "w", &["gpu"]).await;
-    let id = create(&a, "w", json!({"payload": {"from": "a"}})).await["instruction_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = create_id(&a, "w", json!({"payload": {"from": "a"}})).await;
     let frame = next_instruction(&mut w).await;
     assert_eq!(frame["instruction_id"], id.as_str());
     ack(&mut w, &id, "done", json!({"by": "w"})).await;
@@ -851,10 +829,7 @@ async fn instructions_reach_agents_on_any_node_of_a_cluster_sharing_postgresql()
     assert_eq!(frame["instruction_id"], created["instruction_id"]);
 
     // Created on node B for an offline agent that then registers on node A.
-    let id = create(&b, "x", json!({"payload": {}})).await["instruction_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = create_id(&b, "x", json!({"payload": {}})).await;
     let mut x = worker(&a, "x", &[]).await;
     assert_eq!(
         next_instruction(&mut x).await["instruction_id"],
@@ -871,15 +846,9 @@ async fn a_lost_nodes_deliveries_and_expiries_are_handled_by_a_survivor() {
     let b = common::cluster::node(&prefix, "2", &database.env(&fast)).await;
     let mut b_events = EventStream::subscribe(&b, None).await;
     let mut w = worker(&a, "w", &[]).await;
-    let held = create(&a, "w", json!({"payload": {}, "ack_timeout": 3})).await["instruction_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let held = create_id(&a, "w", json!({"payload": {}, "ack_timeout": 3})).await;
     assert_eq!(next_instruction(&mut w).await["attempt"], 1);
-    let expiring = create(&a, "nobody", json!({"payload": {}, "ttl": 3})).await["instruction_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let expiring = create_id(&a, "nobody", json!({"payload": {}, "ttl": 3})).await;
     // Node A dies holding both deadlines; only B is left to handle them.
     a.signal("KILL");
     drop(a);

@@ -213,6 +213,12 @@ pub async fn create(server: &TestServer, agent_id: &str, body: Value) -> Value {
     created
 }
 
+/// Creates an instruction for `agent_id`; its id.
+pub async fn create_id(server: &TestServer, agent_id: &str, body: Value) -> String {
+    let created = create(server, agent_id, body).await;
+    created["instruction_id"].as_str().unwrap().to_owned()
+}
+
 /// Waits (on the server's event stream) for the event `kind` of instruction `id`.
 pub async fn event_of(events: &mut super::EventStream, kind: &str, id: &str) -> Value {
     let (kind, id) = (kind.to_owned(), id.to_owned());

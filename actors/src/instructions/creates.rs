@@ -108,9 +108,8 @@ async fn store_batch(
         // Closed after the check above: cancelled like the rest of its instructions.
         if let Ok(Some(found)) = store.session(session).await {
             if found.state == SessionState::Closed {
-                let why = Some("session_closed");
                 if let Ok(Some(cancelled)) = store
-                    .finish(&created.id, None, State::Cancelled, None, why, now)
+                    .finish(&created.id, State::Cancelled, "session_closed", now)
                     .await
                 {
                     emit.instruction(&cancelled);

@@ -2,7 +2,8 @@
 //! checked every `instructions.sweep_interval`, and the recovery of what was
 //! unfinished when the server stopped.
 
-use super::model::{Instruction, State};
+use super::model::State;
+use super::store::Outstanding;
 use super::Dispatcher;
 use crate::clock::epoch_ms;
 use actix::prelude::*;
@@ -76,7 +77,7 @@ impl Dispatcher {
     /// taken back (their connections ended with the server).
     pub(super) fn recover(&mut self, ctx: &mut Context<Self>) {
         let store = self.store.clone();
-        let unfinished = async move { store.unfinished().await };
+        let unfinished = async move { store.outstanding().await };
         ctx.wait(fut::wrap_future(unfinished).map(
             |result, dispatcher: &mut Self, ctx| match result {
                 Ok(unfinished) => {
@@ -96,10 +97,10 @@ impl Dispatcher {
         ));
     }
 
-    fn recovered(&mut self, ctx: &mut Context<Self>, instruction: Instruction) {
+    fn recovered(&mut self, ctx: &mut Context<Self>, instruction: Outstanding) {
         self.deadlines
             .add(instruction.expires_at_ms, &instruction.id, Due::Expiry);
-        if instruction.state == State::Delivered {
+        if instruction.delivered {
             let attempt = instruction.attempt;
             match (&self.notices, instruction.ack_deadline_ms) {
                 // Clustered: its agent may be on a node that is still running.
@@ -202,9 +203,7 @@ impl Dispatcher {
         let retry_id = id.clone();
         let expire = async move {
             let now = epoch_ms() as i64;
-            let expired = store
-                .finish(&id, None, State::Expired, None, Some("ttl"), now)
-                .await?;
+            let expired = store.finish(&id, State::Expired, "ttl", now).await?;
             if let Some(instruction) = &expired {
                 emit.instruction(instruction);
             }

@@ -27,7 +27,7 @@ pub mod store;
 
 pub use notices::{Notice, Notices};
 pub use requests::{CancelInstruction, CloseSession, CreateInstruction, OpenSession, Refused};
-pub use store::{Backend, NewInstruction, NewSession, Store, StoreError};
+pub use store::{NewInstruction, NewSession, Store, StoreError};
 
 use crate::bus::Publish;
 use crate::clock::epoch_ms;
@@ -235,11 +235,6 @@ impl Dispatcher {
     pub fn with_notices(mut self, notices: Notices) -> Self {
         self.notices = Some(notices);
         self
-    }
-
-    /// The store (for the admin API's reads).
-    pub fn store(&self) -> &Store {
-        &self.store
     }
 }
 

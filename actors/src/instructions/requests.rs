@@ -81,9 +81,8 @@ impl Handler<CancelInstruction> for Dispatcher {
         let id = msg.0;
         let cancel = async move {
             let now = epoch_ms() as i64;
-            let reason = Some("cancelled");
             match store
-                .finish(&id, None, State::Cancelled, None, reason, now)
+                .finish(&id, State::Cancelled, "cancelled", now)
                 .await?
             {
                 Some(instruction) => {

@@ -2,6 +2,7 @@
 
 use super::{instruction, instructions, Result, Store, INSTRUCTION};
 use crate::instructions::model::{Instruction, State, Strategy};
+use sqlx::Row;
 
 /// A new instruction, checked.
 #[derive(Debug, Clone)]
@@ -22,6 +23,21 @@ pub struct NewInstruction {
     pub ack_timeout_ms: i64,
     /// Milliseconds it lives.
     pub ttl_ms: i64,
+}
+
+/// An unfinished instruction's deadlines (read at start).
+#[derive(Debug, Clone)]
+pub struct Outstanding {
+    /// Its id.
+    pub id: String,
+    /// Delivered (else pending).
+    pub delivered: bool,
+    /// Deliveries so far.
+    pub attempt: i64,
+    /// Epoch ms it expires.
+    pub expires_at_ms: i64,
+    /// Epoch ms its current delivery must be acknowledged by.
+    pub ack_deadline_ms: Option<i64>,
 }
 
 /// An agent's acknowledgement, to be stored.
@@ -48,6 +64,15 @@ pub struct ToStore<'a> {
     pub id: &'a str,
     /// The agent it is delivered to at once, if any.
     pub to: Option<&'a str>,
+}
+
+/// The `SET` of delivering a pending instruction at `now` (an SQL expression): its
+/// next attempt, due for an acknowledgement `ack_timeout` later.
+fn delivering(now: &str) -> String {
+    format!(
+        "state = 'delivered', attempt = attempt + 1, delivered_at_ms = {now}, \
+         ack_deadline_ms = {now} + ack_timeout_ms, version = version + 1"
+    )
 }
 
 /// The `SET` of taking a delivery back: pending again, or `failed` (a change, with a
@@ -135,11 +160,11 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<Instruction>> {
         let sql = format!(
-            "UPDATE instructions SET state = 'delivered', attempt = attempt + 1, \
-             delivered_at_ms = $2, ack_deadline_ms = $2 + ack_timeout_ms, version = version + 1 \
+            "UPDATE instructions SET {} \
              WHERE id IN (SELECT id FROM instructions WHERE agent_id = $1 AND state = 'pending' \
              AND capability IS NULL AND expires_at_ms > $2 AND attempt < max_attempts \
-             ORDER BY seq LIMIT $3) AND state = 'pending' RETURNING {INSTRUCTION}"
+             ORDER BY seq LIMIT $3) AND state = 'pending' RETURNING {INSTRUCTION}",
+            delivering("$2")
         );
         let rows = sqlx::query(&sql)
             .bind(agent_id)
@@ -209,13 +234,27 @@ impl Store {
         instructions(&rows)
     }
 
-    /// Every unfinished instruction (at start: their deadlines and expiries).
-    pub async fn unfinished(&self) -> Result<Vec<Instruction>> {
-        let sql = format!(
-            "SELECT {INSTRUCTION} FROM instructions WHERE state IN ('pending', 'delivered') \
-             ORDER BY seq"
-        );
-        instructions(&sqlx::query(&sql).fetch_all(&self.pool).await?)
+    /// What the deadlines of every unfinished instruction need (at start), without
+    /// their payloads.
+    pub async fn outstanding(&self) -> Result<Vec<Outstanding>> {
+        let rows = sqlx::query(
+            "SELECT id, state, attempt, expires_at_ms, ack_deadline_ms FROM instructions \
+             WHERE state IN ('pending', 'delivered') ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let state: String = row.try_get("state")?;
+                Ok(Outstanding {
+                    id: row.try_get("id")?,
+                    delivered: state == State::Delivered.as_str(),
+                    attempt: row.try_get("attempt")?,
+                    expires_at_ms: row.try_get("expires_at_ms")?,
+                    ack_deadline_ms: row.try_get("ack_deadline_ms")?,
+                })
+            })
+            .collect()
     }
 
     /// Delivers pending instruction `id` to `agent_id`: its next attempt, due for an
@@ -228,10 +267,10 @@ impl Store {
         now_ms: i64,
     ) -> Result<Option<Instruction>> {
         let sql = format!(
-            "UPDATE instructions SET state = 'delivered', agent_id = $2, attempt = attempt + 1, \
-             delivered_at_ms = $3, ack_deadline_ms = $3 + ack_timeout_ms, version = version + 1 \
+            "UPDATE instructions SET agent_id = $2, {} \
              WHERE id = $1 AND state = 'pending' AND attempt < max_attempts \
-             AND expires_at_ms > $3 RETURNING {INSTRUCTION}"
+             AND expires_at_ms > $3 RETURNING {INSTRUCTION}",
+            delivering("$3")
         );
         let row = sqlx::query(&sql)
             .bind(id)
@@ -321,33 +360,24 @@ impl Store {
         self.overdue(&sql, cutoff_ms, now_ms, limit).await
     }
 
-    /// Finishes `id` as `state` (with the agent's `result` or a `reason`) if it is
-    /// unfinished and, when `agent_id` is given, was last delivered to that agent.
+    /// Finishes `id` as `state` for `reason` (expired, cancelled) if it is unfinished.
     pub async fn finish(
         &self,
         id: &str,
-        agent_id: Option<&str>,
         state: State,
-        result: Option<String>,
-        reason: Option<&str>,
+        reason: &str,
         now_ms: i64,
     ) -> Result<Option<Instruction>> {
-        let mine = match agent_id {
-            Some(_) => "AND agent_id = $6",
-            None => "AND $6 = ''",
-        };
         let sql = format!(
-            "UPDATE instructions SET state = $2, result = $3, reason = $4, finished_at_ms = $5, \
+            "UPDATE instructions SET state = $2, reason = $3, finished_at_ms = $4, \
              ack_deadline_ms = NULL, version = version + 1 \
-             WHERE id = $1 AND state IN ('pending', 'delivered') {mine} RETURNING {INSTRUCTION}"
+             WHERE id = $1 AND state IN ('pending', 'delivered') RETURNING {INSTRUCTION}"
         );
         let row = sqlx::query(&sql)
             .bind(id)
             .bind(state.as_str())
-            .bind(result)
             .bind(reason)
             .bind(now_ms)
-            .bind(agent_id.unwrap_or(""))
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(instruction).transpose()

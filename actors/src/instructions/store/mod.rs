@@ -10,7 +10,7 @@
 mod instructions;
 mod sessions;
 
-pub use instructions::{FinishedBy, NewInstruction, ToStore};
+pub use instructions::{FinishedBy, NewInstruction, Outstanding, ToStore};
 pub use sessions::NewSession;
 
 use super::model::{Instruction, State, Strategy};
@@ -40,7 +40,7 @@ pub(crate) type Result<T> = std::result::Result<T, StoreError>;
 
 /// Which database the store runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
+enum Backend {
     /// An SQLite file.
     Sqlite,
     /// A PostgreSQL server.
@@ -86,7 +86,6 @@ fn instructions(rows: &[AnyRow]) -> Result<Vec<Instruction>> {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
-    backend: Backend,
 }
 
 impl Store {
@@ -134,12 +133,7 @@ impl Store {
             .run(&pool)
             .await
             .map_err(|e| StoreError(format!("cannot migrate storage {}: {e}", redact(&url))))?;
-        Ok(Self { pool, backend })
-    }
-
-    /// Which database this is.
-    pub fn backend(&self) -> Backend {
-        self.backend
+        Ok(Self { pool })
     }
 }
 
