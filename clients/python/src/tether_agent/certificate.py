@@ -1,0 +1,104 @@
+"""Where the agent keeps its identity certificate (PROTOCOL.md §3).
+
+The certificate is opaque JSON sent back unchanged on registration; it lets the agent
+take its id back from a connection of its own that the server still believes alive.
+:class:`CertificateStore` keeps it in memory or in a JSON file written atomically
+(temporary file in the same directory, ``fsync``, ``rename``) with mode 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class CertificateStore:
+    """The agent's current certificate, in memory and optionally in a file."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        """Keep the certificate in ``path`` (read now if it exists), or in memory."""
+        self._path = Path(path) if path is not None else None
+        self._certificate: dict[str, Any] | None = None
+        if self._path is not None:
+            self._certificate = self._read(self._path)
+
+    @property
+    def certificate(self) -> dict[str, Any] | None:
+        """The certificate, or ``None`` when the agent has none."""
+        return self._certificate
+
+    def store(self, certificate: dict[str, Any]) -> None:
+        """Keep a new certificate (written to the file first, if there is one)."""
+        if self._path is not None:
+            self._write(self._path, certificate)
+        self._certificate = certificate
+
+    def forget(self) -> None:
+        """Drop the certificate (and delete the file, if there is one)."""
+        self._certificate = None
+        if self._path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._path.unlink()
+
+    def needs_renewal(self, now: float | None = None) -> bool:
+        """Tell whether half or more of the certificate's lifetime has passed.
+
+        A certificate without readable ``issued_at``/``expires_at`` needs renewal.
+        """
+        cert = self._certificate
+        if cert is None:
+            return True
+        try:
+            issued = float(cert["issued_at"])
+            expires = float(cert["expires_at"])
+        except (KeyError, TypeError, ValueError):
+            return True
+        now = time.time() if now is None else now
+        return expires - now <= (expires - issued) / 2
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any] | None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError:
+            log.warning("certificate file %s is not JSON: ignored", path)
+            return None
+        if not isinstance(value, dict):
+            log.warning("certificate file %s does not hold an object: ignored", path)
+            return None
+        return value
+
+    @staticmethod
+    def _write(path: Path, certificate: dict[str, Any]) -> None:
+        directory = path.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                json.dump(certificate, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
