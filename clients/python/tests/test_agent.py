@@ -1,0 +1,318 @@
+"""The client against a real tether server.
+
+Registration, messages, pings, reconnects, instructions and refusals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ProxyFactory, ServerFactory
+from support import DEADLINE, PACKAGE_DIR, EventLog, Server, next_event, next_of
+
+from tether_agent import (
+    INSTRUCTIONS_CAPABILITY,
+    AckStatus,
+    Agent,
+    AgentConfig,
+    AgentStopped,
+    Disconnected,
+    Event,
+    Instruction,
+    Keepalive,
+    Message,
+    Notification,
+    Reconnected,
+    ReconnectPolicy,
+    RegistrationRefused,
+    ServerError,
+)
+
+FAST = ReconnectPolicy(initial_delay=0.05, max_delay=0.5)
+
+
+async def connect(agents: list[Agent], url: str, agent_id: str, **options: Any) -> Agent:
+    """Connect an agent (closed at teardown by the ``agents`` fixture)."""
+    options.setdefault("reconnect", FAST)
+    agent = await Agent.connect(AgentConfig(url=url, agent_id=agent_id, **options))
+    agents.append(agent)
+    return agent
+
+
+async def test_registers_and_exchanges_direct_and_broadcast_messages(
+    server: Server, agents: list[Agent]
+) -> None:
+    alice = await connect(agents, server.ws_url, "alice", name="Alice", capabilities=["chat"])
+    bob = await connect(agents, server.ws_url, "bob")
+    carol = await connect(agents, server.ws_url, "carol")
+
+    reg = alice.registration
+    assert reg.agent_id == "alice"
+    assert reg.incarnation == 1
+    assert reg.session_id and reg.session_id != bob.registration.session_id
+    assert (reg.heartbeat_interval, reg.ping_timeout, reg.agent_timeout) == (30.0, 5.0, 90.0)
+    assert (reg.network_name, reg.network_id) == ("Tether", "tether-1")
+    assert alice.certificate is not None and alice.certificate["agent_id"] == "alice"
+
+    mid = await bob.send_direct("alice", {"text": "hi"})
+    got = await next_of(alice, Message)
+    assert (got.message_id, got.sender_id, got.kind) == (mid, "bob", "direct")
+    assert got.content == {"text": "hi"}
+    assert isinstance(got.timestamp, int)
+    assert got.data["target_agent_id"] == "alice"
+
+    bid = await alice.broadcast({"text": "to all"}, exclude=["carol"])
+    marker = await alice.send_direct("carol", "after the broadcast")
+    got = await next_of(bob, Message)
+    assert (got.message_id, got.sender_id, got.kind) == (bid, "alice", "broadcast")
+    assert got.content == {"text": "to all"}
+    # Messages from one agent arrive in order: carol's first is the marker, so the
+    # broadcast that came before it skipped her.
+    first = await next_event(carol)
+    assert isinstance(first, Message) and first.message_id == marker
+
+    listed = {a["agent_id"]: a for a in await bob.list_agents()}
+    assert set(listed) == {"alice", "bob", "carol"}
+    assert listed["alice"]["metadata"]["capabilities"] == ["chat"]
+    assert listed["alice"]["name"] == "Alice"
+
+    unknown = await alice.send_direct("nobody", "x")
+    error = await next_of(alice, ServerError)
+    assert (error.error_code, error.message_id) == ("unknown_agent", unknown)
+
+    await carol.close()
+    last = await next_event(carol)
+    assert isinstance(last, Disconnected) and not last.reconnecting
+    assert await carol.next_event() is None
+    with pytest.raises(AgentStopped):
+        await carol.send_direct("alice", "too late")
+    await carol.close()  # idempotent
+
+
+def _rust_echo() -> str:
+    path = os.environ.get("TETHER_RUST_ECHO")
+    if not path:
+        pytest.fail(
+            "TETHER_RUST_ECHO is not set: it names the Rust echo example, which "
+            "scripts/test.sh builds with `cargo build -p tether-client --examples` "
+            "(target/debug/examples/echo)"
+        )
+    if not Path(path).is_file():
+        pytest.fail(f"TETHER_RUST_ECHO={path} does not exist: run scripts/test.sh")
+    return path
+
+
+async def _echo_roundtrip(
+    command: list[str], server: Server, agents: list[Agent], echo_id: str
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *command, "--url", server.ws_url, "--agent-id", echo_id, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), DEADLINE)
+        assert line.decode().split() == ["registered", echo_id, "1"]
+        me = await connect(agents, server.ws_url, f"asks-{echo_id}")
+        mid = await me.send_direct(echo_id, {"text": "ping", "n": 1})
+        reply = await next_of(me, Message)
+        assert reply.sender_id == echo_id
+        assert reply.content == {"echo": {"text": "ping", "n": 1}}
+        assert reply.message_id != mid
+
+        log = await EventLog.open(server)
+        status, created = await server.http(
+            "POST", f"/agents/{echo_id}/instructions", {"payload": {"job": 7}}
+        )
+        assert status == 201, created
+        done = await log.wait_for("instruction.done", instruction_id=created["instruction_id"])
+        assert done["data"]["result"] == {"echoed": {"job": 7}}
+        await log.close()
+
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), DEADLINE) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_exchanges_messages_with_the_rust_echo_example(
+    server: Server, agents: list[Agent]
+) -> None:
+    await _echo_roundtrip([_rust_echo()], server, agents, "rust-echo")
+
+
+async def test_python_echo_example_keeps_its_contract(server: Server, agents: list[Agent]) -> None:
+    script = str(PACKAGE_DIR / "examples" / "echo.py")
+    await _echo_roundtrip([sys.executable, script], server, agents, "py-echo")
+
+
+async def test_answers_pings_for_three_intervals_without_going_stale(
+    start_server: ServerFactory, agents: list[Agent]
+) -> None:
+    # ping_timeout must be below the interval (the server refuses 1 and 1).
+    server = await start_server(
+        TETHER__HEARTBEAT__INTERVAL="1", TETHER__HEARTBEAT__PING_TIMEOUT="0.5"
+    )
+    log = await EventLog.open(server)
+    agent = await connect(agents, server.ws_url, "quiet")
+
+    async def three_pings() -> None:
+        while agent.stats.pings_answered < 3:  # noqa: ASYNC110 (a counter: polled, bounded)
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(three_pings(), DEADLINE)
+    assert not log.matching("agent.stale", agent_id="quiet")
+    assert not log.matching("agent.disconnected", agent_id="quiet")
+    assert [e["data"]["incarnation"] for e in log.matching("agent.registered")] == [1]
+    status, described = await server.http("GET", "/agents/quiet")
+    assert status == 200 and described["incarnation"] == 1
+    assert agent.registration.incarnation == 1 and agent.stats.reconnects == 0
+    await log.close()
+
+
+async def test_survives_a_half_open_connection(
+    server: Server, start_proxy: ProxyFactory, agents: list[Agent]
+) -> None:
+    proxy = await start_proxy(server)
+    log = await EventLog.open(server)
+    agent = await connect(
+        agents, proxy.ws_url, "half-open", keepalive=Keepalive(idle=0.3, timeout=0.5)
+    )
+    assert agent.certificate is not None
+    proxy.freeze()
+
+    gone = await next_of(agent, Disconnected)
+    assert gone.reconnecting and gone.close_code is None
+    back = await next_of(agent, Reconnected)
+    assert back.registration.incarnation == 2
+
+    replaced = await log.wait_for("agent.replaced", agent_id="half-open", incarnation=1)
+    assert replaced["data"]["proof"] == "certificate"
+    assert replaced["data"]["by_incarnation"] == 2
+    registered = await log.wait_for("agent.registered", agent_id="half-open", incarnation=2)
+    assert registered["data"]["takeover"] == "certificate"
+    incarnations = [e["data"]["incarnation"] for e in log.matching("agent.registered")]
+    assert incarnations == [1, 2]
+    assert not log.matching("agent.registration_failed")
+    assert agent.stats.reconnects == 1
+    await log.close()
+
+
+async def test_survives_a_server_restart(server: Server, agents: list[Agent]) -> None:
+    alice = await connect(agents, server.ws_url, "restarted")
+    before = alice.registration.session_id
+    await server.restart()
+
+    skipped: list[Event] = []
+    gone = await next_of(alice, Disconnected, skipped=skipped)
+    assert gone.reconnecting
+    assert any(isinstance(e, Notification) and e.event == "network_shutdown" for e in skipped)
+    back = await next_of(alice, Reconnected)
+    assert back.registration.session_id != before
+
+    bob = await connect(agents, server.ws_url, "after-restart")
+    mid = await bob.send_direct("restarted", "welcome back")
+    got = await next_of(alice, Message)
+    assert (got.message_id, got.sender_id, got.content) == (mid, "after-restart", "welcome back")
+
+
+async def test_acknowledges_an_instruction_once_across_a_reconnect(
+    server: Server, start_proxy: ProxyFactory, agents: list[Agent]
+) -> None:
+    proxy = await start_proxy(server)
+    log = await EventLog.open(server)
+    worker = await connect(
+        agents,
+        proxy.ws_url,
+        "worker",
+        capabilities=[INSTRUCTIONS_CAPABILITY],
+        keepalive=Keepalive(idle=0.3, timeout=0.5),
+    )
+    status, created = await server.http(
+        "POST", "/agents/worker/instructions", {"payload": {"task": "count"}}
+    )
+    assert status == 201, created
+    iid = created["instruction_id"]
+    instruction = await next_of(worker, Instruction)
+    assert (instruction.instruction_id, instruction.attempt) == (iid, 1)
+    assert instruction.payload == {"task": "count"}
+
+    proxy.freeze()
+    await worker.ack(iid, AckStatus.DONE, result={"pages": 12})  # lost in the frozen socket
+
+    skipped: list[Event] = []
+    await next_of(worker, Reconnected, skipped=skipped)
+    redelivered = await log.wait_for("instruction.delivered", instruction_id=iid, attempt=2)
+    assert redelivered["data"]["reason"] == "connection_ended"
+    done = await log.wait_for("instruction.done", instruction_id=iid)
+    assert done["data"]["result"] == {"pages": 12}
+    status, shown = await server.http("GET", f"/instructions/{iid}")
+    assert status == 200 and shown["state"] == "done"
+
+    # Everything the worker received before this marker has been handed over by now.
+    probe = await connect(agents, server.ws_url, "probe")
+    marker = await probe.send_direct("worker", "marker")
+    await next_of(worker, Message, lambda m: m.message_id == marker, skipped=skipped)
+    assert not [e for e in skipped if isinstance(e, (Instruction, ServerError))], skipped
+    assert worker.stats.instructions_received == 1
+    assert len(log.matching("instruction.done", instruction_id=iid)) == 1
+    await log.close()
+
+
+async def test_reports_a_refused_registration_with_its_error_code(
+    server: Server, agents: list[Agent]
+) -> None:
+    await connect(agents, server.ws_url, "taken")
+    with pytest.raises(RegistrationRefused) as refused:
+        await Agent.connect(AgentConfig(url=server.ws_url, agent_id="taken"))
+    assert refused.value.error_code == "agent_id_in_use"
+    with pytest.raises(RegistrationRefused) as refused:
+        await Agent.connect(AgentConfig(url=server.ws_url, agent_id="not valid!"))
+    assert refused.value.error_code == "invalid_agent_id"
+
+
+async def test_certificate_file_takes_the_id_over_and_the_old_agent_stops(
+    server: Server, agents: list[Agent], tmp_path: Path
+) -> None:
+    path = tmp_path / "certs" / "twin.json"
+    first = await connect(agents, server.ws_url, "twin", certificate_file=path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert first.certificate is not None
+    # A second process with the same file proves it owns the id: it takes it over.
+    second = await connect(agents, server.ws_url, "twin", certificate_file=path)
+    assert second.registration.incarnation == 2
+    skipped: list[Event] = []
+    gone = await next_of(first, Disconnected, skipped=skipped)
+    assert (gone.close_code, gone.reconnecting) == (4001, False)
+    assert any(isinstance(e, Notification) and e.event == "connection_replaced" for e in skipped)
+    assert await asyncio.wait_for(first.next_event(), DEADLINE) is None
+
+    # A certificate the server refuses is forgotten and the id registered without it.
+    path.write_text('{"agent_id": "twin", "signature": "forged"}')
+    await second.close()
+    third = await connect(agents, server.ws_url, "twin", certificate_file=path)
+    assert third.registration.incarnation == 3
+    assert third.certificate is not None and third.certificate.get("signature") != "forged"
+
+
+async def test_gives_up_after_max_attempts(server: Server, agents: list[Agent]) -> None:
+    agent = await connect(
+        agents,
+        server.ws_url,
+        "gives-up",
+        reconnect=ReconnectPolicy(initial_delay=0.01, max_delay=0.05, max_attempts=3),
+    )
+    await server.kill()
+    gone = await next_of(agent, Disconnected)
+    assert gone.reconnecting
+    last = await next_of(agent, Disconnected)
+    assert not last.reconnecting and "gave up" in last.reason
+    assert await asyncio.wait_for(agent.next_event(), DEADLINE) is None
