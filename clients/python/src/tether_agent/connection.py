@@ -87,6 +87,8 @@ class Connection:
             )
         except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as error:
             raise ConnectionFailed(f"cannot connect to {url}: {error!r}") from error
+        except Exception as error:  # anything else the handshake may raise
+            raise ConnectionFailed(f"cannot connect to {url}: {error!r}") from error
         return cls(ws, url, request_timeout)
 
     # --- Registration (before serve) ---------------------------------------------
