@@ -293,6 +293,7 @@ class Proxy:
         self._live: list[tuple[list[asyncio.Task[None]], list[asyncio.StreamWriter]]] = []
         self._frozen: list[asyncio.StreamWriter] = []
         self.connections = 0
+        self.paused = False
 
     @property
     def ws_url(self) -> str:
@@ -306,6 +307,9 @@ class Proxy:
 
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.connections += 1
+        if self.paused:
+            client_w.close()
+            return
         try:
             upstream_r, upstream_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -326,6 +330,14 @@ class Proxy:
             writer.write_eof()
         except (OSError, RuntimeError):
             writer.close()
+
+    def pause(self) -> None:
+        """Close new connections at once (until :meth:`resume`)."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Forward new connections again."""
+        self.paused = False
 
     def freeze(self) -> None:
         """Stop forwarding on every open connection, keeping them open."""

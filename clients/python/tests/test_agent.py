@@ -6,6 +6,7 @@ Registration, messages, pings, reconnects, instructions and refusals.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import stat
@@ -301,6 +302,50 @@ async def test_certificate_file_takes_the_id_over_and_the_old_agent_stops(
     third = await connect(agents, server.ws_url, "twin", certificate_file=path)
     assert third.registration.incarnation == 3
     assert third.certificate is not None and third.certificate.get("signature") != "forged"
+    assert json.loads(path.read_text()) == third.certificate
+
+
+async def test_an_ack_made_while_disconnected_waits_for_the_next_connection(
+    server: Server, start_proxy: ProxyFactory, agents: list[Agent]
+) -> None:
+    proxy = await start_proxy(server)
+    log = await EventLog.open(server)
+    worker = await connect(
+        agents,
+        proxy.ws_url,
+        "offline-worker",
+        capabilities=[INSTRUCTIONS_CAPABILITY],
+        keepalive=Keepalive(idle=0.3, timeout=0.5),
+    )
+    status, created = await server.http(
+        "POST", "/agents/offline-worker/instructions", {"payload": [1, 2]}
+    )
+    assert status == 201, created
+    iid = created["instruction_id"]
+    instruction = await next_of(worker, Instruction)
+    assert instruction.instruction_id == iid
+
+    proxy.pause()
+    proxy.freeze()
+    gone = await next_of(worker, Disconnected)
+    assert gone.reconnecting and not worker.connected
+    ack = asyncio.create_task(worker.ack(iid, AckStatus.FAILED, result="no luck"))
+    await asyncio.sleep(0)
+    assert not ack.done()  # waiting for a connection
+    assert not log.matching("instruction.failed", instruction_id=iid)
+    proxy.resume()
+
+    skipped: list[Event] = []
+    await next_of(worker, Reconnected, skipped=skipped)
+    await asyncio.wait_for(ack, DEADLINE)
+    failed = await log.wait_for("instruction.failed", instruction_id=iid)
+    assert failed["data"]["result"] == "no luck" and failed["data"]["reason"] is None
+    probe = await connect(agents, server.ws_url, "offline-probe")
+    marker = await probe.send_direct("offline-worker", "marker")
+    await next_of(worker, Message, lambda m: m.message_id == marker, skipped=skipped)
+    assert not [e for e in skipped if isinstance(e, (Instruction, ServerError))], skipped
+    assert worker.stats.instructions_received == 1
+    await log.close()
 
 
 async def test_gives_up_after_max_attempts(server: Server, agents: list[Agent]) -> None:
