@@ -6,6 +6,7 @@ Usage: ``python examples/hello.py [URL] [AGENT_ID]`` (Ctrl-C to stop).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 
 from tether_agent import Agent, AgentConfig
@@ -23,4 +24,5 @@ async def main(url: str, agent_id: str) -> None:
 if __name__ == "__main__":
     url = sys.argv[1] if len(sys.argv) > 1 else "ws://127.0.0.1:8570/"
     agent_id = sys.argv[2] if len(sys.argv) > 2 else "hello"
-    asyncio.run(main(url, agent_id))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main(url, agent_id))
