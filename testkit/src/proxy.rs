@@ -1,7 +1,9 @@
 //! A TCP proxy a test or a benchmark owns, to make a broker unreachable without
 //! touching the broker: [`Proxy::cut`] drops every connection through it and refuses
 //! new ones (they are accepted and closed at once), [`Proxy::restore`] lets traffic
-//! through again. It runs on a thread and runtime of its own, so a caller that
+//! through again, and [`Proxy::freeze`] makes every connection open at that moment
+//! half-open: nothing more is forwarded on it, both sides stay open, while new
+//! connections are forwarded as usual. It runs on a thread and runtime of its own, so a caller that
 //! blocks does not stall it, and stops when dropped.
 
 use std::net::TcpListener as StdListener;
@@ -21,6 +23,8 @@ pub struct Proxy {
     /// The port the proxy listens on.
     pub port: u16,
     state: Arc<watch::Sender<State>>,
+    /// How many times [`Proxy::freeze`] was called.
+    freezes: Arc<watch::Sender<u64>>,
 }
 
 impl Proxy {
@@ -34,8 +38,11 @@ impl Proxy {
         let port = listener.local_addr().expect("the proxy's port").port();
         let (state, _) = watch::channel(State::Open);
         let state = Arc::new(state);
+        let (freezes, _) = watch::channel(0);
+        let freezes = Arc::new(freezes);
         let target = target.to_owned();
         let control = state.clone();
+        let frozen = freezes.clone();
         std::thread::Builder::new()
             .name(format!("proxy-{port}"))
             .spawn(move || {
@@ -43,10 +50,14 @@ impl Proxy {
                     .enable_all()
                     .build()
                     .expect("cannot start the proxy's runtime");
-                runtime.block_on(serve(listener, target, control));
+                runtime.block_on(serve(listener, target, control, frozen));
             })
             .expect("cannot start the proxy's thread");
-        Self { port, state }
+        Self {
+            port,
+            state,
+            freezes,
+        }
     }
 
     /// `127.0.0.1:<port>`.
@@ -57,6 +68,13 @@ impl Proxy {
     /// Drops every connection and refuses new ones until [`Proxy::restore`].
     pub fn cut(&self) {
         self.state.send_replace(State::Cut);
+    }
+
+    /// Stops forwarding on every connection open now, keeping both its sides open
+    /// (a half-open connection, as a dead NAT or a pulled cable leaves one); later
+    /// connections are forwarded.
+    pub fn freeze(&self) {
+        self.freezes.send_modify(|freezes| *freezes += 1);
     }
 
     /// Lets traffic through again.
@@ -71,7 +89,12 @@ impl Drop for Proxy {
     }
 }
 
-async fn serve(listener: StdListener, target: String, state: Arc<watch::Sender<State>>) {
+async fn serve(
+    listener: StdListener,
+    target: String,
+    state: Arc<watch::Sender<State>>,
+    freezes: Arc<watch::Sender<u64>>,
+) {
     let listener = TcpListener::from_std(listener).expect("the proxy's listener");
     let mut changes = state.subscribe();
     loop {
@@ -85,6 +108,8 @@ async fn serve(listener: StdListener, target: String, state: Arc<watch::Sender<S
             continue;
         }
         let mut watcher = state.subscribe();
+        let mut freeze = freezes.subscribe();
+        let generation = *freeze.borrow_and_update();
         let target = target.clone();
         tokio::spawn(async move {
             let Ok(upstream) = TcpStream::connect(&target).await else {
@@ -92,15 +117,68 @@ async fn serve(listener: StdListener, target: String, state: Arc<watch::Sender<S
             };
             let _ = client.set_nodelay(true);
             let _ = upstream.set_nodelay(true);
-            pipe(client, upstream, &mut watcher).await;
+            pipe(client, upstream, &mut watcher, &mut freeze, generation).await;
         });
     }
 }
 
-/// Copies both ways until either side closes or the proxy is cut.
-async fn pipe(mut client: TcpStream, mut upstream: TcpStream, state: &mut watch::Receiver<State>) {
-    tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
-        _ = state.wait_for(|s| *s != State::Open) => {}
+/// Copies both ways until either side closes or the proxy is cut; once frozen, holds
+/// both sides open, forwarding nothing, until the proxy is cut or dropped.
+async fn pipe(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    state: &mut watch::Receiver<State>,
+    freeze: &mut watch::Receiver<u64>,
+    generation: u64,
+) {
+    let check = freeze.clone();
+    let frozen = {
+        let (client_read, client_write) = client.split();
+        let (upstream_read, upstream_write) = upstream.split();
+        let copy = async {
+            tokio::try_join!(
+                forward(client_read, upstream_write, &check, generation),
+                forward(upstream_read, client_write, &check, generation),
+            )
+        };
+        tokio::select! {
+            copied = copy => copied.is_err(),
+            _ = state.wait_for(|s| *s != State::Open) => false,
+            _ = freeze.wait_for(|g| *g != generation) => true,
+        }
+    };
+    if frozen {
+        let _ = state.wait_for(|s| *s != State::Open).await;
+    }
+}
+
+/// The connection was frozen.
+struct Frozen;
+
+/// Copies one direction until its end (passed on as a half-close). Bytes read after a
+/// freeze are dropped: the freeze is checked before every write, so nothing sent after
+/// [`Proxy::freeze`] returned gets through.
+async fn forward(
+    mut from: tokio::net::tcp::ReadHalf<'_>,
+    mut to: tokio::net::tcp::WriteHalf<'_>,
+    freeze: &watch::Receiver<u64>,
+    generation: u64,
+) -> Result<(), Frozen> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return Ok(());
+            }
+            Ok(read) => read,
+        };
+        if *freeze.borrow() != generation {
+            return Err(Frozen);
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return Ok(());
+        }
     }
 }

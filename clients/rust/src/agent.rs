@@ -1,0 +1,461 @@
+//! The [`Agent`]: the application's handle, and the task behind it that keeps one
+//! connection at a time and reconnects when it is lost.
+
+use crate::certificate::CertificateStore;
+use crate::config::AgentConfig;
+use crate::connection::{self, Connection};
+use crate::error::Error;
+use crate::event::{AckStatus, AgentInfo, Disconnect, Event, Registration};
+use crate::instructions::Ledger;
+use crate::protocol;
+use crate::session::{self, End};
+use serde_json::{Map, Value};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// An agent connected to a Tether server, reconnecting by itself.
+///
+/// Send with [`send_direct`](Self::send_direct), [`broadcast`](Self::broadcast) and
+/// [`ack`](Self::ack) (or from other tasks through a cloned [`AgentHandle`]); receive
+/// with [`next_event`](Self::next_event), or use the agent as a
+/// [`Stream`](futures_core::Stream) of [`Event`]s. The stream ends after a
+/// [`Event::Disconnected`] whose `reconnecting` is false. Dropping the agent closes it.
+pub struct Agent {
+    handle: AgentHandle,
+    events: mpsc::Receiver<Event>,
+    closing: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// A cloneable handle for sending through an [`Agent`] from other tasks.
+#[derive(Clone)]
+pub struct AgentHandle {
+    commands: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    request_timeout: Duration,
+}
+
+/// Counters of an agent's life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentStats {
+    /// Server pings answered.
+    pub pings_answered: u64,
+    /// Successful reconnections.
+    pub reconnects: u64,
+    /// Messages received.
+    pub messages_received: u64,
+    /// Instructions handed to the application (redeliveries not counted).
+    pub instructions_received: u64,
+}
+
+/// What the application sends the connection task.
+pub(crate) enum Command {
+    /// A frame to write as it is.
+    Frame(String),
+    /// An acknowledgement, remembered for redeliveries.
+    Ack {
+        instruction_id: String,
+        frame: String,
+    },
+    /// A system request whose answer frame goes to `reply`.
+    Request {
+        command: String,
+        fields: Map<String, Value>,
+        reply: oneshot::Sender<Value>,
+    },
+}
+
+/// State the task shares with the handles.
+pub(crate) struct Shared {
+    registration: Mutex<Registration>,
+    certificate: Mutex<Option<Value>>,
+    stopped: Mutex<Option<String>>,
+    connected: AtomicBool,
+    pub(crate) pings_answered: AtomicU64,
+    reconnects: AtomicU64,
+    pub(crate) messages_received: AtomicU64,
+    pub(crate) instructions_received: AtomicU64,
+}
+
+/// The task that owns the connection.
+pub(crate) struct Runner {
+    pub(crate) config: AgentConfig,
+    certificates: CertificateStore,
+    pub(crate) commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<Event>,
+    pub(crate) closing: watch::Receiver<bool>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) ledger: Ledger,
+    /// `reconnect_url` of the last `network_shutdown`.
+    pub(crate) reconnect_url: Option<String>,
+}
+
+impl Agent {
+    /// Connects and registers: one attempt (a refusal is
+    /// [`Error::Refused`] with the server's `error_code`). From then on the agent keeps
+    /// itself connected. Needs a tokio runtime.
+    pub async fn connect(config: AgentConfig) -> Result<Self, Error> {
+        if config.agent_id.is_empty() {
+            return Err(Error::InvalidConfig("agent_id is empty".into()));
+        }
+        if !(config.url.starts_with("ws://") || config.url.starts_with("wss://")) {
+            return Err(Error::InvalidConfig(format!(
+                "url {:?} is not a ws:// or wss:// URL",
+                config.url
+            )));
+        }
+        let mut certificates =
+            CertificateStore::open(config.certificate_file.clone(), &config.agent_id)?;
+        let connection = connection::establish(&config.url, &config, &mut certificates).await?;
+        let shared = Arc::new(Shared {
+            registration: Mutex::new(connection.registration.clone()),
+            certificate: Mutex::new(certificates.get().cloned()),
+            stopped: Mutex::new(None),
+            connected: AtomicBool::new(true),
+            pings_answered: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            messages_received: AtomicU64::new(0),
+            instructions_received: AtomicU64::new(0),
+        });
+        let (commands_tx, commands) = mpsc::channel(config.command_buffer);
+        let (events_tx, events) = mpsc::channel(config.event_buffer);
+        let (closing, closing_rx) = watch::channel(false);
+        let handle = AgentHandle {
+            commands: commands_tx,
+            shared: shared.clone(),
+            request_timeout: config.request_timeout,
+        };
+        let runner = Runner {
+            config,
+            certificates,
+            commands,
+            events: events_tx,
+            closing: closing_rx,
+            shared,
+            ledger: Ledger::default(),
+            reconnect_url: None,
+        };
+        let task = tokio::spawn(runner.run(connection));
+        Ok(Self {
+            handle,
+            events,
+            closing,
+            task: Some(task),
+        })
+    }
+
+    /// The next event; `None` once the agent has stopped and every event was read.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// A handle for sending from other tasks.
+    pub fn handle(&self) -> AgentHandle {
+        self.handle.clone()
+    }
+
+    /// Sends `content` to agent `target`; returns the message id. See
+    /// [`AgentHandle::send_direct`].
+    pub async fn send_direct(&self, target: &str, content: Value) -> Result<String, Error> {
+        self.handle.send_direct(target, content).await
+    }
+
+    /// Sends `content` to every other agent but those in `exclude`; returns the
+    /// message id.
+    pub async fn broadcast(&self, content: Value, exclude: &[String]) -> Result<String, Error> {
+        self.handle.broadcast(content, exclude).await
+    }
+
+    /// Acknowledges an instruction. See [`AgentHandle::ack`].
+    pub async fn ack(
+        &self,
+        instruction_id: &str,
+        status: AckStatus,
+        result: Option<Value>,
+    ) -> Result<(), Error> {
+        self.handle.ack(instruction_id, status, result).await
+    }
+
+    /// Every registered agent of the network (all pages).
+    pub async fn list_agents(&self) -> Result<Vec<AgentInfo>, Error> {
+        self.handle.list_agents().await
+    }
+
+    /// The current (or, while reconnecting, the last) registration.
+    pub fn registration(&self) -> Registration {
+        self.handle.registration()
+    }
+
+    /// The certificate the agent holds for its id, if any.
+    pub fn certificate(&self) -> Option<Value> {
+        self.handle.certificate()
+    }
+
+    /// Whether the agent is registered right now.
+    pub fn is_connected(&self) -> bool {
+        self.handle.is_connected()
+    }
+
+    /// Counters of the agent's life.
+    pub fn stats(&self) -> AgentStats {
+        self.handle.stats()
+    }
+
+    /// Closes the connection (WebSocket close 1000; the server publishes the end of
+    /// this incarnation with reason `client_closed`) and stops the agent. Waits at
+    /// most a few seconds for the server.
+    pub async fn close(mut self) -> Result<(), Error> {
+        self.closing.send_replace(true);
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .map_err(|_| Error::Timeout("the agent did not stop within 10 s".into()))?
+                .map_err(|error| Error::Stopped(format!("the agent's task failed: {error}")))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.closing.send_replace(true);
+    }
+}
+
+impl futures_core::Stream for Agent {
+    type Item = Event;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        self.events.poll_recv(cx)
+    }
+}
+
+impl AgentHandle {
+    /// Sends `content` to agent `target` and returns the message id. While the agent
+    /// reconnects, the message waits (the call waits when many do) and goes out on the
+    /// next connection. No answer comes on success; a target that is not connected
+    /// gets an [`Event::Error`] `unknown_agent` with this message id.
+    pub async fn send_direct(&self, target: &str, content: Value) -> Result<String, Error> {
+        let message_id = uuid::Uuid::new_v4().to_string();
+        self.send(Command::Frame(protocol::direct(target, &content, &message_id)))
+            .await?;
+        Ok(message_id)
+    }
+
+    /// Sends `content` to every other agent but those in `exclude`; returns the
+    /// message id.
+    pub async fn broadcast(&self, content: Value, exclude: &[String]) -> Result<String, Error> {
+        let message_id = uuid::Uuid::new_v4().to_string();
+        self.send(Command::Frame(protocol::broadcast(
+            &content,
+            exclude,
+            &message_id,
+        )))
+        .await?;
+        Ok(message_id)
+    }
+
+    /// Acknowledges instruction `instruction_id` with `status` and an optional
+    /// `result`. Success is silent; should the acknowledgement be lost with its
+    /// connection, the server delivers the instruction again and the agent answers
+    /// with this same acknowledgement by itself.
+    pub async fn ack(
+        &self,
+        instruction_id: &str,
+        status: AckStatus,
+        result: Option<Value>,
+    ) -> Result<(), Error> {
+        let frame = protocol::ack(instruction_id, status, result.as_ref());
+        self.send(Command::Ack {
+            instruction_id: instruction_id.to_owned(),
+            frame,
+        })
+        .await
+    }
+
+    /// Every registered agent of the network, following `list_agents` pages.
+    pub async fn list_agents(&self) -> Result<Vec<AgentInfo>, Error> {
+        let mut agents = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut fields = Map::new();
+            fields.insert("limit".into(), 1000.into());
+            if let Some(cursor) = &cursor {
+                fields.insert("cursor".into(), cursor.clone().into());
+            }
+            let page = self.request("list_agents", fields).await?;
+            if let Some(entries) = page["agents"].as_array() {
+                agents.extend(entries.iter().map(AgentInfo::from_entry));
+            }
+            cursor = page["next_cursor"].as_str().map(str::to_owned);
+            if page["has_more"] != true || cursor.is_none() {
+                return Ok(agents);
+            }
+        }
+    }
+
+    /// Sends system request `command` with `fields` at the top level and returns the
+    /// server's answer frame; `success: false` is [`Error::Request`].
+    pub async fn request(&self, command: &str, fields: Map<String, Value>) -> Result<Value, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Request {
+            command: command.to_owned(),
+            fields,
+            reply,
+        })
+        .await?;
+        let answer = tokio::time::timeout(self.request_timeout, answer)
+            .await
+            .map_err(|_| {
+                Error::Timeout(format!(
+                    "no answer to {command} within {:?}",
+                    self.request_timeout
+                ))
+            })?
+            .map_err(|_| session::unanswered())?;
+        if answer["success"] == true {
+            return Ok(answer);
+        }
+        Err(Error::Request {
+            command: command.to_owned(),
+            code: crate::ErrorCode::parse(answer["error_code"].as_str().unwrap_or_default()),
+            message: answer["error"].as_str().unwrap_or_default().to_owned(),
+        })
+    }
+
+    /// The current (or, while reconnecting, the last) registration.
+    pub fn registration(&self) -> Registration {
+        lock(&self.shared.registration).clone()
+    }
+
+    /// The certificate the agent holds for its id, if any.
+    pub fn certificate(&self) -> Option<Value> {
+        lock(&self.shared.certificate).clone()
+    }
+
+    /// Whether the agent is registered right now.
+    pub fn is_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::Relaxed)
+    }
+
+    /// Counters of the agent's life.
+    pub fn stats(&self) -> AgentStats {
+        let shared = &self.shared;
+        AgentStats {
+            pings_answered: shared.pings_answered.load(Ordering::Relaxed),
+            reconnects: shared.reconnects.load(Ordering::Relaxed),
+            messages_received: shared.messages_received.load(Ordering::Relaxed),
+            instructions_received: shared.instructions_received.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn send(&self, command: Command) -> Result<(), Error> {
+        self.commands.send(command).await.map_err(|_| {
+            Error::Stopped(
+                lock(&self.shared.stopped)
+                    .clone()
+                    .unwrap_or_else(|| "closed".into()),
+            )
+        })
+    }
+}
+
+impl Runner {
+    /// Serves connections until the agent stops.
+    async fn run(mut self, first: Connection) {
+        let mut connection = first;
+        loop {
+            let disconnect = match session::serve(&mut self, connection).await {
+                End::Closed => {
+                    return self
+                        .stop(Some(1000), "closed by the application".into())
+                        .await
+                }
+                End::Stop(disconnect) => {
+                    return self.stop(disconnect.close_code, disconnect.reason).await
+                }
+                End::Lost(disconnect) => disconnect,
+            };
+            self.shared.connected.store(false, Ordering::Relaxed);
+            log::info!(
+                "{}: connection lost ({}); reconnecting",
+                self.config.agent_id,
+                disconnect.reason
+            );
+            self.emit(Event::Disconnected(disconnect)).await;
+            connection = match self.reconnect().await {
+                Ok(connection) => connection,
+                Err(reason) => return self.stop(None, reason).await,
+            };
+            self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
+            self.shared.connected.store(true, Ordering::Relaxed);
+            *lock(&self.shared.registration) = connection.registration.clone();
+            *lock(&self.shared.certificate) = self.certificates.get().cloned();
+            self.emit(Event::Reconnected(connection.registration.clone()))
+                .await;
+        }
+    }
+
+    /// Connects again, with backoff, until it works, the application closes the agent,
+    /// a refusal says retrying cannot help, or the attempts run out.
+    async fn reconnect(&mut self) -> Result<Connection, String> {
+        let mut attempts = 0usize;
+        for delay in self.config.reconnect.delays() {
+            attempts += 1;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = closing(&mut self.closing) => return Err("closed by the application".into()),
+            }
+            let url = match (&self.reconnect_url, attempts % 2) {
+                (Some(moved_to), 1) => moved_to.clone(),
+                _ => self.config.url.clone(),
+            };
+            let attempt = tokio::select! {
+                attempt = connection::establish(&url, &self.config, &mut self.certificates) => attempt,
+                _ = closing(&mut self.closing) => return Err("closed by the application".into()),
+            };
+            match attempt {
+                Ok(connection) => return Ok(connection),
+                Err(Error::Refused { code, message }) if !code.is_retryable() => {
+                    return Err(format!("registration refused ({code}): {message}"))
+                }
+                Err(error) => log::info!(
+                    "{}: reconnect attempt {attempts} to {url} failed: {error}",
+                    self.config.agent_id
+                ),
+            }
+        }
+        Err(format!("gave up after {attempts} reconnect attempts"))
+    }
+
+    /// Hands `event` to the application (waits while its queue is full).
+    pub(crate) async fn emit(&self, event: Event) {
+        let _ = self.events.send(event).await;
+    }
+
+    async fn stop(self, close_code: Option<u16>, reason: String) {
+        log::info!("{}: stopped ({reason})", self.config.agent_id);
+        self.shared.connected.store(false, Ordering::Relaxed);
+        *lock(&self.shared.stopped) = Some(reason.clone());
+        self.emit(Event::Disconnected(Disconnect {
+            close_code,
+            reason,
+            reconnecting: false,
+        }))
+        .await;
+    }
+}
+
+/// Resolves once the agent is to close (or its [`Agent`] is gone).
+pub(crate) async fn closing(closing: &mut watch::Receiver<bool>) {
+    let _ = closing.wait_for(|closing| *closing).await;
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

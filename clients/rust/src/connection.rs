@@ -1,0 +1,192 @@
+//! One connection's start: the WebSocket upgrade, `register_agent`, and keeping a
+//! certificate for the id (claimed, or renewed when half its life is gone).
+
+use crate::certificate::CertificateStore;
+use crate::config::AgentConfig;
+use crate::error::{Error, ErrorCode};
+use crate::event::Registration;
+use crate::protocol::{self, Incoming};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Map, Value};
+use std::collections::VecDeque;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The client WebSocket.
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A registered connection.
+pub(crate) struct Connection {
+    pub(crate) ws: Ws,
+    pub(crate) registration: Registration,
+    /// Frames that came while the agent waited for an answer of its own.
+    pub(crate) early: VecDeque<Incoming>,
+}
+
+/// Connects to `url` and registers, presenting the certificate if there is one; a
+/// rejected certificate is forgotten and the registration tried again without it.
+pub(crate) async fn establish(
+    url: &str,
+    config: &AgentConfig,
+    certificates: &mut CertificateStore,
+) -> Result<Connection, Error> {
+    let outcome = tokio::time::timeout(config.connect_timeout, async {
+        let with_certificate = certificates.get().is_some();
+        match attempt(url, config, certificates.get()).await {
+            Err(Error::Refused {
+                code: ErrorCode::InvalidCertificate,
+                message,
+            }) if with_certificate => {
+                log::info!("certificate rejected ({message}): registering without it");
+                certificates.clear();
+                attempt(url, config, None).await
+            }
+            other => other,
+        }
+    })
+    .await;
+    let mut connection = outcome.map_err(|_| {
+        Error::Timeout(format!(
+            "no registration answer from {url} within {:?}",
+            config.connect_timeout
+        ))
+    })??;
+    keep_certificate(&mut connection, config, certificates).await;
+    Ok(connection)
+}
+
+/// One upgrade and registration.
+async fn attempt(
+    url: &str,
+    config: &AgentConfig,
+    certificate: Option<&Value>,
+) -> Result<Connection, Error> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .map_err(|error| Error::Connect {
+            url: url.to_owned(),
+            reason: error.to_string(),
+        })?;
+    if let MaybeTlsStream::Plain(tcp) = ws.get_ref() {
+        let _ = tcp.set_nodelay(true);
+    }
+    let frame = protocol::register(
+        &config.agent_id,
+        &config.registration_metadata(),
+        certificate,
+        config.force_reconnect,
+        Some("register"),
+    );
+    let mut early = VecDeque::new();
+    let answer = exchange(&mut ws, frame, ("register_agent", "register"), &mut early).await?;
+    if answer["success"] != true {
+        let _ = ws.close(None).await;
+        return Err(Error::Refused {
+            code: ErrorCode::parse(answer["error_code"].as_str().unwrap_or_default()),
+            message: answer["error"].as_str().unwrap_or_default().to_owned(),
+        });
+    }
+    Ok(Connection {
+        ws,
+        registration: Registration::from_answer(&answer, certificate.is_some()),
+        early,
+    })
+}
+
+/// Claims a certificate after a registration without one, renews one past half its
+/// life; a claim that fails leaves the agent without one (logged, not fatal).
+async fn keep_certificate(
+    connection: &mut Connection,
+    config: &AgentConfig,
+    certificates: &mut CertificateStore,
+) {
+    if connection.registration.with_certificate && certificates.is_fresh() {
+        return;
+    }
+    let force = certificates.get().is_some();
+    let mut result = claim(connection, &config.agent_id, force).await;
+    if let Err(Error::Request {
+        code: ErrorCode::AlreadyClaimed,
+        ..
+    }) = &result
+    {
+        result = claim(connection, &config.agent_id, true).await;
+    }
+    match result.and_then(|certificate| certificates.set(certificate)) {
+        Ok(()) => log::debug!("certificate for {} kept", config.agent_id),
+        Err(error) => log::warn!(
+            "no certificate for {} ({error}): after a half-open connection it waits for the server to let the id go",
+            config.agent_id
+        ),
+    }
+}
+
+async fn claim(connection: &mut Connection, agent_id: &str, force: bool) -> Result<Value, Error> {
+    let mut fields = Map::new();
+    fields.insert("agent_id".into(), agent_id.into());
+    fields.insert("force".into(), force.into());
+    let frame = protocol::request("claim_agent_id", "claim", fields);
+    let answer = exchange(
+        &mut connection.ws,
+        frame,
+        ("claim_agent_id", "claim"),
+        &mut connection.early,
+    )
+    .await?;
+    if answer["success"] == true {
+        return Ok(answer["certificate"].clone());
+    }
+    Err(Error::Request {
+        command: "claim_agent_id".into(),
+        code: ErrorCode::parse(answer["error_code"].as_str().unwrap_or_default()),
+        message: answer["error"].as_str().unwrap_or_default().to_owned(),
+    })
+}
+
+/// Sends `frame` and reads until its answer (the `command`'s response carrying
+/// `request_id`, or none), answering pings and keeping every other frame in `early`.
+async fn exchange(
+    ws: &mut Ws,
+    frame: String,
+    (command, request_id): (&str, &str),
+    early: &mut VecDeque<Incoming>,
+) -> Result<Value, Error> {
+    let lost = |why: String| Error::ConnectionLost(why);
+    ws.send(WsMessage::text(frame))
+        .await
+        .map_err(|e| lost(e.to_string()))?;
+    loop {
+        let text = match ws.next().await {
+            Some(Ok(WsMessage::Text(text))) => text,
+            Some(Ok(WsMessage::Close(close))) => {
+                return Err(lost(match close {
+                    Some(close) => format!(
+                        "closed by the server ({}: {})",
+                        u16::from(close.code),
+                        close.reason
+                    ),
+                    None => "closed by the server".into(),
+                }))
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(error)) => return Err(lost(error.to_string())),
+            None => return Err(lost("the server ended the connection".into())),
+        };
+        match protocol::parse(text.as_str()) {
+            Ok(Incoming::Response {
+                command: answered,
+                request_id: id,
+                frame,
+            }) if answered == command && id.as_deref().is_none_or(|id| id == request_id) => {
+                return Ok(frame)
+            }
+            Ok(Incoming::Ping { timestamp }) => ws
+                .send(WsMessage::text(protocol::pong(timestamp)))
+                .await
+                .map_err(|e| lost(e.to_string()))?,
+            Ok(incoming) => early.push_back(incoming),
+            Err(error) => log::warn!("unreadable frame from the server ({error}): {text}"),
+        }
+    }
+}

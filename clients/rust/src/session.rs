@@ -1,0 +1,273 @@
+//! One registered connection at work: answers pings, writes what the application
+//! sends, hands it what the server sends, and notices when the connection is dead.
+
+use crate::agent::{Command, Runner};
+use crate::config::Keepalive;
+use crate::connection::{Connection, Ws};
+use crate::error::{Error, ErrorCode};
+use crate::event::{Disconnect, Event};
+use crate::instructions::Delivery;
+use crate::protocol::{self, Incoming};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+/// How a connection ended.
+#[derive(Debug)]
+pub(crate) enum End {
+    /// The application closed the agent.
+    Closed,
+    /// Lost: the agent reconnects.
+    Lost(Disconnect),
+    /// Ended in a way reconnecting cannot mend (replaced, removed, protocol error).
+    Stop(Disconnect),
+}
+
+/// Answers to requests in flight on this connection, by `request_id`.
+type Pending = HashMap<String, oneshot::Sender<Value>>;
+
+/// Serves `connection` until it ends.
+pub(crate) async fn serve(runner: &mut Runner, connection: Connection) -> End {
+    let Connection {
+        mut ws,
+        registration,
+        early,
+    } = connection;
+    let keepalive = runner.config.keepalive.unwrap_or(Keepalive {
+        idle: registration.heartbeat_interval + registration.ping_timeout,
+        timeout: registration.ping_timeout,
+    });
+    let mut pending = Pending::new();
+    for incoming in early {
+        if let Err(end) = handle(runner, &mut ws, incoming, &mut pending).await {
+            return end;
+        }
+    }
+    let step = (keepalive.idle.min(keepalive.timeout) / 4).max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval(step);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    let mut probe: Option<Instant> = None;
+    let mut requests = 0u64;
+    loop {
+        tokio::select! {
+            frame = ws.next() => {
+                last_heard = Instant::now();
+                probe = None;
+                let text = match frame {
+                    Some(Ok(WsMessage::Text(text))) => text,
+                    Some(Ok(WsMessage::Close(close))) => {
+                        let (code, reason) = close
+                            .map(|c| (Some(u16::from(c.code)), c.reason.to_string()))
+                            .unwrap_or((None, String::new()));
+                        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                        return ended_by_server(code, reason);
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(error)) => return lost(None, error.to_string()),
+                    None => return lost(None, "the server ended the connection".into()),
+                };
+                match protocol::parse(text.as_str()) {
+                    Ok(incoming) => {
+                        if let Err(end) = handle(runner, &mut ws, incoming, &mut pending).await {
+                            return end;
+                        }
+                    }
+                    Err(error) => log::warn!("unreadable frame from the server ({error}): {text}"),
+                }
+            }
+            command = runner.commands.recv() => {
+                let Some(command) = command else {
+                    close(&mut ws).await;
+                    return End::Closed;
+                };
+                let frame = match command {
+                    Command::Frame(frame) => frame,
+                    Command::Ack { instruction_id, frame } => {
+                        runner.ledger.acknowledged(&instruction_id, &frame);
+                        frame
+                    }
+                    Command::Request { command, fields, reply } => {
+                        requests += 1;
+                        let request_id = format!("r{requests}");
+                        pending.insert(request_id.clone(), reply);
+                        protocol::request(&command, &request_id, fields)
+                    }
+                };
+                if let Err(error) = ws.send(WsMessage::text(frame)).await {
+                    return lost(None, error.to_string());
+                }
+            }
+            _ = tick.tick() => {
+                if let Some(sent) = probe {
+                    if sent.elapsed() >= keepalive.timeout {
+                        return lost(None, format!(
+                            "nothing from the server for {:?}: the connection is dead",
+                            last_heard.elapsed()
+                        ));
+                    }
+                } else if last_heard.elapsed() >= keepalive.idle {
+                    let mut fields = Map::new();
+                    fields.insert("timestamp".into(), epoch_secs().into());
+                    let frame = protocol::request("ping_agent", "keepalive", fields);
+                    if let Err(error) = ws.send(WsMessage::text(frame)).await {
+                        return lost(None, error.to_string());
+                    }
+                    probe = Some(Instant::now());
+                }
+            }
+            _ = crate::agent::closing(&mut runner.closing) => {
+                close(&mut ws).await;
+                return End::Closed;
+            }
+        }
+    }
+}
+
+/// Acts on one frame from the server; `Err` ends the connection.
+async fn handle(
+    runner: &mut Runner,
+    ws: &mut Ws,
+    incoming: Incoming,
+    pending: &mut Pending,
+) -> Result<(), End> {
+    let write = |error: tokio_tungstenite::tungstenite::Error| lost(None, error.to_string());
+    match incoming {
+        Incoming::Ping { timestamp } => {
+            ws.send(WsMessage::text(protocol::pong(timestamp)))
+                .await
+                .map_err(write)?;
+            runner.shared.pings_answered.fetch_add(1, Ordering::Relaxed);
+        }
+        Incoming::Response {
+            request_id, frame, ..
+        } => {
+            if let Some(reply) = request_id.and_then(|id| pending.remove(&id)) {
+                let _ = reply.send(frame);
+            }
+        }
+        Incoming::Message(message) => {
+            runner
+                .shared
+                .messages_received
+                .fetch_add(1, Ordering::Relaxed);
+            runner.emit(Event::Message(message)).await;
+        }
+        Incoming::Notification(notification) => {
+            let shutdown = notification.event == "network_shutdown";
+            if let Some(url) = notification.reconnect_url.as_ref().filter(|_| shutdown) {
+                runner.reconnect_url = Some(url.clone());
+            }
+            runner.emit(Event::Notification(notification)).await;
+            if shutdown {
+                // Leave at once (the server waits for its agents to go) and come back
+                // on another node, or on this one once it is back.
+                close(ws).await;
+                return Err(lost(None, "the server is shutting down".into()));
+            }
+        }
+        Incoming::Instruction(instruction) => match runner
+            .ledger
+            .arrived(&instruction.instruction_id)
+        {
+            Delivery::New => {
+                runner
+                    .shared
+                    .instructions_received
+                    .fetch_add(1, Ordering::Relaxed);
+                runner.emit(Event::Instruction(instruction)).await;
+            }
+            Delivery::Held => log::debug!(
+                "instruction {} delivered again (attempt {}) while the application holds it",
+                instruction.instruction_id,
+                instruction.attempt
+            ),
+            Delivery::Acknowledged(frame) => {
+                log::debug!(
+                    "instruction {} delivered again (attempt {}): acknowledging it again",
+                    instruction.instruction_id,
+                    instruction.attempt
+                );
+                ws.send(WsMessage::text(frame)).await.map_err(write)?;
+            }
+        },
+        Incoming::Error(error) => {
+            let expected = error.code == ErrorCode::InstructionFinished
+                && error
+                    .instruction_id
+                    .as_deref()
+                    .is_some_and(|id| runner.ledger.answers_resent_ack(id));
+            if !expected {
+                runner.emit(Event::Error(error)).await;
+            }
+        }
+        Incoming::Other(frame) => log::debug!("frame of an unknown type ignored: {frame}"),
+    }
+    Ok(())
+}
+
+/// Sends a normal close and waits (briefly) for the server to end the connection.
+async fn close(ws: &mut Ws) {
+    let frame = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        if ws.close(Some(frame)).await.is_ok() {
+            while let Some(Ok(_)) = ws.next().await {}
+        }
+    })
+    .await;
+}
+
+/// What a close frame from the server means for the agent.
+fn ended_by_server(code: Option<u16>, reason: String) -> End {
+    let why = |what: &str| {
+        let mut text = what.to_owned();
+        if !reason.is_empty() {
+            text.push_str(": ");
+            text.push_str(&reason);
+        }
+        text
+    };
+    let stop = |what: &str| {
+        End::Stop(Disconnect {
+            close_code: code,
+            reason: why(what),
+            reconnecting: false,
+        })
+    };
+    match code {
+        Some(4001) => stop("replaced: another connection took this agent id"),
+        Some(1000) => stop("closed by the server"),
+        Some(1002 | 1003 | 1007 | 1008 | 1009 | 1010) => stop("closed for a protocol error"),
+        Some(code) => lost(Some(code), why(&format!("closed by the server ({code})"))),
+        None => lost(None, why("closed by the server")),
+    }
+}
+
+fn lost(close_code: Option<u16>, reason: String) -> End {
+    End::Lost(Disconnect {
+        close_code,
+        reason,
+        reconnecting: true,
+    })
+}
+
+fn epoch_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The error a request gets when its connection ended before the answer.
+pub(crate) fn unanswered() -> Error {
+    Error::ConnectionLost("the connection ended before the answer came; retry".into())
+}

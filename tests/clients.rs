@@ -1,0 +1,397 @@
+//! The Rust client library (`tether-client`, clients/rust) against the real server:
+//! registration, messages (also with an agent of the Python library), heartbeats, a
+//! half-open connection taken back with the certificate, a server restart, an
+//! instruction acknowledgement lost with its connection, and refusals.
+//!
+//! The Python peer runs `clients/python/examples/echo.py` with the interpreter in
+//! `TETHER_TEST_CLIENT_PYTHON`, which `scripts/test.sh` exports after installing
+//! `tether-agent` into `.venv-clients`.
+
+mod common;
+
+use common::instructions::{create_id, event_of};
+use common::{agent_events, EventStream, TestServer, DEADLINE};
+use futures_util::FutureExt;
+use serde_json::{json, Value};
+use std::process::Stdio;
+use std::time::Duration;
+use tether_client::{
+    AckStatus, Agent, AgentConfig, ErrorCode, Event, Keepalive, MessageKind, ReconnectPolicy,
+    INSTRUCTIONS_CAPABILITY,
+};
+use tether_testkit::proxy::Proxy;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Reconnects quickly: the tests wait for reconnections.
+fn quick(config: AgentConfig) -> AgentConfig {
+    config.reconnect(ReconnectPolicy {
+        initial_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(300),
+        ..ReconnectPolicy::default()
+    })
+}
+
+/// Notices a dead connection within about a second.
+fn watchful(config: AgentConfig) -> AgentConfig {
+    quick(config).keepalive(Keepalive {
+        idle: Duration::from_millis(300),
+        timeout: Duration::from_millis(500),
+    })
+}
+
+async fn connect(config: AgentConfig) -> Agent {
+    let agent_id = config.agent_id().to_owned();
+    Agent::connect(config)
+        .await
+        .unwrap_or_else(|error| panic!("{agent_id} could not connect: {error}"))
+}
+
+/// The next event that `pick` accepts (others are skipped), within the deadline.
+async fn next_matching<T>(agent: &mut Agent, mut pick: impl FnMut(Event) -> Option<T>) -> T {
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let event = agent.next_event().await.expect("the agent stopped");
+            if let Some(found) = pick(event) {
+                return found;
+            }
+        }
+    })
+    .await
+    .expect("the expected event did not come in time")
+}
+
+#[tokio::test]
+async fn agents_register_and_exchange_direct_and_broadcast_messages() {
+    let server = TestServer::start(&[]);
+    let mut alice = connect(AgentConfig::new(server.ws_url(), "alice").name("Alice")).await;
+    let mut bob = connect(AgentConfig::new(server.ws_url(), "bob")).await;
+    let registration = alice.registration();
+    assert_eq!(registration.agent_id, "alice");
+    assert_eq!(registration.incarnation, 1);
+    assert!(!registration.session_id.is_empty());
+    assert!(alice.certificate().is_some(), "a certificate is claimed after registering");
+
+    let sent = alice.send_direct("bob", json!({"text": "hi"})).await.unwrap();
+    let message = next_matching(&mut bob, |e| match e {
+        Event::Message(m) => Some(m),
+        _ => None,
+    })
+    .await;
+    assert_eq!(message.sender_id, "alice");
+    assert_eq!(message.kind, MessageKind::Direct);
+    assert_eq!(message.message_id, sent);
+    assert_eq!(message.content, json!({"text": "hi"}));
+
+    bob.broadcast(json!({"text": "all"}), &[]).await.unwrap();
+    let message = next_matching(&mut alice, |e| match e {
+        Event::Message(m) => Some(m),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        (message.kind, message.sender_id.as_str()),
+        (MessageKind::Broadcast, "bob")
+    );
+
+    let names: Vec<String> = alice
+        .list_agents()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    assert_eq!(names, ["Alice", "bob"]);
+
+    alice.send_direct("nobody", json!(1)).await.unwrap();
+    let error = next_matching(&mut alice, |e| match e {
+        Event::Error(error) => Some(error),
+        _ => None,
+    })
+    .await;
+    assert_eq!(error.code, ErrorCode::UnknownAgent);
+    alice.close().await.unwrap();
+    bob.close().await.unwrap();
+}
+
+/// A Python `tether-agent` echo agent (clients/python/examples/echo.py).
+struct PythonEcho {
+    child: tokio::process::Child,
+}
+
+impl PythonEcho {
+    async fn start(url: &str, agent_id: &str) -> Self {
+        let python = match std::env::var("TETHER_TEST_CLIENT_PYTHON") {
+            Ok(python) if !python.is_empty() => python,
+            _ => panic!(
+                "TETHER_TEST_CLIENT_PYTHON is not set. This test runs the Python client \
+                 library's echo example: run the tests with scripts/test.sh (it installs \
+                 clients/python into .venv-clients and exports the variable), or set it to a \
+                 Python that has `pip install ./clients/python` done."
+            ),
+        };
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python/examples/echo.py");
+        let mut child = tokio::process::Command::new(python)
+            .args([script, "--url", url, "--agent-id", agent_id])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("cannot run TETHER_TEST_CLIENT_PYTHON");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .expect("the Python echo agent did not register in time")
+            .unwrap()
+            .expect("the Python echo agent exited before registering");
+        assert_eq!(line, format!("registered {agent_id} 1"));
+        Self { child }
+    }
+}
+
+#[tokio::test]
+async fn a_rust_agent_and_a_python_agent_exchange_messages() {
+    let server = TestServer::start(&[]);
+    let mut echo = PythonEcho::start(&server.ws_url(), "py-echo").await;
+    let mut agent = connect(AgentConfig::new(server.ws_url(), "rust-agent")).await;
+    let peers = agent.list_agents().await.unwrap();
+    let python = peers.iter().find(|a| a.agent_id == "py-echo").unwrap();
+    assert_eq!(python.metadata["capabilities"], json!(["echo", "instructions"]));
+
+    for n in 0..3 {
+        agent.send_direct("py-echo", json!({"n": n})).await.unwrap();
+        let reply = next_matching(&mut agent, |e| match e {
+            Event::Message(m) => Some(m),
+            _ => None,
+        })
+        .await;
+        assert_eq!(reply.sender_id, "py-echo");
+        assert_eq!(reply.content, json!({"echo": {"n": n}}));
+    }
+    agent.close().await.unwrap();
+    echo.child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_agent_answers_pings_for_three_intervals_without_going_stale() {
+    let server = TestServer::start(&[
+        ("TETHER__HEARTBEAT__INTERVAL", "1"),
+        ("TETHER__HEARTBEAT__PING_TIMEOUT", "0.5"),
+    ]);
+    let mut events = EventStream::subscribe(&server, None).await;
+    let mut agent = connect(AgentConfig::new(server.ws_url(), "steady")).await;
+    assert_eq!(agent.registration().heartbeat_interval, Duration::from_secs(1));
+    // Silent on its own: only the server's pings keep it alive.
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    tokio::time::timeout(DEADLINE, async {
+        while agent.stats().pings_answered < 3 {
+            poll.tick().await;
+        }
+    })
+    .await
+    .expect("fewer than 3 pings answered in time");
+    assert_eq!(agent.registration().incarnation, 1);
+    assert_eq!(agent.stats().reconnects, 0);
+    assert!(
+        agent.next_event().now_or_never().is_none(),
+        "no event: the connection was never lost"
+    );
+    let shown = server.get_json("/agents/steady").await;
+    assert_eq!(shown["incarnation"], 1, "{shown}");
+    events.wait_for(|e| e["type"] == "agent.registered").await;
+    let seen: Vec<String> = events
+        .pending()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!seen.iter().any(|t| t == "agent.stale"), "{seen:?}");
+    agent.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_half_open_connection_is_taken_back_with_the_certificate() {
+    let server = TestServer::start(&[]);
+    let proxy = Proxy::start(&server.addr);
+    let mut events = EventStream::subscribe(&server, None).await;
+    let url = format!("ws://{}/", proxy.addr());
+    let mut agent = connect(watchful(AgentConfig::new(url, "roamer"))).await;
+    assert!(agent.certificate().is_some());
+
+    proxy.freeze();
+    let lost = next_matching(&mut agent, |e| match e {
+        Event::Disconnected(d) => Some(d),
+        _ => None,
+    })
+    .await;
+    assert!(lost.reconnecting, "{lost:?}");
+    let back = next_matching(&mut agent, |e| match e {
+        Event::Reconnected(r) => Some(r),
+        _ => None,
+    })
+    .await;
+    assert_eq!(back.incarnation, 2);
+    assert!(back.with_certificate);
+
+    let all = events
+        .collect_until(|e| e["type"] == "agent.registered" && e["data"]["incarnation"] == 2)
+        .await;
+    assert_eq!(
+        agent_events(&all, "roamer"),
+        vec![
+            ("agent.registered".into(), 1, 1),
+            ("agent.replaced".into(), 1, 2),
+            ("agent.disconnected".into(), 1, 3),
+            ("agent.cleaned_up".into(), 1, 4),
+            ("agent.registered".into(), 2, 1),
+        ],
+        "one takeover, no refused registration"
+    );
+    let replaced = all.iter().find(|e| e["type"] == "agent.replaced").unwrap();
+    assert_eq!(replaced["data"]["proof"], "certificate", "{replaced}");
+    assert_eq!(agent.stats().reconnects, 1);
+    agent.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_agent_comes_back_after_a_server_restart() {
+    let database = common::fresh_database_path();
+    let storage = format!("sqlite://{}", database.display());
+    let secret = [
+        ("TETHER__IDENTITY__SECRET", "restart-test-secret"),
+        ("TETHER__STORAGE__URL", storage.as_str()),
+    ];
+    let mut server = TestServer::start(&secret);
+    let port = server.addr.rsplit_once(':').unwrap().1.to_owned();
+    let mut agent = connect(quick(AgentConfig::new(server.ws_url(), "survivor"))).await;
+
+    server.signal("TERM");
+    let notice = next_matching(&mut agent, |e| match e {
+        Event::Notification(n) => Some(n),
+        _ => None,
+    })
+    .await;
+    assert_eq!(notice.event, "network_shutdown");
+    let lost = next_matching(&mut agent, |e| match e {
+        Event::Disconnected(d) => Some(d),
+        _ => None,
+    })
+    .await;
+    assert!(lost.reconnecting, "{lost:?}");
+    assert_eq!(server.wait_exit().await, Some(0));
+
+    let env = [
+        secret[0],
+        secret[1],
+        ("TETHER__NETWORK__PORT", port.as_str()),
+    ];
+    let server = TestServer::start(&env);
+    next_matching(&mut agent, |e| match e {
+        Event::Reconnected(r) => Some(r),
+        _ => None,
+    })
+    .await;
+    assert!(agent.is_connected());
+    let other = connect(AgentConfig::new(server.ws_url(), "witness")).await;
+    other.send_direct("survivor", json!("after")).await.unwrap();
+    let message = next_matching(&mut agent, |e| match e {
+        Event::Message(m) => Some(m),
+        _ => None,
+    })
+    .await;
+    assert_eq!(message.content, json!("after"));
+    agent.close().await.unwrap();
+    let _ = std::fs::remove_file(database);
+}
+
+#[tokio::test]
+async fn an_acknowledgement_lost_with_its_connection_finishes_the_instruction_once() {
+    let server = TestServer::start(&[]);
+    let proxy = Proxy::start(&server.addr);
+    let mut events = EventStream::subscribe(&server, None).await;
+    let url = format!("ws://{}/", proxy.addr());
+    let config = AgentConfig::new(url, "worker").capability(INSTRUCTIONS_CAPABILITY);
+    let mut agent = connect(watchful(config)).await;
+
+    let id = create_id(&server, "worker", json!({"payload": {"task": 1}})).await;
+    let instruction = next_matching(&mut agent, |e| match e {
+        Event::Instruction(i) => Some(i),
+        _ => None,
+    })
+    .await;
+    assert_eq!((instruction.instruction_id.as_str(), instruction.attempt), (id.as_str(), 1));
+
+    // The acknowledgement goes into a connection that no longer reaches the server.
+    proxy.freeze();
+    agent
+        .ack(&id, AckStatus::Done, Some(json!({"ok": true})))
+        .await
+        .unwrap();
+    let mut redelivered_to_app = 0;
+    next_matching(&mut agent, |e| match e {
+        Event::Instruction(_) => {
+            redelivered_to_app += 1;
+            None
+        }
+        Event::Reconnected(r) => Some(r),
+        _ => None,
+    })
+    .await;
+    let done = event_of(&mut events, "instruction.done", &id).await;
+    assert_eq!(done["data"]["attempt"], 2, "finished by the automatic re-ack: {done}");
+    let shown = server.get_json(&format!("/instructions/{id}")).await;
+    assert_eq!(shown["state"], "done", "{shown}");
+    assert_eq!(shown["result"], json!({"ok": true}), "{shown}");
+    // Once the server has closed the instruction, nothing reaches the application.
+    let extra = agent.next_event().now_or_never();
+    assert!(
+        !matches!(extra, Some(Some(Event::Instruction(_) | Event::Error(_)))),
+        "{extra:?}"
+    );
+    assert_eq!(redelivered_to_app, 0);
+    assert_eq!(agent.stats().instructions_received, 1);
+    let dones = events
+        .pending()
+        .iter()
+        .filter(|e| e["type"] == "instruction.done")
+        .count();
+    assert_eq!(dones, 0, "a second instruction.done");
+    agent.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_registration_reports_its_error_code() {
+    let server = TestServer::start(&[]);
+    let holder = connect(AgentConfig::new(server.ws_url(), "taken")).await;
+    let refused = Agent::connect(AgentConfig::new(server.ws_url(), "taken"))
+        .await
+        .err()
+        .expect("a second registration of a live id without proof is refused");
+    assert_eq!(refused.error_code(), Some(&ErrorCode::AgentIdInUse), "{refused}");
+    let invalid = Agent::connect(AgentConfig::new(server.ws_url(), "not valid!"))
+        .await
+        .err()
+        .expect("an invalid id is refused");
+    assert_eq!(invalid.error_code(), Some(&ErrorCode::InvalidAgentId), "{invalid}");
+    holder.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_agent_replaced_by_another_connection_stops_and_says_why() {
+    let server = TestServer::start(&[]);
+    let mut first = connect(quick(AgentConfig::new(server.ws_url(), "contested"))).await;
+    let second = connect(AgentConfig::new(server.ws_url(), "contested").force_reconnect(true)).await;
+    assert_eq!(second.registration().incarnation, 2);
+    let end = next_matching(&mut first, |e| match e {
+        Event::Disconnected(d) => Some(d),
+        _ => None,
+    })
+    .await;
+    assert_eq!(end.close_code, Some(4001), "{end:?}");
+    assert!(!end.reconnecting, "an agent does not fight for its id: {end:?}");
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, first.next_event()).await.unwrap(),
+        None
+    );
+    let error = first.send_direct("x", Value::Null).await.unwrap_err();
+    assert!(matches!(error, tether_client::Error::Stopped(_)), "{error}");
+    second.close().await.unwrap();
+}
