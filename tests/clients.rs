@@ -69,9 +69,15 @@ async fn agents_register_and_exchange_direct_and_broadcast_messages() {
     assert_eq!(registration.agent_id, "alice");
     assert_eq!(registration.incarnation, 1);
     assert!(!registration.session_id.is_empty());
-    assert!(alice.certificate().is_some(), "a certificate is claimed after registering");
+    assert!(
+        alice.certificate().is_some(),
+        "a certificate is claimed after registering"
+    );
 
-    let sent = alice.send_direct("bob", json!({"text": "hi"})).await.unwrap();
+    let sent = alice
+        .send_direct("bob", json!({"text": "hi"}))
+        .await
+        .unwrap();
     let message = next_matching(&mut bob, |e| match e {
         Event::Message(m) => Some(m),
         _ => None,
@@ -129,7 +135,10 @@ impl PythonEcho {
                  Python that has `pip install ./clients/python` done."
             ),
         };
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python/examples/echo.py");
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/clients/python/examples/echo.py"
+        );
         let mut child = tokio::process::Command::new(python)
             .args([script, "--url", url, "--agent-id", agent_id])
             .stdout(Stdio::piped())
@@ -155,7 +164,10 @@ async fn a_rust_agent_and_a_python_agent_exchange_messages() {
     let mut agent = connect(AgentConfig::new(server.ws_url(), "rust-agent")).await;
     let peers = agent.list_agents().await.unwrap();
     let python = peers.iter().find(|a| a.agent_id == "py-echo").unwrap();
-    assert_eq!(python.metadata["capabilities"], json!(["echo", "instructions"]));
+    assert_eq!(
+        python.metadata["capabilities"],
+        json!(["echo", "instructions"])
+    );
 
     for n in 0..3 {
         agent.send_direct("py-echo", json!({"n": n})).await.unwrap();
@@ -179,7 +191,10 @@ async fn an_agent_answers_pings_for_three_intervals_without_going_stale() {
     ]);
     let mut events = EventStream::subscribe(&server, None).await;
     let mut agent = connect(AgentConfig::new(server.ws_url(), "steady")).await;
-    assert_eq!(agent.registration().heartbeat_interval, Duration::from_secs(1));
+    assert_eq!(
+        agent.registration().heartbeat_interval,
+        Duration::from_secs(1)
+    );
     // Silent on its own: only the server's pings keep it alive.
     let mut poll = tokio::time::interval(Duration::from_millis(50));
     tokio::time::timeout(DEADLINE, async {
@@ -317,7 +332,10 @@ async fn an_acknowledgement_lost_with_its_connection_finishes_the_instruction_on
         _ => None,
     })
     .await;
-    assert_eq!((instruction.instruction_id.as_str(), instruction.attempt), (id.as_str(), 1));
+    assert_eq!(
+        (instruction.instruction_id.as_str(), instruction.attempt),
+        (id.as_str(), 1)
+    );
 
     // The acknowledgement goes into a connection that no longer reaches the server.
     proxy.freeze();
@@ -336,7 +354,10 @@ async fn an_acknowledgement_lost_with_its_connection_finishes_the_instruction_on
     })
     .await;
     let done = event_of(&mut events, "instruction.done", &id).await;
-    assert_eq!(done["data"]["attempt"], 2, "finished by the automatic re-ack: {done}");
+    assert_eq!(
+        done["data"]["attempt"], 2,
+        "finished by the automatic re-ack: {done}"
+    );
     let shown = server.get_json(&format!("/instructions/{id}")).await;
     assert_eq!(shown["state"], "done", "{shown}");
     assert_eq!(shown["result"], json!({"ok": true}), "{shown}");
@@ -365,12 +386,20 @@ async fn a_refused_registration_reports_its_error_code() {
         .await
         .err()
         .expect("a second registration of a live id without proof is refused");
-    assert_eq!(refused.error_code(), Some(&ErrorCode::AgentIdInUse), "{refused}");
+    assert_eq!(
+        refused.error_code(),
+        Some(&ErrorCode::AgentIdInUse),
+        "{refused}"
+    );
     let invalid = Agent::connect(AgentConfig::new(server.ws_url(), "not valid!"))
         .await
         .err()
         .expect("an invalid id is refused");
-    assert_eq!(invalid.error_code(), Some(&ErrorCode::InvalidAgentId), "{invalid}");
+    assert_eq!(
+        invalid.error_code(),
+        Some(&ErrorCode::InvalidAgentId),
+        "{invalid}"
+    );
     holder.close().await.unwrap();
 }
 
@@ -378,7 +407,8 @@ async fn a_refused_registration_reports_its_error_code() {
 async fn an_agent_replaced_by_another_connection_stops_and_says_why() {
     let server = TestServer::start(&[]);
     let mut first = connect(quick(AgentConfig::new(server.ws_url(), "contested"))).await;
-    let second = connect(AgentConfig::new(server.ws_url(), "contested").force_reconnect(true)).await;
+    let second =
+        connect(AgentConfig::new(server.ws_url(), "contested").force_reconnect(true)).await;
     assert_eq!(second.registration().incarnation, 2);
     let end = next_matching(&mut first, |e| match e {
         Event::Disconnected(d) => Some(d),
@@ -386,9 +416,14 @@ async fn an_agent_replaced_by_another_connection_stops_and_says_why() {
     })
     .await;
     assert_eq!(end.close_code, Some(4001), "{end:?}");
-    assert!(!end.reconnecting, "an agent does not fight for its id: {end:?}");
+    assert!(
+        !end.reconnecting,
+        "an agent does not fight for its id: {end:?}"
+    );
     assert_eq!(
-        tokio::time::timeout(DEADLINE, first.next_event()).await.unwrap(),
+        tokio::time::timeout(DEADLINE, first.next_event())
+            .await
+            .unwrap(),
         None
     );
     let error = first.send_direct("x", Value::Null).await.unwrap_err();

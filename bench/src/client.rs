@@ -13,6 +13,10 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+/// The client library builds the frames the agents send (one implementation of the
+/// protocol on the client side); the load generators keep their own sockets.
+pub use tether_client::protocol;
+
 /// A client WebSocket.
 pub type Ws = WebSocketStream<TcpStream>;
 
@@ -71,11 +75,10 @@ pub async fn dial(target: &Target, source: IpAddr) -> Result<Ws, String> {
     Ok(ws)
 }
 
-/// The `register_agent` request for `agent_id`.
+/// The `register_agent` request for `agent_id` (capability `bench`).
 pub fn register_frame(agent_id: &str) -> String {
-    format!(
-        r#"{{"type":"system_request","command":"register_agent","agent_id":"{agent_id}","metadata":{{"name":"{agent_id}","capabilities":["bench"]}}}}"#
-    )
+    let metadata = serde_json::json!({"name": agent_id, "capabilities": ["bench"]});
+    protocol::register(agent_id, &metadata, None, false, None)
 }
 
 /// A registered connection.
@@ -146,14 +149,6 @@ pub async fn close(mut ws: Ws) {
         while let Some(Ok(_)) = ws.next().await {}
     })
     .await;
-}
-
-/// The answer to a server `ping_agent` carrying `timestamp`.
-pub fn pong_frame(timestamp: f64) -> String {
-    format!(
-        r#"{{"type":"system_response","command":"ping_agent","success":true,"timestamp":{}}}"#,
-        serde_json::Value::from(timestamp)
-    )
 }
 
 /// The fields of an incoming frame the workloads look at; everything else is skipped.
@@ -261,7 +256,7 @@ mod tests {
         );
         let direct = direct_frame("a", "b");
         assert!(Frame::parse(&direct).bench_content().unwrap().t.is_some());
-        let pong = pong_frame(1795393768.8075876);
+        let pong = protocol::pong(1795393768.8075876);
         assert!(pong.contains("1795393768.8075876"));
         let reg = r#"{"type":"system_response","command":"register_agent","success":true}"#;
         assert!(Frame::parse(reg).is_response_to("register_agent"));

@@ -97,7 +97,7 @@ impl Worker {
                             Some(Ok(Message::Text(text))) => {
                                 let frame = Frame::parse(text.as_str());
                                 if let Some(ts) = frame.ping_timestamp() {
-                                    let _ = ws.send(Message::text(client::pong_frame(ts))).await;
+                                    let _ = ws.send(Message::text(client::protocol::pong(ts))).await;
                                     continue;
                                 }
                                 let Some(content) = frame.bench_content() else { continue };
@@ -151,7 +151,7 @@ impl Worker {
                 msg = sender.next() => match msg {
                     Some(Ok(Message::Text(text))) => {
                         if let Some(ts) = Frame::parse(text.as_str()).ping_timestamp() {
-                            let _ = sender.send(Message::text(client::pong_frame(ts))).await;
+                            let _ = sender.send(Message::text(client::protocol::pong(ts))).await;
                         }
                     }
                     Some(Ok(_)) => {}

@@ -130,7 +130,7 @@ impl Worker {
                             Some(Ok(Message::Text(text))) => {
                                 let ts = Frame::parse(text.as_str()).ping_timestamp();
                                 if let Some(ts) = ts {
-                                    let _ = ws.send(Message::text(client::pong_frame(ts))).await;
+                                    let _ = ws.send(Message::text(client::protocol::pong(ts))).await;
                                 }
                             }
                             Some(Ok(Message::Close(c))) => break Some(close_code(c)),

@@ -240,7 +240,7 @@ async fn hold_socket(
                     let lag = (now_us() as f64 - ts * 1e6).max(0.0).min(u32::MAX as f64) as u32;
                     fleet.lags.lock().unwrap().push(lag);
                     if !fleet.silent.load(Ordering::SeqCst) {
-                        let _ = ws.send(Message::text(client::pong_frame(ts))).await;
+                        let _ = ws.send(Message::text(client::protocol::pong(ts))).await;
                         last_sent.store(now_us(), Ordering::SeqCst);
                     }
                 }

@@ -318,7 +318,7 @@ async fn route_reader(
             Some(Ok(Message::Text(text))) => {
                 let frame = Frame::parse(text.as_str());
                 if let Some(ts) = frame.ping_timestamp() {
-                    let _ = tx.send(Message::text(client::pong_frame(ts)));
+                    let _ = tx.send(Message::text(client::protocol::pong(ts)));
                     continue;
                 }
                 let Some(t) = frame.bench_content().and_then(|c| c.t) else {

@@ -81,8 +81,13 @@ async fn close_one(addr: &str, agent_id: &str) -> Result<Duration, String> {
         let mut seen = Vec::new();
         let mut chunk = [0u8; 4096];
         // The 101 and the register answer (a text frame after the head).
-        let register = serde_json::json!({"type":"system_request","command":"register_agent",
-            "agent_id": agent_id});
+        let register = crate::client::protocol::register(
+            agent_id,
+            &serde_json::json!({"name": agent_id}),
+            None,
+            false,
+            None,
+        );
         let mut registered = false;
         loop {
             let n = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
@@ -93,7 +98,7 @@ async fn close_one(addr: &str, agent_id: &str) -> Result<Duration, String> {
             if !registered {
                 if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
                     seen.drain(..end + 4);
-                    let frame = client_frame(1, register.to_string().as_bytes());
+                    let frame = client_frame(1, register.as_bytes());
                     tcp.write_all(&frame).await.map_err(|e| e.to_string())?;
                     registered = true;
                 }

@@ -256,10 +256,8 @@ async fn attack_until(
         return;
     }
     let exclusions: Vec<String> = (0..1000).map(|i| format!("nobody-{i}")).collect();
-    let broadcast = serde_json::json!({"type": "message", "data": {
-        "message_type": "broadcast_message", "content": {"x": 1},
-        "exclude_agent_ids": exclusions}})
-    .to_string();
+    let broadcast =
+        crate::client::protocol::broadcast(&serde_json::json!({"x": 1}), &exclusions, "attack");
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     let mut generation = 0u64;
     while !stop.load(Ordering::Relaxed) {

@@ -507,9 +507,10 @@ fn agent_id(n: u64) -> String {
 async fn register(target: &Target, agent_id: &str) -> Result<Ws, String> {
     let attempt = async {
         let mut ws = client::dial(target, IpAddr::V4(Ipv4Addr::LOCALHOST)).await?;
-        let frame = format!(
-            r#"{{"type":"system_request","command":"register_agent","agent_id":"{agent_id}","metadata":{{"name":"{agent_id}","capabilities":["instructions"]}}}}"#
-        );
+        let metadata = serde_json::json!({
+            "name": agent_id, "capabilities": [tether_client::INSTRUCTIONS_CAPABILITY],
+        });
+        let frame = client::protocol::register(agent_id, &metadata, None, false, None);
         ws.send(Message::text(frame))
             .await
             .map_err(|e| format!("send register: {e}"))?;
@@ -585,8 +586,10 @@ async fn on_frame(ws: &mut Ws, text: &str, seen: &Seen) -> Result<(), String> {
             if frame.attempt.unwrap_or(1) > 1 {
                 seen.redelivered.fetch_add(1, Ordering::Relaxed);
             }
-            let ack = format!(
-                r#"{{"type":"instruction_ack","instruction_id":"{id}","status":"done","result":{{"ok":true}}}}"#
+            let ack = client::protocol::ack(
+                id,
+                tether_client::AckStatus::Done,
+                Some(&serde_json::json!({"ok": true})),
             );
             let acked_at = now_us();
             ws.send(Message::text(ack))
@@ -606,7 +609,7 @@ async fn on_frame(ws: &mut Ws, text: &str, seen: &Seen) -> Result<(), String> {
         }
         Some("system_request") if frame.command.as_deref() == Some("ping_agent") => {
             seen.pings.fetch_add(1, Ordering::Relaxed);
-            ws.send(Message::text(client::pong_frame(
+            ws.send(Message::text(client::protocol::pong(
                 frame.timestamp.unwrap_or(0.0),
             )))
             .await

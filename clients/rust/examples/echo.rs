@@ -39,7 +39,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         config = config.certificate_file(path);
     }
     let mut agent = Agent::connect(config).await?;
-    announce(&agent.registration().agent_id, agent.registration().incarnation);
+    announce(
+        &agent.registration().agent_id,
+        agent.registration().incarnation,
+    );
 
     let mut terminate = signal(SignalKind::terminate())?;
     loop {

@@ -242,8 +242,12 @@ impl AgentHandle {
     /// gets an [`Event::Error`] `unknown_agent` with this message id.
     pub async fn send_direct(&self, target: &str, content: Value) -> Result<String, Error> {
         let message_id = uuid::Uuid::new_v4().to_string();
-        self.send(Command::Frame(protocol::direct(target, &content, &message_id)))
-            .await?;
+        self.send(Command::Frame(protocol::direct(
+            target,
+            &content,
+            &message_id,
+        )))
+        .await?;
         Ok(message_id)
     }
 
@@ -457,5 +461,7 @@ pub(crate) async fn closing(closing: &mut watch::Receiver<bool>) {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -130,7 +130,9 @@ mod tests {
         let path = scratch("a.json");
         let mut store = CertificateStore::open(Some(path.clone()), "a").unwrap();
         assert!(store.get().is_none());
-        store.set(json!({"agent_id": "a", "signature": "s"})).unwrap();
+        store
+            .set(json!({"agent_id": "a", "signature": "s"}))
+            .unwrap();
         let again = CertificateStore::open(Some(path.clone()), "a").unwrap();
         assert_eq!(again.get().unwrap()["signature"], "s");
         #[cfg(unix)]
@@ -140,7 +142,10 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         let other = CertificateStore::open(Some(path.clone()), "b").unwrap();
-        assert!(other.get().is_none(), "another id's certificate is not used");
+        assert!(
+            other.get().is_none(),
+            "another id's certificate is not used"
+        );
         store.clear();
         assert!(!path.exists());
     }

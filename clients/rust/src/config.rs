@@ -236,7 +236,10 @@ mod tests {
         assert!(delays.iter().all(|d| *d >= Duration::from_millis(100)));
         assert!(delays.iter().all(|d| *d < Duration::from_millis(800)));
         let distinct: std::collections::HashSet<_> = delays.iter().collect();
-        assert!(distinct.len() > 10, "jitter makes delays differ: {delays:?}");
+        assert!(
+            distinct.len() > 10,
+            "jitter makes delays differ: {delays:?}"
+        );
     }
 
     #[test]
@@ -247,6 +250,9 @@ mod tests {
         let metadata = config.registration_metadata();
         assert_eq!(metadata["name"], "a");
         assert_eq!(metadata["role"], "tester");
-        assert_eq!(metadata["capabilities"], serde_json::json!(["instructions"]));
+        assert_eq!(
+            metadata["capabilities"],
+            serde_json::json!(["instructions"])
+        );
     }
 }

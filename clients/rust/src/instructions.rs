@@ -40,13 +40,9 @@ impl Ledger {
         if self.held.contains(instruction_id) {
             return Delivery::Held;
         }
-        remember(
-            &mut self.held_order,
-            instruction_id,
-            |evicted| {
-                self.held.remove(evicted);
-            },
-        );
+        remember(&mut self.held_order, instruction_id, |evicted| {
+            self.held.remove(evicted);
+        });
         self.held.insert(instruction_id.to_owned());
         Delivery::New
     }
@@ -54,7 +50,11 @@ impl Ledger {
     /// Records the application's acknowledgement `frame` of `instruction_id`.
     pub(crate) fn acknowledged(&mut self, instruction_id: &str, frame: &str) {
         self.held.remove(instruction_id);
-        if self.acks.insert(instruction_id.to_owned(), frame.to_owned()).is_none() {
+        if self
+            .acks
+            .insert(instruction_id.to_owned(), frame.to_owned())
+            .is_none()
+        {
             let (acks, resent) = (&mut self.acks, &mut self.resent);
             remember(&mut self.ack_order, instruction_id, |evicted| {
                 acks.remove(evicted);
@@ -105,6 +105,10 @@ mod tests {
         }
         assert_eq!(ledger.acks.len(), REMEMBERED);
         assert!(ledger.held.is_empty());
-        assert_eq!(ledger.arrived("0"), Delivery::New, "the oldest was forgotten");
+        assert_eq!(
+            ledger.arrived("0"),
+            Delivery::New,
+            "the oldest was forgotten"
+        );
     }
 }

@@ -172,31 +172,30 @@ async fn handle(
                 return Err(lost(None, "the server is shutting down".into()));
             }
         }
-        Incoming::Instruction(instruction) => match runner
-            .ledger
-            .arrived(&instruction.instruction_id)
-        {
-            Delivery::New => {
-                runner
-                    .shared
-                    .instructions_received
-                    .fetch_add(1, Ordering::Relaxed);
-                runner.emit(Event::Instruction(instruction)).await;
-            }
-            Delivery::Held => log::debug!(
-                "instruction {} delivered again (attempt {}) while the application holds it",
-                instruction.instruction_id,
-                instruction.attempt
-            ),
-            Delivery::Acknowledged(frame) => {
-                log::debug!(
-                    "instruction {} delivered again (attempt {}): acknowledging it again",
+        Incoming::Instruction(instruction) => {
+            match runner.ledger.arrived(&instruction.instruction_id) {
+                Delivery::New => {
+                    runner
+                        .shared
+                        .instructions_received
+                        .fetch_add(1, Ordering::Relaxed);
+                    runner.emit(Event::Instruction(instruction)).await;
+                }
+                Delivery::Held => log::debug!(
+                    "instruction {} delivered again (attempt {}) while the application holds it",
                     instruction.instruction_id,
                     instruction.attempt
-                );
-                ws.send(WsMessage::text(frame)).await.map_err(write)?;
+                ),
+                Delivery::Acknowledged(frame) => {
+                    log::debug!(
+                        "instruction {} delivered again (attempt {}): acknowledging it again",
+                        instruction.instruction_id,
+                        instruction.attempt
+                    );
+                    ws.send(WsMessage::text(frame)).await.map_err(write)?;
+                }
             }
-        },
+        }
         Incoming::Error(error) => {
             let expected = error.code == ErrorCode::InstructionFinished
                 && error
