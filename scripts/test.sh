@@ -12,6 +12,8 @@
 #   - tansu (a Kafka-compatible broker) installed with cargo and listening on
 #     127.0.0.1:9092 (its build is cached in ~/.cargo/bin);
 #   - a Python venv in .venv with openagents==0.5.1 for the compatibility test;
+#   - a Python venv in .venv-clients with the client library (`pip install ./clients/python`,
+#     reinstalled every run) and its test tools (pytest, ruff, mypy);
 #   - Debian's chromium and chromium-driver for the dashboard test (tests/dashboard.rs);
 #   - Debian's prometheus (server and promtool) for the metrics tests (tests/observability.rs).
 set -euo pipefail
@@ -85,6 +87,17 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openagents' 2>/dev
 fi
 export TETHER_TEST_PYTHON="$root/.venv/bin/python"
 
+# --- The Python client library (tether-agent) and its test tools ---
+if [ ! -x .venv-clients/bin/python ] || ! .venv-clients/bin/python -c 'import pytest, mypy, ruff' 2>/dev/null; then
+  log "creating .venv-clients with clients/python's test tools"
+  python3 -m venv .venv-clients
+  .venv-clients/bin/pip install -q --disable-pip-version-check -r clients/python/requirements-test.txt >&2
+fi
+# Installed as a user would (not editable), so every run checks that `pip install` works.
+.venv-clients/bin/pip install -q --disable-pip-version-check --force-reinstall --no-deps ./clients/python >&2
+.venv-clients/bin/pip install -q --disable-pip-version-check ./clients/python >&2
+export TETHER_TEST_CLIENT_PYTHON="$root/.venv-clients/bin/python"
+
 # --- Headless Chromium for the dashboard test (Debian's packages, never a downloaded browser) ---
 command -v chromedriver >/dev/null || apt_install chromium chromium-driver
 export TETHER_TEST_CHROMEDRIVER=/usr/bin/chromedriver
@@ -97,9 +110,19 @@ if [ $# -eq 0 ]; then
   # The benchmark harness in its smoke configuration (a few hundred agents, seconds),
   # so it cannot rot; it asserts no speed, only that every workload could run.
   log "building, then running the benchmark smoke run"
-  cargo build --workspace --bins >&2
+  cargo build --workspace --bins --examples >&2
   target/debug/tether-bench smoke --out target/bench-smoke.md >&2
 fi
 
 log "running cargo test"
-exec cargo test --workspace "$@"
+cargo test --workspace "$@"
+
+if [ $# -eq 0 ]; then
+  # The Python client library: its tests against the server binary (and the Rust
+  # client's echo example as its peer), then its linters.
+  log "running the Python client library's tests, ruff and mypy --strict"
+  TETHER_BIN="$root/target/debug/tether" TETHER_RUST_ECHO="$root/target/debug/examples/echo" \
+    .venv-clients/bin/python -m pytest -q clients/python/tests
+  .venv-clients/bin/ruff check clients/python
+  .venv-clients/bin/mypy --strict clients/python/src clients/python/tests clients/python/examples
+fi
