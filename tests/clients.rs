@@ -430,3 +430,43 @@ async fn an_agent_replaced_by_another_connection_stops_and_says_why() {
     assert!(matches!(error, tether_client::Error::Stopped(_)), "{error}");
     second.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_clustered_agent_follows_reconnect_url_when_its_node_shuts_down() {
+    let (_prefix, mut nodes) = common::cluster::cluster(2, "10").await;
+    let mut agent = connect(quick(AgentConfig::new(nodes[0].ws_url(), "mover"))).await;
+    nodes[0].signal("TERM");
+    let notice = next_matching(&mut agent, |e| match e {
+        Event::Notification(n) => Some(n),
+        _ => None,
+    })
+    .await;
+    let other_port = nodes[1].addr.rsplit_once(':').unwrap().1.to_owned();
+    let reconnect_url = notice.reconnect_url.clone().expect("a reconnect_url");
+    assert!(reconnect_url.contains(&other_port), "{notice:?}");
+    next_matching(&mut agent, |e| match e {
+        Event::Reconnected(r) => Some(r),
+        _ => None,
+    })
+    .await;
+    assert_eq!(nodes[0].wait_exit().await, Some(0));
+    // The configured URL is gone: the agent is on the other node.
+    let witness = connect(AgentConfig::new(nodes[1].ws_url(), "witness")).await;
+    witness.send_direct("mover", json!("here")).await.unwrap();
+    let message = next_matching(&mut agent, |e| match e {
+        Event::Message(m) => Some(m),
+        _ => None,
+    })
+    .await;
+    assert_eq!(message.content, json!("here"));
+    let mover = nodes[1].get_json("/agents/mover").await;
+    let witness_seen = nodes[1].get_json("/agents/witness").await;
+    assert!(mover["node_id"].is_string(), "{mover}");
+    assert_eq!(
+        mover["node_id"], witness_seen["node_id"],
+        "on the other node"
+    );
+    assert_eq!(agent.stats().reconnects, 1, "straight to reconnect_url");
+    agent.close().await.unwrap();
+    witness.close().await.unwrap();
+}
