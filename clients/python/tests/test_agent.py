@@ -9,8 +9,10 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import stat
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -361,3 +363,49 @@ async def test_gives_up_after_max_attempts(server: Server, agents: list[Agent]) 
     last = await next_of(agent, Disconnected)
     assert not last.reconnecting and "gave up" in last.reason
     assert await asyncio.wait_for(agent.next_event(), DEADLINE) is None
+
+
+async def test_follows_reconnect_url_when_its_clustered_node_shuts_down(
+    start_server: ServerFactory, agents: list[Agent]
+) -> None:
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=2).close()
+    except OSError:
+        pytest.fail("this test needs Redis on 127.0.0.1:6379 (scripts/test.sh starts it)")
+    cluster = {
+        "TETHER__CLUSTER__ENABLED": "true",
+        "TETHER__CLUSTER__REDIS_URL": "redis://127.0.0.1:6379",
+        "TETHER__CLUSTER__PREFIX": f"tether-py-{uuid.uuid4().hex}",
+        "TETHER__CLUSTER__NODE_LEASE": "10",
+    }
+    first = await start_server(**cluster)
+    second = await start_server(**cluster)
+    for node in (first, second):  # both are live members before the move
+        await wait_until_ready(node)
+    mover = await connect(agents, first.ws_url, "mover")
+
+    stopping = asyncio.create_task(first.stop())
+    notice = await next_of(mover, Notification, lambda n: n.event == "network_shutdown")
+    assert notice.reconnect_url is not None and f":{second.port}/" in notice.reconnect_url
+    await next_of(mover, Reconnected)
+    assert await stopping == 0
+    assert mover.stats.reconnects == 1, "straight to reconnect_url"
+
+    witness = await connect(agents, second.ws_url, "witness")
+    await witness.send_direct("mover", "here")
+    got = await next_of(mover, Message)
+    assert (got.sender_id, got.content) == ("witness", "here")
+    _, shown = await second.http("GET", "/agents/mover")
+    _, witness_shown = await second.http("GET", "/agents/witness")
+    assert shown["node_id"] == witness_shown["node_id"], (shown, witness_shown)
+
+
+async def wait_until_ready(server: Server) -> None:
+    """Wait until ``GET /readyz`` answers 200 (a clustered node: a live member)."""
+
+    async def ready() -> None:
+        # A condition on another process, polled: no event to wait on.
+        while (await server.http("GET", "/readyz"))[0] != 200:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(ready(), DEADLINE)
