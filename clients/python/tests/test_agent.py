@@ -227,25 +227,39 @@ async def test_survives_a_server_restart(server: Server, agents: list[Agent]) ->
     assert (got.message_id, got.sender_id, got.content) == (mid, "after-restart", "welcome back")
 
 
+async def worker_with_instruction(
+    agents: list[Agent], server: Server, url: str, agent_id: str, payload: Any
+) -> tuple[Agent, Instruction]:
+    """Connect a worker through ``url`` and return it with an instruction it received.
+
+    The worker takes instructions and notices a dead connection within a second.
+    """
+    worker = await connect(
+        agents,
+        url,
+        agent_id,
+        capabilities=[INSTRUCTIONS_CAPABILITY],
+        keepalive=Keepalive(idle=0.3, timeout=0.5),
+    )
+    status, created = await server.http(
+        "POST", f"/agents/{agent_id}/instructions", {"payload": payload}
+    )
+    assert status == 201, created
+    instruction = await next_of(worker, Instruction)
+    assert instruction.instruction_id == created["instruction_id"]
+    return worker, instruction
+
+
 async def test_acknowledges_an_instruction_once_across_a_reconnect(
     server: Server, start_proxy: ProxyFactory, agents: list[Agent]
 ) -> None:
     proxy = await start_proxy(server)
     log = await EventLog.open(server)
-    worker = await connect(
-        agents,
-        proxy.ws_url,
-        "worker",
-        capabilities=[INSTRUCTIONS_CAPABILITY],
-        keepalive=Keepalive(idle=0.3, timeout=0.5),
+    worker, instruction = await worker_with_instruction(
+        agents, server, proxy.ws_url, "worker", {"task": "count"}
     )
-    status, created = await server.http(
-        "POST", "/agents/worker/instructions", {"payload": {"task": "count"}}
-    )
-    assert status == 201, created
-    iid = created["instruction_id"]
-    instruction = await next_of(worker, Instruction)
-    assert (instruction.instruction_id, instruction.attempt) == (iid, 1)
+    iid = instruction.instruction_id
+    assert instruction.attempt == 1
     assert instruction.payload == {"task": "count"}
 
     proxy.freeze()
@@ -312,20 +326,10 @@ async def test_an_ack_made_while_disconnected_waits_for_the_next_connection(
 ) -> None:
     proxy = await start_proxy(server)
     log = await EventLog.open(server)
-    worker = await connect(
-        agents,
-        proxy.ws_url,
-        "offline-worker",
-        capabilities=[INSTRUCTIONS_CAPABILITY],
-        keepalive=Keepalive(idle=0.3, timeout=0.5),
+    worker, instruction = await worker_with_instruction(
+        agents, server, proxy.ws_url, "offline-worker", [1, 2]
     )
-    status, created = await server.http(
-        "POST", "/agents/offline-worker/instructions", {"payload": [1, 2]}
-    )
-    assert status == 201, created
-    iid = created["instruction_id"]
-    instruction = await next_of(worker, Instruction)
-    assert instruction.instruction_id == iid
+    iid = instruction.instruction_id
 
     proxy.pause()
     proxy.freeze()
