@@ -3,8 +3,10 @@
 
 mod common;
 
-use common::takeover::{assert_replaced, certificate, claim, register_with};
-use common::{agent_events, Agent, EventStream, TestServer};
+use common::takeover::{
+    assert_replaced, assert_takeover_events, certificate, claim, register_with,
+};
+use common::{Agent, EventStream, TestServer};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -15,47 +17,6 @@ async fn validate(agent: &mut Agent, certificate: &Value) -> Value {
                         "certificate": certificate}),
         )
         .await
-}
-
-/// The old incarnation's end and the new one's start, exactly, in order.
-fn assert_takeover_events(events: &[Value], agent_id: &str, proof: &str, new_session: &str) {
-    assert_eq!(
-        agent_events(events, agent_id),
-        vec![
-            ("agent.registered".into(), 1, 1),
-            ("agent.replaced".into(), 1, 2),
-            ("agent.disconnected".into(), 1, 3),
-            ("agent.cleaned_up".into(), 1, 4),
-            ("agent.registered".into(), 2, 1),
-        ],
-        "lifecycle events of {agent_id}"
-    );
-    let find = |kind: &str| {
-        events
-            .iter()
-            .find(|e| e["type"] == kind && e["subject"] == agent_id)
-            .unwrap()
-    };
-    let replaced = find("agent.replaced");
-    assert_eq!(replaced["data"]["by_incarnation"], 2, "{replaced}");
-    assert_eq!(replaced["data"]["by_session_id"], new_session, "{replaced}");
-    assert_eq!(replaced["data"]["proof"], proof, "{replaced}");
-    let disconnected = find("agent.disconnected");
-    assert_eq!(disconnected["data"]["reason"], "replaced", "{disconnected}");
-    assert_eq!(disconnected["data"]["close_code"], 4001, "{disconnected}");
-    let registered = events
-        .iter()
-        .find(|e| {
-            e["type"] == "agent.registered"
-                && e["subject"] == agent_id
-                && e["data"]["incarnation"] == 2
-        })
-        .unwrap();
-    assert_eq!(registered["data"]["takeover"], proof, "{registered}");
-    assert_eq!(
-        registered["data"]["session_id"], new_session,
-        "{registered}"
-    );
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! Takeover helpers shared by the single-node and the cluster takeover tests: claiming
 //! a certificate, registering with extra fields, and the replaced connection's end.
 
-use super::{Agent, Closed};
+use super::{agent_events, Agent, Closed};
 use serde_json::{json, Value};
 
 /// Claims `agent_id` on `agent`'s socket and returns the whole response.
@@ -43,4 +43,45 @@ pub async fn assert_replaced(old: &mut Agent, agent_id: &str) {
     assert_eq!(notice["agent_id"], agent_id, "{notice}");
     assert!(notice["message"].as_str().is_some_and(|m| !m.is_empty()));
     assert_eq!(old.closed().await, Closed::Code(4001));
+}
+
+/// The old incarnation's end and the new one's start, exactly, in order.
+pub fn assert_takeover_events(events: &[Value], agent_id: &str, proof: &str, new_session: &str) {
+    assert_eq!(
+        agent_events(events, agent_id),
+        vec![
+            ("agent.registered".into(), 1, 1),
+            ("agent.replaced".into(), 1, 2),
+            ("agent.disconnected".into(), 1, 3),
+            ("agent.cleaned_up".into(), 1, 4),
+            ("agent.registered".into(), 2, 1),
+        ],
+        "lifecycle events of {agent_id}"
+    );
+    let find = |kind: &str| {
+        events
+            .iter()
+            .find(|e| e["type"] == kind && e["subject"] == agent_id)
+            .unwrap()
+    };
+    let replaced = find("agent.replaced");
+    assert_eq!(replaced["data"]["by_incarnation"], 2, "{replaced}");
+    assert_eq!(replaced["data"]["by_session_id"], new_session, "{replaced}");
+    assert_eq!(replaced["data"]["proof"], proof, "{replaced}");
+    let disconnected = find("agent.disconnected");
+    assert_eq!(disconnected["data"]["reason"], "replaced", "{disconnected}");
+    assert_eq!(disconnected["data"]["close_code"], 4001, "{disconnected}");
+    let registered = events
+        .iter()
+        .find(|e| {
+            e["type"] == "agent.registered"
+                && e["subject"] == agent_id
+                && e["data"]["incarnation"] == 2
+        })
+        .unwrap();
+    assert_eq!(registered["data"]["takeover"], proof, "{registered}");
+    assert_eq!(
+        registered["data"]["session_id"], new_session,
+        "{registered}"
+    );
 }
