@@ -392,10 +392,15 @@ fn validate_cluster(s: &Settings) -> Result<(), ConfigError> {
             "must be non-empty, without braces or spaces",
         ));
     }
-    if !cluster.redis_url.starts_with("redis://") && !cluster.redis_url.starts_with("rediss://") {
+    let url = cluster.redis_url.as_str();
+    let seeds = url.strip_prefix(tether_actors::cluster::CLUSTER_SCHEME);
+    if seeds.is_some_and(|seeds| seeds.trim_matches(['/', ',', ' ']).is_empty())
+        || seeds.is_none() && !url.starts_with("redis://") && !url.starts_with("rediss://")
+    {
         return Err(invalid(
             "cluster.redis_url",
-            "must be a redis:// or rediss:// URL",
+            "must be a redis:// or rediss:// URL (one Redis), or \
+             redis+cluster://host:port,host:port (the seed nodes of a Redis Cluster)",
         ));
     }
     if !cluster.advertise_url.is_empty()

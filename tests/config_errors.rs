@@ -128,6 +128,25 @@ fn a_port_out_of_range_is_refused() {
 }
 
 #[test]
+fn a_cluster_redis_url_that_names_no_redis_is_refused() {
+    for url in [
+        "http://127.0.0.1:6379",
+        "redis+cluster://",
+        "redis+cluster://,",
+    ] {
+        assert_refused(
+            &[
+                ("TETHER__CLUSTER__ENABLED", "true"),
+                ("TETHER__CLUSTER__REDIS_URL", url),
+                ("TETHER__IDENTITY__SECRET", "a-secret"),
+            ],
+            &[],
+            "cluster.redis_url",
+        );
+    }
+}
+
+#[test]
 fn a_non_loopback_bind_without_an_admin_token_is_refused() {
     assert_refused(&[("TETHER__NETWORK__HOST", "0.0.0.0")], &[], "admin.token");
 }

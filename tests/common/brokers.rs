@@ -570,3 +570,111 @@ pub async fn tether_events(args: &[&str], env: &[(&str, &str)], n: usize) -> Vec
         .map(|l| serde_json::from_str(l).expect("tether events printed a line that is not JSON"))
         .collect()
 }
+
+/// A Redis Cluster the test owns: three masters (no replicas) on free ports, each a
+/// `redis-server` with `cluster-enabled`, joined with `redis-cli --cluster create`.
+pub struct RedisClusterProcesses {
+    /// The masters' ports.
+    pub ports: Vec<u16>,
+    _dirs: Vec<TempDir>,
+    children: Vec<Child>,
+}
+
+impl RedisClusterProcesses {
+    /// Starts the three masters, creates the cluster, and waits until every node says
+    /// `cluster_state:ok`.
+    pub fn start() -> Self {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut dirs = Vec::new();
+        let mut children = Vec::new();
+        for port in &ports {
+            let dir = TempDir::new("tether-redis-cluster");
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--cluster-config-file")
+                .arg(dir.0.join("nodes.conf"))
+                .arg("--dir")
+                .arg(&dir.0)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect(
+                    "cannot start redis-server: is Redis installed? (scripts/test.sh installs it)",
+                );
+            children.push(child);
+            dirs.push(dir);
+        }
+        for port in &ports {
+            wait_listening(*port, "redis-server", DEADLINE).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("cannot run redis-cli (it comes with redis-server)");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        let cluster = Self {
+            ports,
+            _dirs: dirs,
+            children,
+        };
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while !cluster.ports.iter().all(|port| {
+            cluster
+                .cli(*port, &["cluster", "info"])
+                .contains("cluster_state:ok")
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the Redis Cluster never became ok"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        cluster
+    }
+
+    /// `redis+cluster://` with every master as a seed.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// What `redis-cli -p <port> <args>` prints.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("cannot run redis-cli");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+impl Drop for RedisClusterProcesses {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

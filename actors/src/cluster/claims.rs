@@ -2,13 +2,13 @@
 //! releasing it, recording an incarnation's progress, and reading back the
 //! incarnation of an id whose holder is gone.
 
+use super::RedisLink;
 use super::{scripts, Claim, ClaimOutcome, ClusterUnavailable, Keys, Progress, Release};
 use crate::bus::Publish;
 use crate::clock::epoch_secs;
 use crate::event::{AgentEvent, EventSource, LifecycleEvent, CLEANUP_STEPS};
 use crate::routes::Routes;
 use actix::prelude::*;
-use redis::aio::ConnectionManager;
 use redis::Value as Reply;
 use serde_json::value::RawValue;
 use std::sync::Arc;
@@ -95,7 +95,7 @@ impl Orphan {
 
 /// Runs [`scripts::CLAIM`] for `msg.agent_id` with `lost` as the holder known lost.
 async fn run_claim(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisLink,
     keys: &Keys,
     member: &str,
     msg: &Claim,
@@ -125,7 +125,7 @@ async fn run_claim(
 /// Claims an id: free, ours, or taken from a member whose lease is gone (whose
 /// incarnation's end is published here, before the claim is answered).
 pub(super) async fn claim(
-    mut redis: ConnectionManager,
+    mut redis: RedisLink,
     keys: Keys,
     member: Arc<str>,
     events: Recipient<Publish>,
@@ -173,7 +173,7 @@ pub(super) async fn claim(
 
 /// Frees an id this member held (the incarnation that ended only).
 pub(super) async fn release(
-    mut redis: ConnectionManager,
+    mut redis: RedisLink,
     keys: Keys,
     member: Arc<str>,
     msg: Release,
@@ -204,7 +204,7 @@ pub(super) async fn release(
 /// member still holds that incarnation, and left off the member's list unless this
 /// node holds the id again.
 pub(super) async fn release_again(
-    mut redis: ConnectionManager,
+    mut redis: RedisLink,
     keys: Keys,
     member: Arc<str>,
     routes: Arc<Routes>,
@@ -233,12 +233,7 @@ pub(super) async fn release_again(
 }
 
 /// Records an incarnation's last seq.
-pub(super) async fn progress(
-    mut redis: ConnectionManager,
-    keys: Keys,
-    member: Arc<str>,
-    msg: Progress,
-) {
+pub(super) async fn progress(mut redis: RedisLink, keys: Keys, member: Arc<str>, msg: Progress) {
     let result = redis::cmd("EVAL")
         .arg(scripts::PROGRESS)
         .arg(1)
@@ -258,7 +253,7 @@ pub(super) async fn progress(
 
 /// The member holding `agent_id` in Redis (live or lost), if any.
 pub(super) async fn holder(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisLink,
     keys: &Keys,
     agent_id: &str,
 ) -> Result<Option<String>, ClusterUnavailable> {
@@ -272,7 +267,7 @@ pub(super) async fn holder(
 
 /// The live member other than `me` holding `agent_id`, if any.
 pub(super) async fn held_elsewhere(
-    mut redis: ConnectionManager,
+    mut redis: RedisLink,
     keys: Keys,
     me: Arc<str>,
     agent_id: Arc<str>,

@@ -25,12 +25,12 @@
 //!   forget the holder remembered for `target`.
 
 use super::claims::unavailable;
+use super::RedisLink;
 use super::{Cluster, ClusterUnavailable, Keys};
 use crate::outbound::OutFrame;
 use crate::protocol::{self, ErrorCode, ProtocolError};
 use crate::routes::Routes;
 use actix::prelude::*;
-use redis::aio::ConnectionManager;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -131,7 +131,7 @@ fn error_to(routes: &Routes, sender_id: &str, error: &ProtocolError, message_id:
 }
 
 async fn publish(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisLink,
     channel: String,
     payload: String,
 ) -> Result<bool, redis::RedisError> {
@@ -144,7 +144,7 @@ async fn publish(
 }
 
 async fn holder(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisLink,
     keys: &Keys,
     agent_id: &str,
 ) -> Result<Option<String>, redis::RedisError> {
@@ -172,7 +172,7 @@ enum Forwarded {
 /// and shared with it (the remembered holders).
 #[derive(Debug)]
 pub struct DirectLine {
-    client: redis::Client,
+    target: super::RedisTarget,
     /// The Redis address, which names this thread's connection in `LINES`.
     url: String,
     keys: Keys,
@@ -184,19 +184,19 @@ pub struct DirectLine {
 
 thread_local! {
     /// This thread's connections to Redis, by URL (one per worker thread).
-    static LINES: RefCell<HashMap<String, ConnectionManager>> = RefCell::new(HashMap::new());
+    static LINES: RefCell<HashMap<String, RedisLink>> = RefCell::new(HashMap::new());
 }
 
 impl DirectLine {
     pub(super) fn new(
-        client: redis::Client,
+        target: super::RedisTarget,
         keys: Keys,
         member: Arc<str>,
         routes: Arc<Routes>,
     ) -> Self {
         Self {
-            url: client.get_connection_info().addr.to_string(),
-            client,
+            url: target.url().to_owned(),
+            target,
             keys,
             member: RwLock::new(member),
             live: AtomicBool::new(false),
@@ -226,11 +226,11 @@ impl DirectLine {
 
     /// This thread's connection to Redis (made on first use, with the cluster's
     /// timeouts).
-    async fn connection(&self) -> Result<ConnectionManager, ClusterUnavailable> {
+    async fn connection(&self) -> Result<RedisLink, ClusterUnavailable> {
         if let Some(line) = LINES.with(|lines| lines.borrow().get(&self.url).cloned()) {
             return Ok(line);
         }
-        let line = super::connect(self.client.clone()).await?;
+        let line = super::connect(self.target.clone()).await?;
         LINES.with(|lines| lines.borrow_mut().insert(self.url.clone(), line.clone()));
         Ok(line)
     }
@@ -364,7 +364,7 @@ impl Handler<Reforward> for Cluster {
 }
 
 /// Answers `crossing`'s sender `unknown_agent` through its member.
-pub(super) async fn bounce(redis: &mut ConnectionManager, keys: &Keys, crossing: &Crossing) {
+pub(super) async fn bounce(redis: &mut RedisLink, keys: &Keys, crossing: &Crossing) {
     let error = protocol::error_frame(&crossing.unknown(), Some(&crossing.message_id));
     let payload = format!(
         "bounce\n{}\n{}\n{}",

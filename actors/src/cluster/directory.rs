@@ -9,9 +9,9 @@
 //! (`O(agents)` per page): it is for admins and dashboards, not for every agent.
 
 use super::claims::{holder, unavailable};
+use super::RedisLink;
 use super::{Cluster, ClusterUnavailable, Keys};
 use actix::prelude::*;
-use redis::aio::ConnectionManager;
 use redis::Value as Reply;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -117,7 +117,7 @@ pub struct RemoveHeld(pub String);
 
 /// The live members (id → description), from the members hash and their leases.
 async fn live_members(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisLink,
     keys: &Keys,
 ) -> Result<Vec<NodeInfo>, ClusterUnavailable> {
     let members: Vec<String> = redis::cmd("HKEYS")
@@ -156,7 +156,7 @@ async fn live_members(
 /// Reads the claims of `ids` (id, member that should hold it); keeps those the member
 /// holds.
 async fn read_claims(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisLink,
     keys: &Keys,
     ids: &[(String, &NodeInfo)],
 ) -> Result<Vec<HeldAgent>, ClusterUnavailable> {
@@ -196,7 +196,7 @@ fn rfc3339(epoch_secs: f64) -> String {
 }
 
 async fn list_held(
-    mut redis: ConnectionManager,
+    mut redis: RedisLink,
     keys: Keys,
     msg: ListHeld,
 ) -> Result<(Vec<HeldAgent>, bool), ClusterUnavailable> {
@@ -231,7 +231,7 @@ async fn list_held(
 }
 
 async fn get_held(
-    mut redis: ConnectionManager,
+    mut redis: RedisLink,
     keys: Keys,
     agent_id: String,
 ) -> Result<Option<HeldAgent>, ClusterUnavailable> {

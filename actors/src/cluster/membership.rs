@@ -3,11 +3,11 @@
 
 use super::claims::{release_again, Orphan};
 use super::directory::NodeInfo;
+use super::RedisLink;
 use super::{scripts, Cluster, Keys, Standing, RESPONSE_TIMEOUT};
 use crate::bus::Publish;
 use crate::event::EventSource;
 use actix::prelude::*;
-use redis::aio::ConnectionManager;
 use redis::Value as Reply;
 
 use std::collections::HashMap;
@@ -16,7 +16,7 @@ use std::time::Instant;
 
 /// Ends the agents of `lost` once, if this node wins the right to.
 async fn reap(
-    mut redis: ConnectionManager,
+    mut redis: RedisLink,
     keys: Keys,
     reaper: Arc<str>,
     lost: String,
@@ -76,7 +76,7 @@ async fn reap(
 
 /// The members of `members` (id → description) whose lease is gone.
 async fn lost_members(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisLink,
     keys: &Keys,
     me: &str,
 ) -> Result<Vec<String>, redis::RedisError> {
@@ -102,7 +102,7 @@ async fn lost_members(
 
 /// Takes (`joining`) or refreshes the lease of `member`, describing it as `info`.
 pub(super) async fn renew_lease(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisLink,
     keys: &Keys,
     member: &str,
     info: &str,
@@ -131,7 +131,7 @@ pub(super) async fn renew_lease(
 
 /// Ends the agents of every member whose lease is gone (those this node wins).
 async fn reap_lost(
-    mut redis: ConnectionManager,
+    mut redis: RedisLink,
     keys: Keys,
     reaper: Arc<str>,
     lease_ms: u64,
@@ -200,7 +200,7 @@ impl Cluster {
         }
         let Some(mut redis) = self.redis.clone() else {
             self.busy = true;
-            let client = self.client.clone();
+            let client = self.target.clone();
             let connect = super::connect(client);
             ctx.spawn(
                 fut::wrap_future(connect).map(|connected, act: &mut Self, ctx| {
@@ -307,7 +307,7 @@ impl Cluster {
         );
         self.joins += 1;
         let subscriber = super::crossing::subscribe(
-            self.client.clone(),
+            self.target.pubsub_client().clone(),
             self.keys.clone(),
             self.member.clone(),
             self.direct.clone(),

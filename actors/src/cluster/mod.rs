@@ -19,6 +19,7 @@ mod crossing;
 mod direct;
 mod directory;
 mod keys;
+mod link;
 mod membership;
 mod recovery;
 mod scripts;
@@ -28,6 +29,7 @@ pub use crossing::Spread;
 pub use direct::{DirectLine, Forward, HOLDER_TTL};
 pub use directory::{ClusterNodes, GetHeld, HeldAgent, ListHeld, NodeInfo, RemoveHeld};
 pub use keys::Keys;
+pub use link::{RedisLink, RedisTarget, CLUSTER_SCHEME};
 pub use takeover::{Answer, HandOver, HandoverRequest, TakeOver, Transfer};
 
 use crate::bus::{Publish, SettleAll};
@@ -36,14 +38,13 @@ use crate::protocol::{ErrorCode, ProtocolError};
 use crate::routes::Routes;
 use crate::settings::{secs, ClusterSettings};
 use actix::prelude::*;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Longest a Redis command may take before the cluster counts Redis as unreachable.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Redis could not be reached, or this node is not a live member right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,8 +145,8 @@ pub struct Cluster {
     member: Arc<str>,
     joins: u32,
     standing: Standing,
-    client: redis::Client,
-    redis: Option<ConnectionManager>,
+    target: RedisTarget,
+    redis: Option<RedisLink>,
     routes: Arc<Routes>,
     events: Recipient<Publish>,
     source: EventSource,
@@ -185,11 +186,11 @@ impl Cluster {
         settle: Recipient<SettleAll>,
         source: EventSource,
     ) -> Result<Self, ClusterUnavailable> {
-        let client = redis::Client::open(settings.redis_url.as_str()).map_err(|e| {
+        let target = RedisTarget::open(&settings.redis_url, RESPONSE_TIMEOUT).map_err(|e| {
             ClusterUnavailable(format!("cluster.redis_url is not a usable Redis URL: {e}"))
         })?;
         let direct = Arc::new(DirectLine::new(
-            client.clone(),
+            target.clone(),
             Keys::new(&settings.prefix),
             node_id.into(),
             routes.clone(),
@@ -200,7 +201,7 @@ impl Cluster {
             member: node_id.into(),
             joins: 0,
             standing: Standing::Outside,
-            client,
+            target,
             redis: None,
             routes,
             events,
@@ -233,7 +234,7 @@ impl Cluster {
     }
 
     /// The connection to Redis, if this node is a live member.
-    fn live(&self) -> Result<ConnectionManager, ClusterUnavailable> {
+    fn live(&self) -> Result<RedisLink, ClusterUnavailable> {
         match (&self.redis, self.standing) {
             (Some(redis), Standing::Member { .. }) => Ok(redis.clone()),
             _ => Err(ClusterUnavailable(
@@ -266,18 +267,9 @@ impl Cluster {
     }
 }
 
-/// Connects to Redis with the cluster's timeouts.
-pub(crate) async fn connect(
-    client: redis::Client,
-) -> Result<ConnectionManager, ClusterUnavailable> {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(RESPONSE_TIMEOUT)
-        .set_response_timeout(RESPONSE_TIMEOUT)
-        .set_number_of_retries(1)
-        .set_max_delay(200);
-    ConnectionManager::new_with_config(client, config)
-        .await
-        .map_err(|e| ClusterUnavailable(format!("cannot connect to the cluster's Redis: {e}")))
+/// Connects to the cluster's Redis with the cluster's timeouts.
+pub(crate) async fn connect(target: RedisTarget) -> Result<RedisLink, ClusterUnavailable> {
+    target.connect(RESPONSE_TIMEOUT).await
 }
 
 /// Introduces the registry (once it exists): told when the lease is lost and when
@@ -310,7 +302,7 @@ impl Actor for Cluster {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(usize::MAX >> 4);
-        let client = self.client.clone();
+        let client = self.target.clone();
         ctx.wait(
             fut::wrap_future(connect(client)).map(|connected, act: &mut Self, _| match connected {
                 Ok(redis) => act.redis = Some(redis),

@@ -20,10 +20,10 @@
 //! Redis with persistence where incarnations must only grow across such a loss.
 
 use super::membership::{renew_lease, LeaseCheck};
+use super::RedisLink;
 use super::{scripts, Cluster, Keys, Standing};
 use crate::registry::{ClaimsReasserted, HeldClaim, HeldClaims};
 use actix::prelude::*;
-use redis::aio::ConnectionManager;
 use redis::Value as Reply;
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,7 +33,7 @@ const CHUNK: usize = 256;
 
 /// Takes the lease again under `member`, then claims every agent of `held` again.
 async fn reassert(
-    mut redis: ConnectionManager,
+    mut redis: RedisLink,
     keys: Keys,
     member: Arc<str>,
     info: String,

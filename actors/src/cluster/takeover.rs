@@ -22,13 +22,13 @@
 //! waiting releases the id again.
 
 use super::claims::{self, unavailable};
+use super::RedisLink;
 use super::{Claim, ClaimOutcome, Cluster, ClusterUnavailable, Keys, Release};
 use crate::bus::{Publish, SettleAll};
 use crate::clock::epoch_secs;
 use crate::event::EventSource;
 use crate::settings::secs;
 use actix::prelude::*;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -134,7 +134,7 @@ pub(super) fn payload<T: Serialize>(kind: &str, body: &T) -> String {
 
 /// Everything B's side of a takeover needs, off the actor.
 struct Asker {
-    redis: ConnectionManager,
+    redis: RedisLink,
     keys: Keys,
     member: Arc<str>,
     events: Recipient<Publish>,

@@ -8,9 +8,9 @@
 
 use super::Dispatcher;
 use crate::cluster::Keys;
+use crate::cluster::{RedisLink, RedisTarget};
 use actix::prelude::*;
 use futures_util::StreamExt;
-use redis::aio::ConnectionManager;
 use std::time::Duration;
 
 /// Work one node announces to every node.
@@ -42,18 +42,18 @@ impl Notice {
 
 /// This node's line to the other nodes' dispatchers.
 pub struct Notices {
-    client: redis::Client,
+    target: RedisTarget,
     channel: String,
-    line: Option<ConnectionManager>,
+    line: Option<RedisLink>,
 }
 
 impl Notices {
     /// Notices on the Redis at `redis_url`, under the cluster's `prefix`.
     pub fn new(redis_url: &str, prefix: &str) -> Result<Self, String> {
-        let client = redis::Client::open(redis_url)
+        let target = RedisTarget::open(redis_url, crate::cluster::RESPONSE_TIMEOUT)
             .map_err(|e| format!("cluster.redis_url {redis_url:?}: {e}"))?;
         Ok(Self {
-            client,
+            target,
             channel: Keys::new(prefix).work(),
             line: None,
         })
@@ -67,15 +67,15 @@ impl Dispatcher {
         let Some(notices) = &mut self.notices else {
             return;
         };
-        let (client, channel, line) = (
-            notices.client.clone(),
+        let (target, channel, line) = (
+            notices.target.clone(),
             notices.channel.clone(),
             notices.line.clone(),
         );
         let publish = async move {
             let mut line = match line {
                 Some(line) => line,
-                None => crate::cluster::connect(client).await.map_err(|e| e.0)?,
+                None => crate::cluster::connect(target).await.map_err(|e| e.0)?,
             };
             redis::cmd("PUBLISH")
                 .arg(channel)
@@ -105,7 +105,7 @@ impl Dispatcher {
             return;
         };
         let (client, channel, me) = (
-            notices.client.clone(),
+            notices.target.pubsub_client().clone(),
             notices.channel.clone(),
             ctx.address(),
         );
