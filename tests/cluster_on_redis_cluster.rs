@@ -20,7 +20,7 @@ async fn nodes_on(redis: &RedisClusterProcesses, n: usize, lease: &str) -> Vec<T
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_on_a_redis_cluster_route_list_race_and_take_over() {
-    let redis = RedisClusterProcesses::start();
+    let redis = RedisClusterProcesses::start(0);
     let nodes = nodes_on(&redis, 2, "4").await;
     let ids: Vec<String> = (0..20).map(|n| format!("agent-{n}")).collect();
     let mut agents = Vec::new();
@@ -75,7 +75,13 @@ async fn nodes_on_a_redis_cluster_route_list_race_and_take_over() {
         .request(json!({"type":"system_request","command":"register_agent",
                         "agent_id":"agent-0","force_reconnect":true}))
         .await;
-    assert_eq!(answer["success"], true, "{answer}");
+    assert_eq!(
+        answer["success"],
+        true,
+        "{answer}\nnode 0:\n{}\nnode 1:\n{}",
+        nodes[0].logs(),
+        nodes[1].logs()
+    );
     assert_eq!(answer["incarnation"], 2, "{answer}");
     let closed = agents[0].closed().await;
     assert!(matches!(closed, Closed::Code(4001)), "{closed:?}");
@@ -86,7 +92,7 @@ async fn nodes_on_a_redis_cluster_route_list_race_and_take_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_on_a_redis_cluster_has_its_agents_ended_by_the_survivor() {
-    let redis = RedisClusterProcesses::start();
+    let redis = RedisClusterProcesses::start(0);
     let mut nodes = nodes_on(&redis, 2, "2").await;
     let mut events = EventStream::subscribe(&nodes[1], None).await;
     let mut held = Vec::new();
@@ -126,4 +132,66 @@ async fn a_node_killed_on_a_redis_cluster_has_its_agents_ended_by_the_survivor()
         "reusable at once, next incarnation: {answer}"
     );
     drop(nodes.remove(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_master_that_fails_over_leaves_the_nodes_serving() {
+    let mut redis = RedisClusterProcesses::start(1);
+    let nodes = nodes_on(&redis, 2, "10").await;
+    let (mut a, _) = Agent::register(&nodes[0].ws_url(), "a").await;
+    let (mut b, _) = Agent::register(&nodes[1].ws_url(), "b").await;
+    a.send(direct("b", json!("before"))).await;
+    assert_eq!(b.wait_for(is_message).await["data"]["content"], "before");
+
+    // The first seed, a master (every node subscribed through it), dies; its replica
+    // takes over.
+    let master = redis.ports[0];
+    assert!(redis.cli(master, &["role"]).starts_with("master"));
+    redis.kill(0);
+    redis.wait_failed_over(0);
+
+    // Registrations claim through the new slot map (`cluster_unavailable`, which says
+    // retry, while the client learns it).
+    let deadline = Instant::now() + DEADLINE;
+    let mut c = loop {
+        let mut c = Agent::connect(&nodes[1].ws_url()).await;
+        let answer = c
+            .request(json!({"type":"system_request","command":"register_agent","agent_id":"c"}))
+            .await;
+        if answer["success"] == true {
+            assert_eq!(answer["incarnation"], 1, "{answer}");
+            break c;
+        }
+        assert_eq!(answer["error_code"], "cluster_unavailable", "{answer}");
+        assert!(
+            Instant::now() < deadline,
+            "never registered after the failover: {answer}\n{}",
+            nodes[1].logs()
+        );
+        c.close().await;
+    };
+    // Messages cross nodes again once the subscribers moved to a live seed (pub/sub is
+    // at most once: what was published meanwhile may be lost, so probe until one lands).
+    let deadline = Instant::now() + DEADLINE;
+    let mut probe = 0;
+    let landed = loop {
+        probe += 1;
+        a.send(direct("c", json!({"probe": probe}))).await;
+        let got = tokio::time::timeout(Duration::from_millis(200), c.wait_for(is_message)).await;
+        if let Ok(got) = got {
+            break got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no message crossed after the failover"
+        );
+    };
+    assert!(landed["data"]["content"]["probe"].is_number(), "{landed}");
+    b.send(direct("a", json!("after"))).await;
+    assert_eq!(a.wait_for(is_message).await["data"]["content"], "after");
+    // Neither node lost its lease: the agents of before are still connected.
+    for (node, id) in [(&nodes[0], "a"), (&nodes[1], "b")] {
+        let shown = node.get_json(&format!("/agents/{id}")).await;
+        assert_eq!(shown["incarnation"], 1, "{shown}");
+    }
 }

@@ -31,6 +31,21 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `count` distinct loopback ports nothing listens on right now (all bound at once,
+/// so none is handed out twice).
+pub fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..count)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .expect("cannot bind a loopback port: is the loopback interface up?")
+        })
+        .collect();
+    listeners
+        .iter()
+        .map(|listener| listener.local_addr().expect("a bound port").port())
+        .collect()
+}
+
 /// Waits until something accepts connections on `127.0.0.1:<port>`; `Err` saying
 /// so after `within`. `what` names the process, for the message.
 pub fn wait_listening(port: u16, what: &str, within: Duration) -> Result<(), String> {

@@ -571,34 +571,36 @@ pub async fn tether_events(args: &[&str], env: &[(&str, &str)], n: usize) -> Vec
         .collect()
 }
 
-/// A Redis Cluster the test owns: three masters (no replicas) on free ports, each a
-/// `redis-server` with `cluster-enabled`, joined with `redis-cli --cluster create`.
+/// A Redis Cluster the test owns: three masters, each with `replicas` replicas, on free
+/// ports, each a `redis-server` with `cluster-enabled` (node timeout 1 s, so a dead
+/// master fails over within seconds), joined with `redis-cli --cluster create`.
 pub struct RedisClusterProcesses {
-    /// The masters' ports.
+    /// Every node's port, masters first (as `redis-cli --cluster create` assigns them).
     pub ports: Vec<u16>,
     _dirs: Vec<TempDir>,
-    children: Vec<Child>,
+    children: Vec<Option<Child>>,
 }
 
 impl RedisClusterProcesses {
-    /// Starts the three masters, creates the cluster, and waits until every node says
+    /// Starts the nodes, creates the cluster, and waits until every node says
     /// `cluster_state:ok`.
-    pub fn start() -> Self {
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    pub fn start(replicas: usize) -> Self {
+        let nodes = 3 * (1 + replicas);
+        // Client and bus ports, all distinct.
+        let all = tether_testkit::free_ports(2 * nodes);
+        let (ports, buses) = (all[..nodes].to_vec(), all[nodes..].to_vec());
         let mut dirs = Vec::new();
         let mut children = Vec::new();
-        for port in &ports {
+        for (port, bus) in ports.iter().zip(&buses) {
             let dir = TempDir::new("tether-redis-cluster");
             let child = Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args([
-                    "--cluster-enabled",
-                    "yes",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                // The bus port too (by default port + 10 000, which may be taken).
+                .args(["--cluster-port", &bus.to_string()])
+                .args(["--save", "", "--appendonly", "no"])
+                // Replicas in sync at once (a replica never synced does not fail over).
+                .args(["--repl-diskless-sync-delay", "0"])
                 .arg("--cluster-config-file")
                 .arg(dir.0.join("nodes.conf"))
                 .arg("--dir")
@@ -609,7 +611,7 @@ impl RedisClusterProcesses {
                 .expect(
                     "cannot start redis-server: is Redis installed? (scripts/test.sh installs it)",
                 );
-            children.push(child);
+            children.push(Some(child));
             dirs.push(dir);
         }
         for port in &ports {
@@ -619,7 +621,7 @@ impl RedisClusterProcesses {
         let created = Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&nodes)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .output()
@@ -634,11 +636,23 @@ impl RedisClusterProcesses {
             _dirs: dirs,
             children,
         };
+        let all = cluster.ports.clone();
+        cluster.wait_ok(&all);
+        cluster
+    }
+
+    /// Waits until every node of `ports` says `cluster_state:ok`, and every replica
+    /// among them is in sync with its master.
+    pub fn wait_ok(&self, ports: &[u16]) {
         let deadline = std::time::Instant::now() + DEADLINE;
-        while !cluster.ports.iter().all(|port| {
-            cluster
-                .cli(*port, &["cluster", "info"])
-                .contains("cluster_state:ok")
+        while !ports.iter().all(|port| {
+            let replication = self.cli(*port, &["info", "replication"]);
+            let synced = !replication.contains("role:slave")
+                || replication.contains("master_link_status:up");
+            synced
+                && self
+                    .cli(*port, &["cluster", "info"])
+                    .contains("cluster_state:ok")
         }) {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -646,10 +660,9 @@ impl RedisClusterProcesses {
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        cluster
     }
 
-    /// `redis+cluster://` with every master as a seed.
+    /// `redis+cluster://` with every node as a seed.
     pub fn url(&self) -> String {
         let seeds: Vec<String> = self
             .ports
@@ -668,13 +681,50 @@ impl RedisClusterProcesses {
             .expect("cannot run redis-cli");
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
+
+    /// Waits until the survivors agree that node `index` failed and the cluster is ok
+    /// again (its replica took over its slots).
+    pub fn wait_failed_over(&self, index: usize) {
+        let dead = format!(":{}@", self.ports[index]);
+        let survivors: Vec<u16> = (0..self.ports.len())
+            .filter(|i| *i != index)
+            .map(|i| self.ports[i])
+            .collect();
+        let deadline = std::time::Instant::now() + DEADLINE;
+        while !survivors.iter().all(|port| {
+            let nodes = self.cli(*port, &["cluster", "nodes"]);
+            let marked = nodes.lines().any(|line| {
+                line.contains(&dead) && line.contains(" master,fail ")
+                    || line.contains(&dead) && line.contains(",fail ")
+            });
+            marked
+                && self
+                    .cli(*port, &["cluster", "info"])
+                    .contains("cluster_state:ok")
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the Redis Cluster never failed over: {}\n{}",
+                self.cli(survivors[0], &["cluster", "nodes"]),
+                self.cli(survivors[0], &["cluster", "info"])
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Kills node `index` (SIGKILL).
+    pub fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.children[index].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl Drop for RedisClusterProcesses {
     fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
+        for index in 0..self.children.len() {
+            self.kill(index);
         }
     }
 }

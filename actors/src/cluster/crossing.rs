@@ -145,7 +145,7 @@ fn spread(routes: &Routes, member: &str, payload: &str) {
 /// Listens on this member's channel and the broadcast channel for as long as the
 /// member lives, subscribing again whenever the subscription drops.
 pub(super) async fn subscribe(
-    client: redis::Client,
+    target: super::RedisTarget,
     keys: Keys,
     member: Arc<str>,
     direct: Arc<DirectLine>,
@@ -161,7 +161,7 @@ pub(super) async fn subscribe(
         direct,
     };
     loop {
-        match client.get_async_pubsub().await {
+        match target.pubsub().await {
             Ok(mut pubsub) => {
                 let subscribing = async {
                     pubsub.subscribe(&inbox).await?;

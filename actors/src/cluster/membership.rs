@@ -307,7 +307,7 @@ impl Cluster {
         );
         self.joins += 1;
         let subscriber = super::crossing::subscribe(
-            self.target.pubsub_client().clone(),
+            self.target.clone(),
             self.keys.clone(),
             self.member.clone(),
             self.direct.clone(),

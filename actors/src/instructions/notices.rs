@@ -104,14 +104,14 @@ impl Dispatcher {
         let Some(notices) = &self.notices else {
             return;
         };
-        let (client, channel, me) = (
-            notices.target.pubsub_client().clone(),
+        let (target, channel, me) = (
+            notices.target.clone(),
             notices.channel.clone(),
             ctx.address(),
         );
         ctx.spawn(fut::wrap_future(async move {
             loop {
-                match client.get_async_pubsub().await {
+                match target.pubsub().await {
                     Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
                         Ok(()) => {
                             let mut messages = pubsub.on_message();
