@@ -80,18 +80,7 @@ async fn agents_on_different_nodes_reach_each_other_directly_and_by_broadcast() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_registered_on_two_nodes_at_the_same_instant_has_exactly_one_holder() {
     let (_prefix, nodes) = cluster(2, "4").await;
-    let (url1, url2) = (nodes[0].ws_url(), nodes[1].ws_url());
-    for attempt in 0..100 {
-        let id = format!("race-{attempt}");
-        let (mut one, mut two) = tokio::join!(Agent::connect(&url1), Agent::connect(&url2));
-        let register = json!({"type":"system_request","command":"register_agent","agent_id":id});
-        let (r1, r2) = tokio::join!(one.request(register.clone()), two.request(register));
-        let won = [&r1, &r2].iter().filter(|r| r["success"] == true).count();
-        assert_eq!(won, 1, "attempt {attempt}: {r1} / {r2}");
-        let lost = if r1["success"] == true { &r2 } else { &r1 };
-        assert_eq!(lost["error_code"], "agent_id_in_use", "{lost}");
-        tokio::join!(one.close(), two.close());
-    }
+    assert_one_winner_per_race(&nodes[0].ws_url(), &nodes[1].ws_url(), 100).await;
 }
 
 /// Registers `agent_id` at `url`, retrying while its previous node has not released it

@@ -5,7 +5,7 @@
 mod common;
 
 use common::brokers::RedisClusterProcesses;
-use common::cluster::{fresh_prefix, is_message, node};
+use common::cluster::{assert_one_winner_per_race, fresh_prefix, is_message, node};
 use common::*;
 use futures_util::future::join_all;
 use serde_json::json;
@@ -57,16 +57,7 @@ async fn nodes_on_a_redis_cluster_route_list_race_and_take_over() {
     assert_eq!(listed, 20);
 
     // One holder per id, cluster-wide, even at the same instant.
-    let (url0, url1) = (nodes[0].ws_url(), nodes[1].ws_url());
-    for attempt in 0..20 {
-        let id = format!("race-{attempt}");
-        let (mut one, mut two) = tokio::join!(Agent::connect(&url0), Agent::connect(&url1));
-        let register = json!({"type":"system_request","command":"register_agent","agent_id":id});
-        let (r1, r2) = tokio::join!(one.request(register.clone()), two.request(register));
-        let won = [&r1, &r2].iter().filter(|r| r["success"] == true).count();
-        assert_eq!(won, 1, "attempt {attempt}: {r1} / {r2}");
-        tokio::join!(one.close(), two.close());
-    }
+    assert_one_winner_per_race(&nodes[0].ws_url(), &nodes[1].ws_url(), 20).await;
 
     // A takeover across nodes: agent-0 (node 0) is taken by a registration on node 1.
     let mut events = EventStream::subscribe(&nodes[1], None).await;

@@ -2,9 +2,9 @@
 //! its own nodes (the real binary, on free ports) under a prefix of its own, so tests
 //! never share keys.
 
-use super::{http, TestServer, DEADLINE};
+use super::{http, Agent, TestServer, DEADLINE};
 use futures_util::future::join_all;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 /// The shared Redis, as the cluster URL.
@@ -68,4 +68,21 @@ pub async fn cluster(n: usize, lease: &str) -> (String, Vec<TestServer>) {
 
 pub fn is_message(frame: &Value) -> bool {
     frame["message_type"].is_string() || frame["type"] == "message"
+}
+
+/// Registers ids `race-0`, `race-1`, … on two nodes at the same instant, `attempts`
+/// times, and asserts that each time exactly one registration wins and the other is
+/// refused `agent_id_in_use`.
+pub async fn assert_one_winner_per_race(url1: &str, url2: &str, attempts: usize) {
+    for attempt in 0..attempts {
+        let id = format!("race-{attempt}");
+        let (mut one, mut two) = tokio::join!(Agent::connect(url1), Agent::connect(url2));
+        let register = json!({"type":"system_request","command":"register_agent","agent_id":id});
+        let (r1, r2) = tokio::join!(one.request(register.clone()), two.request(register));
+        let won = [&r1, &r2].iter().filter(|r| r["success"] == true).count();
+        assert_eq!(won, 1, "attempt {attempt}: {r1} / {r2}");
+        let lost = if r1["success"] == true { &r2 } else { &r1 };
+        assert_eq!(lost["error_code"], "agent_id_in_use", "{lost}");
+        tokio::join!(one.close(), two.close());
+    }
 }
