@@ -87,6 +87,9 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openagents' 2>/dev
 fi
 export TETHER_TEST_PYTHON="$root/.venv/bin/python"
 
+# --- openssl (the Python client's wss test makes its certificate with it) ---
+command -v openssl >/dev/null || apt_install openssl
+
 # --- The Python client library (tether-agent) and its test tools ---
 if [ ! -x .venv-clients/bin/python ] || ! .venv-clients/bin/python -c 'import pytest, mypy, ruff' 2>/dev/null; then
   log "creating .venv-clients with clients/python's test tools"

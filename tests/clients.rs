@@ -460,3 +460,75 @@ async fn a_clustered_agent_follows_reconnect_url_when_its_node_shuts_down() {
     agent.close().await.unwrap();
     witness.close().await.unwrap();
 }
+
+/// A TLS-terminating proxy to `target` on `localhost`, with a self-signed certificate
+/// for `localhost` that it writes to `ca_file`; its port.
+async fn tls_proxy(target: String, ca_file: &std::path::Path) -> u16 {
+    use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio_rustls::rustls::{crypto::ring, ServerConfig};
+    let rcgen::CertifiedKey { cert, key_pair } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(ca_file, cert.pem()).unwrap();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pair.serialize_der()));
+    let config = ServerConfig::builder_with_provider(std::sync::Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, target) = (acceptor.clone(), target.clone());
+            tokio::spawn(async move {
+                let (Ok(mut tls), Ok(mut upstream)) = (
+                    acceptor.accept(tcp).await,
+                    tokio::net::TcpStream::connect(&target).await,
+                ) else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn an_agent_connects_over_wss() {
+    let server = TestServer::start(&[]);
+    let ca_file = std::env::temp_dir().join(format!("tether-ca-{}.pem", std::process::id()));
+    let port = tls_proxy(server.addr.clone(), &ca_file).await;
+    // The agent trusts the system store; here that store is this one certificate.
+    std::env::set_var("SSL_CERT_FILE", &ca_file);
+    let url = format!("wss://localhost:{port}/");
+    let mut secure = connect(AgentConfig::new(url, "secure")).await;
+    assert_eq!(secure.registration().incarnation, 1);
+    let plain = connect(AgentConfig::new(server.ws_url(), "plain")).await;
+    plain
+        .send_direct("secure", json!("over tls"))
+        .await
+        .unwrap();
+    let message = next_matching(&mut secure, |e| match e {
+        Event::Message(m) => Some(m),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        (message.sender_id.as_str(), message.content),
+        ("plain", json!("over tls"))
+    );
+    // A certificate the system store does not hold is refused.
+    std::env::set_var("SSL_CERT_FILE", "/nonexistent");
+    let untrusted = Agent::connect(AgentConfig::new(format!("wss://localhost:{port}/"), "x")).await;
+    assert!(
+        matches!(untrusted, Err(tether_client::Error::Connect { .. })),
+        "{:?}",
+        untrusted.err()
+    );
+    secure.close().await.unwrap();
+    plain.close().await.unwrap();
+    let _ = std::fs::remove_file(ca_file);
+}

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -285,9 +286,13 @@ class Proxy:
     are forwarded normally.
     """
 
-    def __init__(self, target_port: int) -> None:
-        """Prepare a proxy to ``127.0.0.1:target_port``; :meth:`start` listens."""
+    def __init__(self, target_port: int, tls: ssl.SSLContext | None = None) -> None:
+        """Prepare a proxy to ``127.0.0.1:target_port``; :meth:`start` listens.
+
+        With ``tls``, clients speak TLS to the proxy (it terminates it).
+        """
         self.target_port = target_port
+        self.tls = tls
         self.port = 0
         self._server: asyncio.Server | None = None
         self._live: list[tuple[list[asyncio.Task[None]], list[asyncio.StreamWriter]]] = []
@@ -302,7 +307,7 @@ class Proxy:
 
     async def start(self) -> None:
         """Listen on a free port."""
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import stat
 import sys
 import uuid
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import ProxyFactory, ServerFactory
-from support import DEADLINE, PACKAGE_DIR, EventLog, Server, next_event, next_of
+from support import DEADLINE, PACKAGE_DIR, EventLog, Proxy, Server, next_event, next_of
 
 from tether_agent import (
     INSTRUCTIONS_CAPABILITY,
@@ -26,6 +27,7 @@ from tether_agent import (
     Agent,
     AgentConfig,
     AgentStopped,
+    ConnectionFailed,
     Disconnected,
     Event,
     Instruction,
@@ -413,3 +415,36 @@ async def wait_until_ready(server: Server) -> None:
             await asyncio.sleep(0.02)
 
     await asyncio.wait_for(ready(), DEADLINE)
+
+
+async def test_connects_over_wss(
+    server: Server, agents: list[Agent], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = await asyncio.create_subprocess_exec(
+        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+        "-keyout", str(key), "-out", str(cert),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await openssl.communicate()
+    assert openssl.returncode == 0, f"openssl could not make a certificate: {stderr!r}"
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    proxy = Proxy(server.port, tls=tls)
+    await proxy.start()
+    try:
+        # The agent trusts the system store; here that store is this one certificate.
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        secure = await connect(agents, f"wss://localhost:{proxy.port}/", "secure")
+        assert secure.registration.incarnation == 1
+        plain = await connect(agents, server.ws_url, "plain")
+        await plain.send_direct("secure", "over tls")
+        got = await next_of(secure, Message)
+        assert (got.sender_id, got.content) == ("plain", "over tls")
+        # A certificate the store does not hold is refused.
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "none.pem"))
+        with pytest.raises(ConnectionFailed):
+            await Agent.connect(AgentConfig(url=f"wss://localhost:{proxy.port}/", agent_id="x"))
+    finally:
+        await proxy.close()

@@ -62,6 +62,11 @@ async fn attempt(
     config: &AgentConfig,
     certificate: Option<&Value>,
 ) -> Result<Connection, Error> {
+    #[cfg(feature = "tls")]
+    if url.starts_with("wss://") {
+        // rustls needs a process-wide crypto provider; keep one that is already set.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
     let (mut ws, _) = tokio_tungstenite::connect_async(url)
         .await
         .map_err(|error| Error::Connect {
