@@ -70,7 +70,8 @@ pub struct Args {
     /// Phases run: any of hold, route, loss.
     #[arg(long, value_delimiter = ',', default_value = "hold,route,loss")]
     pub phases: Vec<String>,
-    /// The Redis every node shares (host:port).
+    /// The Redis every node shares (host:port), or the masters of a Redis Cluster
+    /// (host:port,host:port,...: its seeds, and where commands are counted).
     #[arg(long, default_value = "127.0.0.1:6379")]
     pub redis: String,
 }

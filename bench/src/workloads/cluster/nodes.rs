@@ -16,7 +16,8 @@ pub struct Nodes {
 }
 
 impl Nodes {
-    /// Starts `count` nodes sharing `redis` (host:port) with a fresh prefix, a node
+    /// Starts `count` nodes sharing `redis` (host:port, or several, comma-separated: the
+    /// masters of a Redis Cluster) with a fresh prefix, a node
     /// lease of `lease` seconds and the extra `vars`; `tag` names the log files.
     pub async fn start(
         env: &Env,
@@ -30,7 +31,7 @@ impl Nodes {
         let mut all = vars
             .clone()
             .set("CLUSTER__ENABLED", "true")
-            .set("CLUSTER__REDIS_URL", format!("redis://{redis}"))
+            .set("CLUSTER__REDIS_URL", redis_url(redis))
             .set("CLUSTER__PREFIX", &prefix)
             .set("CLUSTER__NODE_LEASE", lease)
             .set("IDENTITY__SECRET", "tether-bench-cluster-secret");
@@ -127,10 +128,29 @@ impl Nodes {
     }
 }
 
+/// `cluster.redis_url` for `redis`: one server, or a Redis Cluster's seeds.
+pub fn redis_url(redis: &str) -> String {
+    if redis.contains(',') {
+        format!("redis+cluster://{redis}")
+    } else {
+        format!("redis://{redis}")
+    }
+}
+
+/// [`redis_calls_at`] summed over every address of `redis` (comma-separated: every
+/// master of a Redis Cluster).
+pub async fn redis_calls(redis: &str) -> Result<u64, String> {
+    let mut total = 0;
+    for addr in redis.split(',') {
+        total += redis_calls_at(addr.trim()).await?;
+    }
+    Ok(total)
+}
+
 /// Sum of `calls` over every command in Redis `INFO commandstats` at `addr`, minus the
 /// `INFO` that reads it. Redis counts commands server-wide: deltas include whatever
 /// else used that Redis meanwhile.
-pub async fn redis_calls(addr: &str) -> Result<u64, String> {
+pub async fn redis_calls_at(addr: &str) -> Result<u64, String> {
     let read = async {
         let mut stream = TcpStream::connect(addr)
             .await
