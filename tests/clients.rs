@@ -9,19 +9,18 @@
 
 mod common;
 
+use common::clients::{tls_proxy, PythonEcho};
 use common::instructions::{create_id, event_of};
 use common::takeover::assert_takeover_events;
 use common::{EventStream, TestServer, DEADLINE};
 use futures_util::FutureExt;
 use serde_json::{json, Value};
-use std::process::Stdio;
 use std::time::Duration;
 use tether_client::{
     AckStatus, Agent, AgentConfig, ErrorCode, Event, Keepalive, MessageKind, ReconnectPolicy,
     INSTRUCTIONS_CAPABILITY,
 };
 use tether_testkit::proxy::Proxy;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Reconnects quickly: the tests wait for reconnections.
 fn quick(config: AgentConfig) -> AgentConfig {
@@ -118,44 +117,6 @@ async fn agents_register_and_exchange_direct_and_broadcast_messages() {
     assert_eq!(error.code, ErrorCode::UnknownAgent);
     alice.close().await.unwrap();
     bob.close().await.unwrap();
-}
-
-/// A Python `tether-agent` echo agent (clients/python/examples/echo.py).
-struct PythonEcho {
-    child: tokio::process::Child,
-}
-
-impl PythonEcho {
-    async fn start(url: &str, agent_id: &str) -> Self {
-        let python = match std::env::var("TETHER_TEST_CLIENT_PYTHON") {
-            Ok(python) if !python.is_empty() => python,
-            _ => panic!(
-                "TETHER_TEST_CLIENT_PYTHON is not set. This test runs the Python client \
-                 library's echo example: run the tests with scripts/test.sh (it installs \
-                 clients/python into .venv-clients and exports the variable), or set it to a \
-                 Python that has `pip install ./clients/python` done."
-            ),
-        };
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/clients/python/examples/echo.py"
-        );
-        let mut child = tokio::process::Command::new(python)
-            .args([script, "--url", url, "--agent-id", agent_id])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("cannot run TETHER_TEST_CLIENT_PYTHON");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(DEADLINE, lines.next_line())
-            .await
-            .expect("the Python echo agent did not register in time")
-            .unwrap()
-            .expect("the Python echo agent exited before registering");
-        assert_eq!(line, format!("registered {agent_id} 1"));
-        Self { child }
-    }
 }
 
 #[tokio::test]
@@ -459,41 +420,6 @@ async fn a_clustered_agent_follows_reconnect_url_when_its_node_shuts_down() {
     assert_eq!(agent.stats().reconnects, 1, "straight to reconnect_url");
     agent.close().await.unwrap();
     witness.close().await.unwrap();
-}
-
-/// A TLS-terminating proxy to `target` on `localhost`, with a self-signed certificate
-/// for `localhost` that it writes to `ca_file`; its port.
-async fn tls_proxy(target: String, ca_file: &std::path::Path) -> u16 {
-    use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-    use tokio_rustls::rustls::{crypto::ring, ServerConfig};
-    let rcgen::CertifiedKey { cert, key_pair } =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    std::fs::write(ca_file, cert.pem()).unwrap();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pair.serialize_der()));
-    let config = ServerConfig::builder_with_provider(std::sync::Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, target) = (acceptor.clone(), target.clone());
-            tokio::spawn(async move {
-                let (Ok(mut tls), Ok(mut upstream)) = (
-                    acceptor.accept(tcp).await,
-                    tokio::net::TcpStream::connect(&target).await,
-                ) else {
-                    return;
-                };
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
-            });
-        }
-    });
-    port
 }
 
 #[tokio::test]

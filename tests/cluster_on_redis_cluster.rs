@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::brokers::RedisClusterProcesses;
 use common::cluster::{assert_one_winner_per_race, fresh_prefix, is_message, node};
+use common::redis_cluster::RedisClusterProcesses;
 use common::*;
 use futures_util::future::join_all;
 use serde_json::json;

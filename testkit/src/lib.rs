@@ -25,10 +25,7 @@ use std::time::{Duration, Instant};
 
 /// A loopback port nothing listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("cannot bind a loopback port: is the loopback interface up?")
-        .port()
+    free_ports(1)[0]
 }
 
 /// `count` distinct loopback ports nothing listens on right now (all bound at once,

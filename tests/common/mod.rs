@@ -8,9 +8,11 @@
 #![allow(dead_code)]
 
 pub mod brokers;
+pub mod clients;
 pub mod cluster;
 pub mod instructions;
 pub mod lifecycle;
+pub mod redis_cluster;
 pub mod takeover;
 
 use futures_util::{SinkExt, StreamExt};

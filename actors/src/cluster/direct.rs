@@ -172,9 +172,8 @@ enum Forwarded {
 /// and shared with it (the remembered holders).
 #[derive(Debug)]
 pub struct DirectLine {
+    /// The cluster's Redis; its URL names this thread's connection in `LINES`.
     target: super::RedisTarget,
-    /// The Redis address, which names this thread's connection in `LINES`.
-    url: String,
     keys: Keys,
     member: RwLock<Arc<str>>,
     live: AtomicBool,
@@ -195,7 +194,6 @@ impl DirectLine {
         routes: Arc<Routes>,
     ) -> Self {
         Self {
-            url: target.url().to_owned(),
             target,
             keys,
             member: RwLock::new(member),
@@ -227,11 +225,12 @@ impl DirectLine {
     /// This thread's connection to Redis (made on first use, with the cluster's
     /// timeouts).
     async fn connection(&self) -> Result<RedisLink, ClusterUnavailable> {
-        if let Some(line) = LINES.with(|lines| lines.borrow().get(&self.url).cloned()) {
+        let url = self.target.url();
+        if let Some(line) = LINES.with(|lines| lines.borrow().get(url).cloned()) {
             return Ok(line);
         }
-        let line = super::connect(self.target.clone()).await?;
-        LINES.with(|lines| lines.borrow_mut().insert(self.url.clone(), line.clone()));
+        let line = self.target.clone().connect().await?;
+        LINES.with(|lines| lines.borrow_mut().insert(url.to_owned(), line.clone()));
         Ok(line)
     }
 

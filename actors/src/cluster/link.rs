@@ -14,7 +14,7 @@
 //! answers (which tells a node whether the holder of an id still listens) covers only
 //! the subscribers of the node it was sent to.
 
-use super::ClusterUnavailable;
+use super::{ClusterUnavailable, RESPONSE_TIMEOUT};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
@@ -22,7 +22,6 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// The URL scheme of a Redis Cluster's seed list.
 pub const CLUSTER_SCHEME: &str = "redis+cluster://";
@@ -51,8 +50,10 @@ impl std::fmt::Debug for RedisTarget {
 }
 
 impl RedisTarget {
-    /// Reads `cluster.redis_url`; answers with the timeouts every connection uses.
-    pub fn open(url: &str, timeout: Duration) -> Result<Self, String> {
+    /// Reads `cluster.redis_url`. Every connection made from it uses the cluster's
+    /// timeouts (`RESPONSE_TIMEOUT`).
+    pub fn open(url: &str) -> Result<Self, String> {
+        let timeout = RESPONSE_TIMEOUT;
         let Some(seeds) = url.strip_prefix(CLUSTER_SCHEME) else {
             let plain = redis::Client::open(url).map_err(|e| e.to_string())?;
             return Ok(Self {
@@ -128,7 +129,8 @@ impl RedisTarget {
     }
 
     /// Connects (one multiplexed connection, reconnecting by itself).
-    pub async fn connect(&self, timeout: Duration) -> Result<RedisLink, ClusterUnavailable> {
+    pub async fn connect(self) -> Result<RedisLink, ClusterUnavailable> {
+        let timeout = RESPONSE_TIMEOUT;
         let failed = |e: redis::RedisError| {
             ClusterUnavailable(format!("cannot connect to the cluster's Redis: {e}"))
         };

@@ -200,8 +200,7 @@ impl Cluster {
         }
         let Some(mut redis) = self.redis.clone() else {
             self.busy = true;
-            let client = self.target.clone();
-            let connect = super::connect(client);
+            let connect = self.target.clone().connect();
             ctx.spawn(
                 fut::wrap_future(connect).map(|connected, act: &mut Self, ctx| {
                     act.busy = false;

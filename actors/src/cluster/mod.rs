@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Longest a Redis command may take before the cluster counts Redis as unreachable.
-pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Redis could not be reached, or this node is not a live member right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,7 +186,7 @@ impl Cluster {
         settle: Recipient<SettleAll>,
         source: EventSource,
     ) -> Result<Self, ClusterUnavailable> {
-        let target = RedisTarget::open(&settings.redis_url, RESPONSE_TIMEOUT).map_err(|e| {
+        let target = RedisTarget::open(&settings.redis_url).map_err(|e| {
             ClusterUnavailable(format!("cluster.redis_url is not a usable Redis URL: {e}"))
         })?;
         let direct = Arc::new(DirectLine::new(
@@ -267,11 +267,6 @@ impl Cluster {
     }
 }
 
-/// Connects to the cluster's Redis with the cluster's timeouts.
-pub(crate) async fn connect(target: RedisTarget) -> Result<RedisLink, ClusterUnavailable> {
-    target.connect(RESPONSE_TIMEOUT).await
-}
-
 /// Introduces the registry (once it exists): told when the lease is lost and when
 /// another node takes over one of its ids.
 #[derive(Message, Clone)]
@@ -302,13 +297,12 @@ impl Actor for Cluster {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(usize::MAX >> 4);
-        let client = self.target.clone();
-        ctx.wait(
-            fut::wrap_future(connect(client)).map(|connected, act: &mut Self, _| match connected {
+        ctx.wait(fut::wrap_future(self.target.clone().connect()).map(
+            |connected, act: &mut Self, _| match connected {
                 Ok(redis) => act.redis = Some(redis),
                 Err(error) => log::warn!("cluster: {error}; retrying"),
-            }),
-        );
+            },
+        ));
         let lease = self.lease();
         let tick = (lease / 3).min(Duration::from_secs(1));
         self.tick(ctx);

@@ -50,7 +50,7 @@ pub struct Notices {
 impl Notices {
     /// Notices on the Redis at `redis_url`, under the cluster's `prefix`.
     pub fn new(redis_url: &str, prefix: &str) -> Result<Self, String> {
-        let target = RedisTarget::open(redis_url, crate::cluster::RESPONSE_TIMEOUT)
+        let target = RedisTarget::open(redis_url)
             .map_err(|e| format!("cluster.redis_url {redis_url:?}: {e}"))?;
         Ok(Self {
             target,
@@ -75,7 +75,7 @@ impl Dispatcher {
         let publish = async move {
             let mut line = match line {
                 Some(line) => line,
-                None => crate::cluster::connect(target).await.map_err(|e| e.0)?,
+                None => target.connect().await.map_err(|e| e.0)?,
             };
             redis::cmd("PUBLISH")
                 .arg(channel)

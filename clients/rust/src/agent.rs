@@ -18,6 +18,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+/// Sends (messages, acknowledgements, requests) that wait for a connection before the
+/// calls themselves wait.
+const COMMAND_BUFFER: usize = 1024;
+
 /// An agent connected to a Tether server, reconnecting by itself.
 ///
 /// Send with [`send_direct`](Self::send_direct), [`broadcast`](Self::broadcast) and
@@ -122,7 +126,7 @@ impl Agent {
             messages_received: AtomicU64::new(0),
             instructions_received: AtomicU64::new(0),
         });
-        let (commands_tx, commands) = mpsc::channel(config.command_buffer);
+        let (commands_tx, commands) = mpsc::channel(COMMAND_BUFFER);
         let (events_tx, events) = mpsc::channel(config.event_buffer);
         let (closing, closing_rx) = watch::channel(false);
         let handle = AgentHandle {

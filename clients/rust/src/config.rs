@@ -30,7 +30,6 @@ pub struct AgentConfig {
     pub(crate) connect_timeout: Duration,
     pub(crate) request_timeout: Duration,
     pub(crate) event_buffer: usize,
-    pub(crate) command_buffer: usize,
 }
 
 impl AgentConfig {
@@ -50,7 +49,6 @@ impl AgentConfig {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
             event_buffer: 1024,
-            command_buffer: 1024,
         }
     }
 
