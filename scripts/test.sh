@@ -27,6 +27,15 @@ wait_port() { # port seconds name
   for _ in $(seq 1 $(($2 * 10))); do port_open "$1" && return 0; sleep 0.1; done
   log "$3 did not start listening on 127.0.0.1:$1 within $2 s"; return 1
 }
+# --- Disk: a full disk shows up as the linker dying with SIGBUS (`ld terminated with
+# signal 7`), not as "no space left". The debug target directory of a whole run is
+# ≈ 5 GiB (4.6 GiB measured) and tansu's first build needs room of its own: warn early.
+need_gib=8
+free_kib=$(df -Pk . | awk 'NR == 2 { print $4 }')
+if [ "$free_kib" -lt $((need_gib * 1024 * 1024)) ]; then
+  log "WARNING: only $((free_kib / 1024)) MiB free on $(df -P . | awk 'NR == 2 { print $6 }'); a first run needs about ${need_gib} GiB. If the build fails with 'signal 7 [Bus error]', the disk filled: free some (old target directories, ~/.cargo/registry) and run again"
+fi
+
 apt_install() {
   if [ -z "${APT_UPDATED:-}" ]; then apt-get update -qq >&2; APT_UPDATED=1; fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
