@@ -6,12 +6,49 @@
 //! `ping_agent` requests with a fixed success frame (no bookkeeping), answers
 //! `list_agents` with an empty list, and echoes every other text frame back to its
 //! sender (a "routed" message comes back to the socket that sent it).
+//!
+//! A broadcast (`"message_type":"broadcast_message"`) goes, unchanged, to every other
+//! connection the floor holds, the way a bare tokio-tungstenite server would do it: the
+//! frame's bytes shared, one channel message per copy to the connection's task, which
+//! writes it. It ignores `exclude_agent_ids` and keeps no ids.
 
 use crate::client::ws_config;
 use futures_util::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tokio_tungstenite::tungstenite::Message;
+
+/// Every open connection's queue of broadcast copies, by connection number.
+#[derive(Default)]
+struct Peers {
+    next: AtomicU64,
+    queues: Mutex<HashMap<u64, UnboundedSender<Message>>>,
+}
+
+impl Peers {
+    fn join(&self, queue: UnboundedSender<Message>) -> u64 {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.queues.lock().expect("not poisoned").insert(n, queue);
+        n
+    }
+
+    fn leave(&self, n: u64) {
+        self.queues.lock().expect("not poisoned").remove(&n);
+    }
+
+    /// Hands `frame` to every connection but `from`.
+    fn broadcast(&self, from: u64, frame: &Message) {
+        for (n, queue) in self.queues.lock().expect("not poisoned").iter() {
+            if *n != from {
+                let _ = queue.send(frame.clone());
+            }
+        }
+    }
+}
 
 /// Runs the floor server on `host:port` until killed. Prints
 /// `floor listening on ADDR` once bound.
@@ -36,10 +73,11 @@ pub fn run(host: &str, port: u16, threads: usize) -> std::process::ExitCode {
                 return std::process::ExitCode::FAILURE;
             }
         }
+        let peers = Arc::new(Peers::default());
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve(stream));
+                    tokio::spawn(serve(stream, peers.clone()));
                 }
                 Err(e) => {
                     // Out of file descriptors, typically: back off and retry.
@@ -51,13 +89,28 @@ pub fn run(host: &str, port: u16, threads: usize) -> std::process::ExitCode {
     })
 }
 
-async fn serve(stream: TcpStream) {
+async fn serve(stream: TcpStream, peers: Arc<Peers>) {
     let _ = stream.set_nodelay(true);
     let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(ws_config())).await
     else {
         return;
     };
-    while let Some(Ok(msg)) = ws.next().await {
+    let (queue, mut copies) = unbounded_channel();
+    let me = peers.join(queue);
+    loop {
+        let msg = tokio::select! {
+            copy = copies.recv() => match copy {
+                Some(copy) => {
+                    if ws.send(copy).await.is_err() { break; }
+                    continue;
+                }
+                None => break,
+            },
+            msg = ws.next() => match msg {
+                Some(Ok(msg)) => msg,
+                _ => break,
+            },
+        };
         let reply = match msg {
             Message::Text(text) => {
                 let t = text.as_str();
@@ -73,6 +126,9 @@ async fn serve(stream: TcpStream) {
                     } else {
                         Message::Text(text)
                     }
+                } else if t.contains("\"broadcast_message\"") {
+                    peers.broadcast(me, &Message::Text(text));
+                    continue;
                 } else {
                     Message::Text(text)
                 }
@@ -86,4 +142,5 @@ async fn serve(stream: TcpStream) {
             break;
         }
     }
+    peers.leave(me);
 }

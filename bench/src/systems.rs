@@ -117,13 +117,11 @@ impl Env {
         if openagents {
             ensure_venv(&venv).await?;
         }
-        let revision = std::process::Command::new("git")
-            .args(["describe", "--always", "--dirty"])
-            .current_dir(&root)
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .map(|s| s.trim().to_owned())
+        // The checkout the binary was built in; the current directory when the target
+        // directory lies outside it (CARGO_TARGET_DIR).
+        let revision = [root.clone(), PathBuf::from(".")]
+            .iter()
+            .find_map(|dir| git_describe(dir))
             .unwrap_or_else(|| "unknown".into());
         Ok(Env {
             tether_bin,
@@ -132,6 +130,17 @@ impl Env {
             revision,
         })
     }
+}
+
+/// `git describe --always --dirty` in `dir`, if that is a checkout.
+fn git_describe(dir: &Path) -> Option<String> {
+    let output = std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .current_dir(dir)
+        .output()
+        .ok()?;
+    let revision = String::from_utf8(output.stdout).ok()?.trim().to_owned();
+    (output.status.success() && !revision.is_empty()).then_some(revision)
 }
 
 /// Creates `venv` with openagents 0.5.1 unless it already imports.

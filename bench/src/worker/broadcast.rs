@@ -70,8 +70,6 @@ impl Worker {
         let recipients = sockets.len().saturating_sub(1) as u64;
         let recording = Arc::new(AtomicBool::new(false));
         let first_seq = Arc::new(AtomicU64::new(u64::MAX));
-        let per_seq: Arc<Mutex<HashMap<u64, (u64, u32)>>> = Arc::default();
-        let lats = Arc::new(Mutex::new(Vec::new()));
         let delivered = Arc::new(AtomicU64::new(0));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut sender = None;
@@ -81,15 +79,13 @@ impl Worker {
                 sender = Some(ws);
                 continue;
             }
-            let (first_seq, per_seq, lats, delivered, mut stop_rx) = (
-                first_seq.clone(),
-                per_seq.clone(),
-                lats.clone(),
-                delivered.clone(),
-                stop_rx.clone(),
-            );
+            let (first_seq, delivered, mut stop_rx) =
+                (first_seq.clone(), delivered.clone(), stop_rx.clone());
+            // Each recipient keeps what it saw to itself (no lock per copy, which would
+            // add the harness's own contention to every latency); merged at the end.
             readers.push(tokio::spawn(async move {
                 let mut ws = ws;
+                let mut seen: Vec<(u64, u32)> = Vec::new();
                 loop {
                     tokio::select! {
                         _ = stop_rx.changed() => break,
@@ -106,12 +102,8 @@ impl Worker {
                                     continue; // Sent during the warm-up.
                                 }
                                 let lat = now_us().saturating_sub(t).min(u32::MAX as u64) as u32;
+                                seen.push((seq, lat));
                                 delivered.fetch_add(1, Ordering::Relaxed);
-                                lats.lock().unwrap().push(lat);
-                                let mut per_seq = per_seq.lock().unwrap();
-                                let entry = per_seq.entry(seq).or_insert((0, 0));
-                                entry.0 += 1;
-                                entry.1 = entry.1.max(lat);
                             }
                             Some(Ok(_)) => {}
                             _ => break,
@@ -119,6 +111,7 @@ impl Worker {
                     }
                 }
                 client::close(ws).await;
+                seen
             }));
         }
         let Some(mut sender) = sender else {
@@ -169,18 +162,25 @@ impl Worker {
         }
         let _ = stop_tx.send(true);
         client::close(sender).await;
+        // Per broadcast: how many recipients had it, and the latest of them.
+        let mut per_seq: HashMap<u64, (u64, u32)> = HashMap::new();
+        let mut lat_us = Vec::new();
         for r in readers {
-            let _ = tokio::time::timeout(Duration::from_secs(10), r).await;
+            if let Ok(Ok(seen)) = tokio::time::timeout(Duration::from_secs(10), r).await {
+                for (seq, lat) in seen {
+                    lat_us.push(lat);
+                    let entry = per_seq.entry(seq).or_insert((0, 0));
+                    entry.0 += 1;
+                    entry.1 = entry.1.max(lat);
+                }
+            }
         }
         let first = first_seq.load(Ordering::SeqCst);
         let completion_us = per_seq
-            .lock()
-            .unwrap()
             .iter()
             .filter(|(s, (count, _))| **s >= first && *count >= recipients)
             .map(|(_, (_, max))| *max)
             .collect();
-        let lat_us = std::mem::take(&mut *lats.lock().unwrap());
         Reply::Broadcasted {
             sent,
             delivered: delivered.load(Ordering::Relaxed),
