@@ -214,6 +214,8 @@ impl Agent {
     /// this incarnation with reason `client_closed`) and stops the agent. Waits at
     /// most a few seconds for the server.
     pub async fn close(mut self) -> Result<(), Error> {
+        // Events nobody will read: a task waiting for room in the queue sees `closing`.
+        self.events.close();
         self.closing.send_replace(true);
         if let Some(task) = self.task.take() {
             tokio::time::timeout(Duration::from_secs(10), task)

@@ -110,7 +110,8 @@ impl AgentConfig {
     }
 
     /// Time allowed for the TCP connect, the WebSocket upgrade and the registration
-    /// answer of one attempt. Default 10 s.
+    /// answer of one attempt, and as much again for the certificate claim after it.
+    /// Default 10 s.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self

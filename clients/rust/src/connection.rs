@@ -110,14 +110,25 @@ async fn keep_certificate(
         return;
     }
     let force = certificates.get().is_some();
-    let mut result = claim(connection, &config.agent_id, force).await;
-    if let Err(Error::Request {
-        code: ErrorCode::AlreadyClaimed,
-        ..
-    }) = &result
-    {
-        result = claim(connection, &config.agent_id, true).await;
-    }
+    let claiming = async {
+        let result = claim(connection, &config.agent_id, force).await;
+        match result {
+            // An older claim of this agent's own blocks it: take it over.
+            Err(Error::Request {
+                code: ErrorCode::AlreadyClaimed,
+                ..
+            }) if !force => claim(connection, &config.agent_id, true).await,
+            other => other,
+        }
+    };
+    let result = tokio::time::timeout(config.connect_timeout, claiming)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Timeout(format!(
+                "no claim_agent_id answer within {:?}",
+                config.connect_timeout
+            )))
+        });
     match result.and_then(|certificate| certificates.set(certificate)) {
         Ok(()) => log::debug!("certificate for {} kept", config.agent_id),
         Err(error) => log::warn!(
