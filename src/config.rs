@@ -392,15 +392,14 @@ fn validate_cluster(s: &Settings) -> Result<(), ConfigError> {
             "must be non-empty, without braces or spaces",
         ));
     }
-    let url = cluster.redis_url.as_str();
-    let seeds = url.strip_prefix(tether_actors::cluster::CLUSTER_SCHEME);
-    if seeds.is_some_and(|seeds| seeds.trim_matches(['/', ',', ' ']).is_empty())
-        || seeds.is_none() && !url.starts_with("redis://") && !url.starts_with("rediss://")
-    {
+    // The same reading the cluster makes at start (it connects to nothing).
+    if let Err(error) = tether_actors::cluster::RedisTarget::open(&cluster.redis_url) {
         return Err(invalid(
             "cluster.redis_url",
-            "must be a redis:// or rediss:// URL (one Redis), or \
-             redis+cluster://host:port,host:port (the seed nodes of a Redis Cluster)",
+            format!(
+                "{error}: must be a redis:// or rediss:// URL (one Redis), or \
+                 redis+cluster://host:port,host:port (the seed nodes of a Redis Cluster)"
+            ),
         ));
     }
     if !cluster.advertise_url.is_empty()

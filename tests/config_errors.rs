@@ -133,6 +133,7 @@ fn a_cluster_redis_url_that_names_no_redis_is_refused() {
         "http://127.0.0.1:6379",
         "redis+cluster://",
         "redis+cluster://,",
+        "redis+cluster://127.0.0.1:notaport",
     ] {
         assert_refused(
             &[
