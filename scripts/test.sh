@@ -31,9 +31,9 @@ wait_port() { # port seconds name
 # signal 7`), not as "no space left". The debug target directory of a whole run is
 # ≈ 5 GiB (4.6 GiB measured) and tansu's first build needs room of its own: warn early.
 need_gib=8
-free_kib=$(df -Pk . | awk 'NR == 2 { print $4 }')
-if [ "$free_kib" -lt $((need_gib * 1024 * 1024)) ]; then
-  log "WARNING: only $((free_kib / 1024)) MiB free on $(df -P . | awk 'NR == 2 { print $6 }'); a first run needs about ${need_gib} GiB. If the build fails with 'signal 7 [Bus error]', the disk filled: free some (old target directories, ~/.cargo/registry) and run again"
+read -r free_kib mount < <(df -Pk . 2>/dev/null | awk 'NR == 2 { print $4, $6 }') || true
+if [[ ${free_kib:-} =~ ^[0-9]+$ ]] && [ "$free_kib" -lt $((need_gib * 1024 * 1024)) ]; then
+  log "WARNING: only $((free_kib / 1024)) MiB free on $mount; a first run needs about ${need_gib} GiB. If the build fails with 'signal 7 [Bus error]', the disk filled: free some (old target directories, ~/.cargo/registry) and run again"
 fi
 
 apt_install() {

@@ -8,47 +8,24 @@
 //! sender (a "routed" message comes back to the socket that sent it).
 //!
 //! A broadcast (`"message_type":"broadcast_message"`) goes, unchanged, to every other
-//! connection the floor holds, the way a bare tokio-tungstenite server would do it: the
-//! frame's bytes shared, one channel message per copy to the connection's task, which
-//! writes it. It ignores `exclude_agent_ids` and keeps no ids.
+//! connection the floor holds, the way a bare tokio server would do it: one
+//! `tokio::sync::broadcast` channel, whose receiver in each connection's task writes
+//! every copy not sent by that connection. It ignores `exclude_agent_ids` and keeps no ids.
 
 use crate::client::ws_config;
 use futures_util::{SinkExt, StreamExt};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Every open connection's queue of broadcast copies, by connection number.
-#[derive(Default)]
-struct Peers {
-    next: AtomicU64,
-    queues: Mutex<HashMap<u64, UnboundedSender<Message>>>,
-}
+/// Broadcasts not yet written that a connection may fall behind by (the workloads send
+/// at most tens per second).
+const BROADCAST_BACKLOG: usize = 1024;
 
-impl Peers {
-    fn join(&self, queue: UnboundedSender<Message>) -> u64 {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        self.queues.lock().expect("not poisoned").insert(n, queue);
-        n
-    }
-
-    fn leave(&self, n: u64) {
-        self.queues.lock().expect("not poisoned").remove(&n);
-    }
-
-    /// Hands `frame` to every connection but `from`.
-    fn broadcast(&self, from: u64, frame: &Message) {
-        for (n, queue) in self.queues.lock().expect("not poisoned").iter() {
-            if *n != from {
-                let _ = queue.send(frame.clone());
-            }
-        }
-    }
-}
+/// A broadcast frame and the connection (its peer address) that sent it.
+type Broadcast = (SocketAddr, Message);
 
 /// Runs the floor server on `host:port` until killed. Prints
 /// `floor listening on ADDR` once bound.
@@ -73,11 +50,11 @@ pub fn run(host: &str, port: u16, threads: usize) -> std::process::ExitCode {
                 return std::process::ExitCode::FAILURE;
             }
         }
-        let peers = Arc::new(Peers::default());
+        let (broadcasts, _) = broadcast::channel::<Broadcast>(BROADCAST_BACKLOG);
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve(stream, peers.clone()));
+                Ok((stream, peer)) => {
+                    tokio::spawn(serve(stream, peer, broadcasts.clone()));
                 }
                 Err(e) => {
                     // Out of file descriptors, typically: back off and retry.
@@ -89,22 +66,22 @@ pub fn run(host: &str, port: u16, threads: usize) -> std::process::ExitCode {
     })
 }
 
-async fn serve(stream: TcpStream, peers: Arc<Peers>) {
+async fn serve(stream: TcpStream, me: SocketAddr, broadcasts: broadcast::Sender<Broadcast>) {
     let _ = stream.set_nodelay(true);
     let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(ws_config())).await
     else {
         return;
     };
-    let (queue, mut copies) = unbounded_channel();
-    let me = peers.join(queue);
+    let mut copies = broadcasts.subscribe();
     loop {
         let msg = tokio::select! {
             copy = copies.recv() => match copy {
-                Some(copy) => {
-                    if ws.send(copy).await.is_err() { break; }
+                Ok((from, copy)) => {
+                    if from != me && ws.send(copy).await.is_err() { break; }
                     continue;
                 }
-                None => break,
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => break,
             },
             msg = ws.next() => match msg {
                 Some(Ok(msg)) => msg,
@@ -127,7 +104,7 @@ async fn serve(stream: TcpStream, peers: Arc<Peers>) {
                         Message::Text(text)
                     }
                 } else if t.contains("\"broadcast_message\"") {
-                    peers.broadcast(me, &Message::Text(text));
+                    let _ = broadcasts.send((me, Message::Text(text)));
                     continue;
                 } else {
                     Message::Text(text)
@@ -142,5 +119,4 @@ async fn serve(stream: TcpStream, peers: Arc<Peers>) {
             break;
         }
     }
-    peers.leave(me);
 }

@@ -59,7 +59,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Vec<Table>, String> {
     ));
     broadcast_table.rows = rows;
     broadcast_table.notes.push(
-        "One agent broadcasts; every other agent records the latency of each copy. Completion = time until the last recipient had a broadcast (only broadcasts every recipient got). The floor hands each broadcast frame, unchanged, to every other connection it holds (a channel message per copy to the connection's task, which writes it), with no registry, exclusions or `sender_id` stamping: the least a WebSocket server does per copy.".into(),
+        "One agent broadcasts; every other agent records the latency of each copy. Completion = time until the last recipient had a broadcast (only broadcasts every recipient got). The floor hands each broadcast frame, unchanged, to every other connection it holds (one `tokio::sync::broadcast` channel; each connection's task writes the copies), with no registry, exclusions or `sender_id` stamping: the least a WebSocket server does per copy.".into(),
     );
     finish(ctx, &mut broadcast_table);
     if any_ok || any_ok_b {
