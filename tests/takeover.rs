@@ -290,6 +290,41 @@ async fn only_the_holders_connection_may_claim_a_live_id_and_its_certificate_tak
 }
 
 #[tokio::test]
+async fn the_holder_renews_its_own_certificate_without_force_and_beyond_the_claim_limit() {
+    let server = TestServer::start(&[
+        ("TETHER__IDENTITY__ALLOW_FORCE_RECONNECT", "false"),
+        ("TETHER__LIMITS__MAX_CLAIMS_PER_CONNECTION", "2"),
+    ]);
+    let mut holder = Agent::connect(&server.ws_url()).await;
+    let first = certificate(&mut holder, "alice", false).await;
+    let registered = register_with(&mut holder, "alice", json!({"certificate": first})).await;
+    assert_eq!(registered["success"], true, "{registered}");
+    // Five renewals on a connection allowed two claims, none of them forced.
+    let mut previous = first.clone();
+    for _ in 0..5 {
+        let renewed = certificate(&mut holder, "alice", false).await;
+        assert_ne!(renewed["certificate_hash"], previous["certificate_hash"]);
+        let revoked = validate(&mut holder, &previous).await;
+        assert_eq!(
+            revoked["valid"], false,
+            "a renewal revokes what it replaces: {revoked}"
+        );
+        previous = renewed;
+    }
+    // Claims of other ids still count (1 so far: the claim before registering).
+    let other = claim(&mut holder, "bob", false).await;
+    assert_eq!(other["success"], true, "{other}");
+    let refused = claim(&mut holder, "carol", false).await;
+    assert_eq!(refused["error_code"], "too_many_claims", "{refused}");
+    // The last renewal takes the id back after a half-open connection.
+    let mut again = Agent::connect(&server.ws_url()).await;
+    let takeover = register_with(&mut again, "alice", json!({"certificate": previous})).await;
+    assert_eq!(takeover["success"], true, "{takeover}");
+    assert_eq!(takeover["incarnation"], 2);
+    assert_replaced(&mut holder, "alice").await;
+}
+
+#[tokio::test]
 async fn with_forcing_disallowed_a_forced_claim_does_not_revoke_an_outstanding_certificate() {
     let server = TestServer::start(&[("TETHER__IDENTITY__ALLOW_FORCE_RECONNECT", "false")]);
     let mut owner = Agent::connect(&server.ws_url()).await;

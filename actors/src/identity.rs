@@ -79,6 +79,8 @@ struct Claim {
     unbound_until: Option<f64>,
     /// The connection that claimed it.
     claimant: u64,
+    /// When its certificate was issued (minus infinity when not issued here).
+    issued_at: f64,
     /// When its certificate expires (infinite for "registered without a certificate").
     expires_at: f64,
 }
@@ -148,6 +150,7 @@ impl CertificateAuthority {
                 hash: certificate_hash.map(str::to_owned),
                 unbound_until: None,
                 claimant: session,
+                issued_at: f64::NEG_INFINITY,
                 expires_at: f64::INFINITY,
             };
             self.claims
@@ -204,7 +207,15 @@ impl CertificateAuthority {
         // Both times are whole milliseconds: their shortest decimal form then parses
         // back to the same f64 (serde_json's float parsing is not exact for every
         // 17-digit value, and the hash is computed over these numbers).
-        let issued_at = (now * 1000.0).round() / 1000.0;
+        let mut issued_at = (now * 1000.0).round() / 1000.0;
+        // The hash covers the id and the times only: a claim in the same millisecond
+        // as the one it replaces gets a later time, so it never reissues (and thereby
+        // fails to revoke) the certificate it replaces.
+        if let Some(previous) = self.claims.get(agent_id) {
+            if issued_at <= previous.issued_at {
+                issued_at = ((previous.issued_at * 1000.0).round() + 1.0) / 1000.0;
+            }
+        }
         let expires_at = ((issued_at + self.ttl_secs) * 1000.0).round() / 1000.0;
         let hash = certificate_hash(agent_id, issued_at, expires_at);
         let signature = self.sign(&hash);
@@ -213,6 +224,7 @@ impl CertificateAuthority {
             hash: Some(hash.clone()),
             unbound_until: (!bound).then_some(now + self.claim_ttl),
             claimant,
+            issued_at,
             expires_at,
         };
         let old = self.claims.insert(agent_id.to_owned(), claim);
@@ -349,6 +361,20 @@ mod tests {
         let newer = ca.claim("alice", 2, true, 1002.0).unwrap();
         assert_eq!(ca.validate(&cert, 1003.0), Err(CertificateError::Revoked));
         assert_eq!(ca.validate(&newer, 1003.0), Ok("alice".to_owned()));
+    }
+
+    #[test]
+    fn claims_in_the_same_millisecond_still_revoke_what_they_replace() {
+        let mut ca = CertificateAuthority::new(b"secret".to_vec(), 60.0);
+        let first = ca.claim("alice", 1, false, 1000.0).unwrap();
+        let second = ca.claim("alice", 1, true, 1000.0).unwrap();
+        let third = ca.claim("alice", 1, true, 1000.0004).unwrap();
+        assert_ne!(first["certificate_hash"], second["certificate_hash"]);
+        assert_ne!(second["certificate_hash"], third["certificate_hash"]);
+        assert_eq!(ca.validate(&first, 1000.5), Err(CertificateError::Revoked));
+        assert_eq!(ca.validate(&second, 1000.5), Err(CertificateError::Revoked));
+        assert_eq!(ca.validate(&third, 1000.5), Ok("alice".to_owned()));
+        assert_eq!(third["issued_at"], 1000.002);
     }
 
     #[test]

@@ -82,11 +82,16 @@ impl Registry {
     /// only by that agent's own connection (a certificate is the proof that takes a
     /// live id over, so no other socket may obtain one); `force` replaces an
     /// outstanding certificate only where `identity.allow_force_reconnect` allows
-    /// forcing.
+    /// forcing. The holder's own claim is a renewal: its claim is its own, so it is
+    /// replaced in place without `force` and not counted against
+    /// `limits.max_claims_per_connection` (an agent connected for weeks renews at
+    /// every half-life of its certificate).
     fn claim(&mut self, session_id: SessionId, claim: Claim) -> Result<Value, ProtocolError> {
         let Claim { agent_id, force } = claim;
+        let mut renewal = false;
         if let Some(holder) = self.agents.get(agent_id.as_str()) {
-            if holder.session_id != session_id {
+            renewal = holder.session_id == session_id;
+            if !renewal {
                 return Err(ProtocolError::new(
                     ErrorCode::AgentIdInUse,
                     format!(
@@ -101,7 +106,7 @@ impl Registry {
         let Some(socket) = self.sockets.get_mut(&session_id) else {
             return Err(ErrorCode::NotRegistered.into()); // Gone while the request was in flight.
         };
-        if socket.claims >= max {
+        if !renewal && socket.claims >= max {
             return Err(ProtocolError::new(
                 ErrorCode::TooManyClaims,
                 format!(
@@ -110,8 +115,10 @@ impl Registry {
                 ),
             ));
         }
-        socket.claims += 1;
-        let force = force && self.settings.identity.allow_force_reconnect;
+        if !renewal {
+            socket.claims += 1;
+        }
+        let force = renewal || (force && self.settings.identity.allow_force_reconnect);
         match self
             .certificates
             .claim(&agent_id, session_id, force, epoch_secs())
