@@ -220,6 +220,127 @@ async fn a_half_open_connection_is_taken_back_with_the_certificate() {
 }
 
 #[tokio::test]
+async fn a_long_connected_agent_renews_its_certificate_and_still_takes_its_id_back() {
+    // Certificates live 2 s: the one claimed at registration has long expired when
+    // the connection goes half-open.
+    let server = TestServer::start(&[("TETHER__IDENTITY__CERTIFICATE_TTL", "2")]);
+    let proxy = Proxy::start(&server.addr);
+    let mut events = EventStream::subscribe(&server, None).await;
+    let url = format!("ws://{}/", proxy.addr());
+    let mut agent = connect(watchful(AgentConfig::new(url, "veteran"))).await;
+    let first = agent
+        .certificate()
+        .expect("a certificate after registering");
+    let first_expiry = first["expires_at"].as_f64().unwrap();
+    // Renewed, again and again, until one was issued after the first expired.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let current = agent.certificate().unwrap();
+        seen.insert(current["certificate_hash"].to_string());
+        if current["issued_at"].as_f64().unwrap() > first_expiry {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no renewal past the first certificate's expiry; certificates seen: {}",
+            seen.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
+    }
+    assert!(seen.len() >= 3, "renewed at each half-life: {seen:?}");
+    assert!(
+        agent.is_connected(),
+        "renewing does not cost the connection"
+    );
+
+    proxy.freeze();
+    let back = next_matching(&mut agent, |e| match e {
+        Event::Reconnected(r) => Some(r),
+        _ => None,
+    })
+    .await;
+    assert_eq!(back.incarnation, 2);
+    assert!(
+        back.with_certificate,
+        "the renewed certificate took the id back"
+    );
+    let all = events
+        .collect_until(|e| e["type"] == "agent.registered" && e["data"]["incarnation"] == 2)
+        .await;
+    assert_takeover_events(&all, "veteran", "certificate", &back.session_id);
+    agent.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_write_the_server_never_takes_counts_as_a_lost_connection() {
+    let server = TestServer::start(&[]);
+    let proxy = Proxy::start(&server.addr);
+    let url = format!("ws://{}/", proxy.addr());
+    let mut agent = connect(watchful(AgentConfig::new(url, "writer"))).await;
+    // Nothing is read from the agent's socket any more: 20 MB of messages fill the
+    // kernel's buffers and the agent's write waits for room that never comes.
+    proxy.freeze();
+    let bulk = json!("x".repeat(200_000));
+    for _ in 0..100 {
+        agent.send_direct("nobody", bulk.clone()).await.unwrap();
+    }
+    let lost = next_matching(&mut agent, |e| match e {
+        Event::Disconnected(d) => Some(d),
+        _ => None,
+    })
+    .await;
+    assert!(lost.reconnecting, "{lost:?}");
+    assert!(lost.reason.contains("stuck"), "{lost:?}");
+    let back = next_matching(&mut agent, |e| match e {
+        Event::Reconnected(r) => Some(r),
+        _ => None,
+    })
+    .await;
+    assert_eq!(back.incarnation, 2);
+    agent.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn reconnect_delays_carry_on_across_connections_that_do_not_last() {
+    let server = TestServer::start(&[]);
+    let proxy = Proxy::start(&server.addr);
+    let url = format!("ws://{}/", proxy.addr());
+    let policy = ReconnectPolicy {
+        initial_delay: Duration::from_millis(100),
+        max_delay: Duration::from_secs(30),
+        factor: 2.0,
+        jitter: false,
+        max_attempts: None,
+    };
+    let mut agent = connect(AgentConfig::new(url, "flapping").reconnect(policy)).await;
+    let mut gaps = Vec::new();
+    for _ in 0..4 {
+        proxy.cut(); // each connection ends right after it was made
+        let lost = next_matching(&mut agent, |e| match e {
+            Event::Disconnected(d) => Some(d),
+            _ => None,
+        })
+        .await;
+        assert!(lost.reconnecting, "{lost:?}");
+        let lost_at = tokio::time::Instant::now();
+        proxy.restore();
+        next_matching(&mut agent, |e| match e {
+            Event::Reconnected(r) => Some(r),
+            _ => None,
+        })
+        .await;
+        gaps.push(lost_at.elapsed());
+    }
+    // Attempt n waits 100 ms × 2ⁿ⁻¹. The count carries on across connections that did
+    // not last, so the fourth reconnection is attempt 4 (800 ms); counted afresh it
+    // would wait 100 ms.
+    assert!(gaps[3] >= Duration::from_millis(750), "{gaps:?}");
+    assert_eq!(agent.stats().reconnects, 4);
+    agent.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn an_agent_comes_back_after_a_server_restart() {
     let database = common::fresh_database_path();
     let storage = format!("sqlite://{}", database.display());
@@ -464,15 +585,23 @@ async fn an_agent_connects_over_wss() {
         (message.sender_id.as_str(), message.content),
         ("plain", json!("over tls"))
     );
-    // A certificate the system store does not hold is refused.
-    std::env::set_var("SSL_CERT_FILE", "/nonexistent");
+    // A server certificate the store does not vouch for is refused: the store now holds
+    // an unrelated certificate only (a store that loads, not an empty one).
+    let other_file = ca_file.with_extension("other.pem");
+    let unrelated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(&other_file, unrelated.cert.pem()).unwrap();
+    std::env::set_var("SSL_CERT_FILE", &other_file);
     let untrusted = Agent::connect(AgentConfig::new(format!("wss://localhost:{port}/"), "x")).await;
-    assert!(
-        matches!(untrusted, Err(tether_client::Error::Connect { .. })),
-        "{:?}",
-        untrusted.err()
-    );
+    match untrusted {
+        // rustls names the unrelated certificate's failure (same subject: BadSignature).
+        Err(tether_client::Error::Connect { reason, .. }) => assert!(
+            reason.contains("invalid peer certificate"),
+            "refused for another reason than the server's certificate: {reason}"
+        ),
+        other => panic!("an untrusted server was accepted: {:?}", other.err()),
+    }
     secure.close().await.unwrap();
     plain.close().await.unwrap();
     let _ = std::fs::remove_file(ca_file);
+    let _ = std::fs::remove_file(other_file);
 }

@@ -344,6 +344,15 @@ class Proxy:
         """Forward new connections again."""
         self.paused = False
 
+    def drop(self) -> None:
+        """Close every open connection at once (new ones are forwarded)."""
+        for pumps, writers in self._live:
+            for pump in pumps:
+                pump.cancel()
+            for writer in writers:
+                writer.transport.abort()
+        self._live.clear()
+
     def freeze(self) -> None:
         """Stop forwarding on every open connection, keeping them open."""
         for pumps, writers in self._live:

@@ -211,6 +211,63 @@ async def test_survives_a_half_open_connection(
     await log.close()
 
 
+async def test_renews_its_certificate_while_connected_and_takes_its_id_back_with_it(
+    start_server: ServerFactory, start_proxy: ProxyFactory, agents: list[Agent]
+) -> None:
+    # Certificates live 2 s: the one claimed at registration has long expired when
+    # the connection goes half-open.
+    server = await start_server(TETHER__IDENTITY__CERTIFICATE_TTL="2")
+    proxy = await start_proxy(server)
+    log = await EventLog.open(server)
+    agent = await connect(
+        agents, proxy.ws_url, "veteran", keepalive=Keepalive(idle=0.3, timeout=0.5)
+    )
+    first = agent.certificate
+    assert first is not None
+    seen = set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE
+    while True:
+        current = agent.certificate
+        assert current is not None
+        seen.add(current["certificate_hash"])
+        if current["issued_at"] > first["expires_at"]:
+            break
+        assert loop.time() < deadline, f"no renewal past the first expiry ({len(seen)} seen)"
+        await asyncio.sleep(0.05)  # poll interval
+    assert len(seen) >= 3, "renewed at each half-life"
+    assert agent.connected
+
+    proxy.freeze()
+    back = await next_of(agent, Reconnected)
+    assert back.registration.incarnation == 2
+    registered = await log.wait_for("agent.registered", agent_id="veteran", incarnation=2)
+    assert registered["data"]["takeover"] == "certificate"
+    assert not log.matching("agent.registration_failed")
+    await log.close()
+
+
+async def test_reconnect_delays_carry_on_across_connections_that_do_not_last(
+    server: Server, start_proxy: ProxyFactory, agents: list[Agent]
+) -> None:
+    proxy = await start_proxy(server)
+    policy = ReconnectPolicy(initial_delay=0.1, max_delay=30.0, factor=2.0)
+    agent = await connect(agents, proxy.ws_url, "flapping", reconnect=policy)
+    loop = asyncio.get_running_loop()
+    gaps = []
+    for _ in range(4):
+        proxy.drop()  # each connection ends right after it was made
+        assert (await next_of(agent, Disconnected)).reconnecting
+        lost_at = loop.time()
+        await next_of(agent, Reconnected)
+        gaps.append(loop.time() - lost_at)
+    # Attempt n waits at least half of 0.1 * 2 ** (n - 1) s. The count carries on
+    # across connections that did not last, so the fourth reconnection is attempt 4
+    # (at least 0.4 s); counted afresh, it would wait at most 0.1 s.
+    assert gaps[3] >= 0.35, gaps
+    assert agent.stats.reconnects == 4
+
+
 async def test_survives_a_server_restart(server: Server, agents: list[Agent]) -> None:
     alice = await connect(agents, server.ws_url, "restarted")
     before = alice.registration.session_id

@@ -6,7 +6,14 @@ import json
 import stat
 from pathlib import Path
 
-from tether_agent import AckStatus, ErrorCode, Instruction, Message, ServerError
+from tether_agent import (
+    AckStatus,
+    ErrorCode,
+    Instruction,
+    Message,
+    ReconnectPolicy,
+    ServerError,
+)
 from tether_agent.certificate import CertificateStore
 from tether_agent.instructions import InstructionLedger, Verdict
 from tether_agent.protocol import Ping, Response, parse
@@ -67,5 +74,18 @@ def test_certificate_file_is_written_atomically_with_mode_0600(tmp_path: Path) -
     assert CertificateStore(path).certificate == cert
     assert not store.needs_renewal(now=1999.0)
     assert store.needs_renewal(now=2000.0)
+    assert store.seconds_until_renewal(now=1500.0) == 500.0
+    assert store.renewal_retry() == 60.0  # an eighth of 2 000 s, at most a minute
+    store.store({"agent_id": "a", "issued_at": 1000.0, "expires_at": 1004.0})
+    assert store.renewal_retry() == 0.5
     store.forget()
     assert not path.exists() and store.certificate is None
+    assert store.seconds_until_renewal() == 0.0 and store.renewal_retry() == 60.0
+
+
+def test_reconnect_delays_grow_with_equal_jitter_up_to_max_delay() -> None:
+    policy = ReconnectPolicy(initial_delay=0.1, max_delay=0.8, factor=2.0)
+    for attempt, full in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (9, 0.8)]:
+        delays = [policy.delay(attempt) for _ in range(200)]
+        assert all(full / 2 <= d <= full for d in delays), (attempt, min(delays), max(delays))
+        assert len(set(delays)) > 10, "jittered"

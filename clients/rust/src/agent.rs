@@ -1,6 +1,7 @@
 //! The [`Agent`]: the application's handle, and the task behind it that keeps one
 //! connection at a time and reconnects when it is lost.
 
+use crate::backoff::Backoff;
 use crate::certificate::CertificateStore;
 use crate::config::AgentConfig;
 use crate::connection::{self, Connection};
@@ -14,7 +15,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -97,6 +98,8 @@ pub(crate) struct Runner {
     pub(crate) ledger: Ledger,
     /// `reconnect_url` of the last `network_shutdown`.
     pub(crate) reconnect_url: Option<String>,
+    /// The reconnect delays, carried across connections that did not last.
+    backoff: Backoff,
 }
 
 impl Agent {
@@ -134,6 +137,7 @@ impl Agent {
             shared: shared.clone(),
             request_timeout: config.request_timeout,
         };
+        let backoff = Backoff::new(config.reconnect);
         let runner = Runner {
             config,
             certificates,
@@ -143,6 +147,7 @@ impl Agent {
             shared,
             ledger: Ledger::default(),
             reconnect_url: None,
+            backoff,
         };
         let task = tokio::spawn(runner.run(connection));
         Ok(Self {
@@ -380,7 +385,10 @@ impl Runner {
     async fn run(mut self, first: Connection) {
         let mut connection = first;
         loop {
-            let disconnect = match session::serve(&mut self, connection).await {
+            let connected_at = Instant::now();
+            let end = session::serve(&mut self, connection).await;
+            self.backoff.connection_lasted(connected_at.elapsed());
+            let disconnect = match end {
                 End::Closed => {
                     return self
                         .stop(Some(1000), "closed by the application".into())
@@ -414,9 +422,8 @@ impl Runner {
     /// Connects again, with backoff, until it works, the application closes the agent,
     /// a refusal says retrying cannot help, or the attempts run out.
     async fn reconnect(&mut self) -> Result<Connection, String> {
-        let mut attempts = 0usize;
-        for delay in self.config.reconnect.delays() {
-            attempts += 1;
+        while let Some(delay) = self.backoff.next_delay() {
+            let attempts = self.backoff.attempts();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = closing(&mut self.closing) => return Err("closed by the application".into()),
@@ -440,7 +447,36 @@ impl Runner {
                 ),
             }
         }
-        Err(format!("gave up after {attempts} reconnect attempts"))
+        Err(format!(
+            "gave up after {} reconnect attempts",
+            self.backoff.attempts()
+        ))
+    }
+
+    /// Keeps the certificate a renewal (`claim_agent_id` on a registered connection)
+    /// answered with; a refusal leaves the current one, to be tried again.
+    pub(crate) fn renewed(&mut self, answer: &Value) {
+        let agent_id = &self.config.agent_id;
+        if answer["success"] != true {
+            log::warn!(
+                "{agent_id}: certificate renewal refused ({}): {}",
+                answer["error_code"],
+                answer["error"]
+            );
+            return;
+        }
+        match self.certificates.set(answer["certificate"].clone()) {
+            Ok(()) => {
+                log::debug!("{agent_id}: certificate renewed");
+                *lock(&self.shared.certificate) = self.certificates.get().cloned();
+            }
+            Err(error) => log::warn!("{agent_id}: renewed certificate not kept: {error}"),
+        }
+    }
+
+    /// The agent's certificate store.
+    pub(crate) fn certificates(&self) -> &CertificateStore {
+        &self.certificates
     }
 
     /// Hands `event` to the application (waits while its queue is full).

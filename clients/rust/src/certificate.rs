@@ -4,7 +4,7 @@
 use crate::error::Error;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Where the certificate lives.
 #[derive(Debug)]
@@ -75,6 +75,19 @@ impl CertificateStore {
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
         expires - now > (expires - issued) / 2.0
+    }
+
+    /// How long to wait before trying again after a renewal: an eighth of the
+    /// certificate's lifetime, between 100 ms and a minute (a minute without one).
+    pub(crate) fn renewal_retry(&self) -> Duration {
+        let lifetime = self.current.as_ref().and_then(|certificate| {
+            let issued = certificate["issued_at"].as_f64()?;
+            let expires = certificate["expires_at"].as_f64()?;
+            Duration::try_from_secs_f64(expires - issued).ok()
+        });
+        lifetime.map_or(Duration::from_secs(60), |lifetime| {
+            (lifetime / 8).clamp(Duration::from_millis(100), Duration::from_secs(60))
+        })
     }
 }
 
@@ -165,5 +178,8 @@ mod tests {
             .set(json!({"agent_id": "a", "issued_at": now - 100.0, "expires_at": now + 10.0}))
             .unwrap();
         assert!(!store.is_fresh());
+        assert_eq!(store.renewal_retry(), Duration::from_secs_f64(110.0 / 8.0));
+        store.clear();
+        assert_eq!(store.renewal_retry(), Duration::from_secs(60));
     }
 }

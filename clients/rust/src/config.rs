@@ -146,7 +146,9 @@ impl AgentConfig {
 ///
 /// The n-th attempt waits `initial_delay × factorⁿ⁻¹`, at most `max_delay`, plus (with
 /// `jitter`) a random part of up to as much again, so a fleet that lost one server does
-/// not come back in one wave.
+/// not come back in one wave. The delays carry on across connections that end within
+/// `max_delay` of being made; a connection that lasted longer starts them over (and
+/// `max_attempts` counts from there).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ReconnectPolicy {
     /// Delay before the first attempt. Default 100 ms.

@@ -7,7 +7,7 @@ use crate::error::{Error, ErrorCode};
 use crate::event::Registration;
 use crate::protocol::{self, Incoming};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::VecDeque;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -100,7 +100,8 @@ async fn attempt(
 }
 
 /// Claims a certificate after a registration without one, renews one past half its
-/// life; a claim that fails leaves the agent without one (logged, not fatal).
+/// life; a claim that fails leaves the agent without one (logged, not fatal: the
+/// session tries again).
 async fn keep_certificate(
     connection: &mut Connection,
     config: &AgentConfig,
@@ -109,19 +110,7 @@ async fn keep_certificate(
     if connection.registration.with_certificate && certificates.is_fresh() {
         return;
     }
-    let force = certificates.get().is_some();
-    let claiming = async {
-        let result = claim(connection, &config.agent_id, force).await;
-        match result {
-            // An older claim of this agent's own blocks it: take it over.
-            Err(Error::Request {
-                code: ErrorCode::AlreadyClaimed,
-                ..
-            }) if !force => claim(connection, &config.agent_id, true).await,
-            other => other,
-        }
-    };
-    let result = tokio::time::timeout(config.connect_timeout, claiming)
+    let result = tokio::time::timeout(config.connect_timeout, claim(connection, &config.agent_id))
         .await
         .unwrap_or_else(|_| {
             Err(Error::Timeout(format!(
@@ -132,17 +121,16 @@ async fn keep_certificate(
     match result.and_then(|certificate| certificates.set(certificate)) {
         Ok(()) => log::debug!("certificate for {} kept", config.agent_id),
         Err(error) => log::warn!(
-            "no certificate for {} ({error}): after a half-open connection it waits for the server to let the id go",
+            "no certificate for {} yet ({error}): until one is claimed, after a half-open connection it waits for the server to let the id go",
             config.agent_id
         ),
     }
 }
 
-async fn claim(connection: &mut Connection, agent_id: &str, force: bool) -> Result<Value, Error> {
-    let mut fields = Map::new();
-    fields.insert("agent_id".into(), agent_id.into());
-    fields.insert("force".into(), force.into());
-    let frame = protocol::request("claim_agent_id", "claim", fields);
+/// Claims the agent's own id on its registered connection (a holder's claim needs
+/// no `force`: it renews the holder's certificate).
+async fn claim(connection: &mut Connection, agent_id: &str) -> Result<Value, Error> {
+    let frame = protocol::claim(agent_id, "claim");
     let answer = exchange(
         &mut connection.ws,
         frame,

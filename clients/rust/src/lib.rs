@@ -38,6 +38,7 @@
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 
 mod agent;
+mod backoff;
 mod certificate;
 mod config;
 mod connection;

@@ -43,6 +43,14 @@ pub fn request(command: &str, request_id: &str, fields: Map<String, Value>) -> S
     Value::Object(frame).to_string()
 }
 
+/// `claim_agent_id` for the agent's own id: its certificate, or a renewal of it
+/// once registered (the holder's claim needs no `force`).
+pub fn claim(agent_id: &str, request_id: &str) -> String {
+    let mut fields = Map::new();
+    fields.insert("agent_id".into(), agent_id.into());
+    request("claim_agent_id", request_id, fields)
+}
+
 /// The answer to the server's `ping_agent`, echoing its `timestamp`.
 pub fn pong(timestamp: f64) -> String {
     format!(

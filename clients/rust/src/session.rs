@@ -29,8 +29,33 @@ pub(crate) enum End {
     Stop(Disconnect),
 }
 
-/// Answers to requests in flight on this connection, by `request_id`.
-type Pending = HashMap<String, oneshot::Sender<Value>>;
+/// Who waits for the answer to a request.
+enum Waiter {
+    /// The application ([`AgentHandle::request`](crate::AgentHandle::request)).
+    Application(oneshot::Sender<Value>),
+    /// The session's own certificate renewal.
+    Renewal,
+}
+
+/// Requests in flight on this connection, by `request_id`.
+type Pending = HashMap<String, Waiter>;
+
+/// The `request_id` of the certificate renewal (at most one is in flight).
+const RENEWAL: &str = "renew";
+
+/// Writes one frame. A write the server has not taken within `limit` (its receive
+/// window and our send buffer full) is a lost connection: while it waits, nothing
+/// is read and no keepalive runs.
+async fn write(ws: &mut Ws, frame: String, limit: Duration) -> Result<(), End> {
+    match tokio::time::timeout(limit, ws.send(WsMessage::text(frame))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(lost(None, error.to_string())),
+        Err(_) => Err(lost(
+            None,
+            format!("a write waited {limit:?} for the server to take it: the connection is stuck"),
+        )),
+    }
+}
 
 /// Serves `connection` until it ends.
 pub(crate) async fn serve(runner: &mut Runner, connection: Connection) -> End {
@@ -43,9 +68,11 @@ pub(crate) async fn serve(runner: &mut Runner, connection: Connection) -> End {
         idle: registration.heartbeat_interval + registration.ping_timeout,
         timeout: registration.ping_timeout,
     });
+    // As long as the silence that makes the keepalive give up.
+    let write_limit = keepalive.idle + keepalive.timeout;
     let mut pending = Pending::new();
     for incoming in early {
-        if let Err(end) = handle(runner, &mut ws, incoming, &mut pending).await {
+        if let Err(end) = handle(runner, &mut ws, incoming, &mut pending, write_limit).await {
             return end;
         }
     }
@@ -55,6 +82,7 @@ pub(crate) async fn serve(runner: &mut Runner, connection: Connection) -> End {
     let mut last_heard = Instant::now();
     let mut probe: Option<Instant> = None;
     let mut requests = 0u64;
+    let mut next_renewal = Instant::now();
     loop {
         tokio::select! {
             frame = ws.next() => {
@@ -75,7 +103,9 @@ pub(crate) async fn serve(runner: &mut Runner, connection: Connection) -> End {
                 };
                 match protocol::parse(text.as_str()) {
                     Ok(incoming) => {
-                        if let Err(end) = handle(runner, &mut ws, incoming, &mut pending).await {
+                        if let Err(end) =
+                            handle(runner, &mut ws, incoming, &mut pending, write_limit).await
+                        {
                             return end;
                         }
                     }
@@ -96,12 +126,12 @@ pub(crate) async fn serve(runner: &mut Runner, connection: Connection) -> End {
                     Command::Request { command, fields, reply } => {
                         requests += 1;
                         let request_id = format!("r{requests}");
-                        pending.insert(request_id.clone(), reply);
+                        pending.insert(request_id.clone(), Waiter::Application(reply));
                         protocol::request(&command, &request_id, fields)
                     }
                 };
-                if let Err(error) = ws.send(WsMessage::text(frame)).await {
-                    return lost(None, error.to_string());
+                if let Err(end) = write(&mut ws, frame, write_limit).await {
+                    return end;
                 }
             }
             _ = tick.tick() => {
@@ -116,10 +146,24 @@ pub(crate) async fn serve(runner: &mut Runner, connection: Connection) -> End {
                     let mut fields = Map::new();
                     fields.insert("timestamp".into(), epoch_secs().into());
                     let frame = protocol::request("ping_agent", "keepalive", fields);
-                    if let Err(error) = ws.send(WsMessage::text(frame)).await {
-                        return lost(None, error.to_string());
+                    if let Err(end) = write(&mut ws, frame, write_limit).await {
+                        return end;
                     }
                     probe = Some(Instant::now());
+                }
+                // Renew the certificate once half its life is gone (or claim one that
+                // the registration could not get), one request at a time.
+                let now = Instant::now();
+                if now >= next_renewal
+                    && !pending.contains_key(RENEWAL)
+                    && !runner.certificates().is_fresh()
+                {
+                    next_renewal = now + runner.certificates().renewal_retry();
+                    pending.insert(RENEWAL.into(), Waiter::Renewal);
+                    let frame = protocol::claim(&runner.config.agent_id, RENEWAL);
+                    if let Err(end) = write(&mut ws, frame, write_limit).await {
+                        return end;
+                    }
                 }
             }
             _ = crate::agent::closing(&mut runner.closing) => {
@@ -136,22 +180,22 @@ async fn handle(
     ws: &mut Ws,
     incoming: Incoming,
     pending: &mut Pending,
+    write_limit: Duration,
 ) -> Result<(), End> {
-    let write = |error: tokio_tungstenite::tungstenite::Error| lost(None, error.to_string());
     match incoming {
         Incoming::Ping { timestamp } => {
-            ws.send(WsMessage::text(protocol::pong(timestamp)))
-                .await
-                .map_err(write)?;
+            write(ws, protocol::pong(timestamp), write_limit).await?;
             runner.shared.pings_answered.fetch_add(1, Ordering::Relaxed);
         }
         Incoming::Response {
             request_id, frame, ..
-        } => {
-            if let Some(reply) = request_id.and_then(|id| pending.remove(&id)) {
+        } => match request_id.and_then(|id| pending.remove(&id)) {
+            Some(Waiter::Application(reply)) => {
                 let _ = reply.send(frame);
             }
-        }
+            Some(Waiter::Renewal) => runner.renewed(&frame),
+            None => {}
+        },
         Incoming::Message(message) => {
             runner
                 .shared
@@ -192,7 +236,7 @@ async fn handle(
                         instruction.instruction_id,
                         instruction.attempt
                     );
-                    ws.send(WsMessage::text(frame)).await.map_err(write)?;
+                    write(ws, frame, write_limit).await?;
                 }
             }
         }

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -32,8 +33,6 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_never,
-    wait_exponential,
-    wait_random_exponential,
 )
 
 from . import protocol
@@ -45,7 +44,6 @@ from .errors import (
     ConnectionFailed,
     ErrorCode,
     RegistrationRefused,
-    RequestFailed,
     TetherError,
 )
 from .events import (
@@ -68,7 +66,7 @@ log = logging.getLogger(__name__)
 COMMAND_QUEUE_SIZE = 256
 """Commands (messages, acks) that may wait for a connection before callers block."""
 
-STOP_CLOSE_CODES = frozenset({1000, 1002, 1007, 1008, 1009, 4001})
+STOP_CLOSE_CODES = frozenset({1000, 1002, 1003, 1007, 1008, 1009, 1010, 4001})
 """Close codes after which the agent stops for good instead of reconnecting."""
 
 FATAL_REFUSALS = frozenset(
@@ -105,6 +103,10 @@ class Agent:
         self._conn: Connection | None = None
         self._connected = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self._connected_at = 0.0
+        self._attempts = 0
+        """Reconnect attempts since the last connection that lasted ``max_delay``."""
         self._runner: asyncio.Task[None] | None = None
         self._reconnecting: asyncio.Task[Connection] | None = None
         self._registration: Registration | None = None
@@ -302,6 +304,7 @@ class Agent:
             raise
         self._registration = registration
         self._conn = connection
+        self._connected_at = time.monotonic()
         self._shutdown_url = None
         if not first:
             self._reconnects += 1
@@ -313,25 +316,19 @@ class Agent:
         connection.start(self._dispatch, self._ping_answered, keepalive)
         self._writer = asyncio.create_task(self._write_loop(connection))
         self._connected.set()
-        await self._keep_certificate(connection, used_certificate=certificate is not None)
+        if certificate is None or self._certificates.needs_renewal():
+            await self._claim(connection)
+        self._renewer = asyncio.create_task(self._keep_renewing(connection))
         return connection
 
-    async def _keep_certificate(self, connection: Connection, used_certificate: bool) -> None:
-        """Claim a certificate after registering without one; renew one past half-life."""
-        if used_certificate and not self._certificates.needs_renewal():
-            return
-        force = used_certificate
+    async def _claim(self, connection: Connection) -> None:
+        """Claim (or, registered with it, renew) the certificate for the agent's id.
+
+        The holder's own claim needs no ``force``. A failure is logged and leaves the
+        certificate as it was; :meth:`_keep_renewing` tries again.
+        """
         try:
-            try:
-                answer = await connection.request(
-                    "claim_agent_id", agent_id=self._config.agent_id, force=force
-                )
-            except RequestFailed as refusal:
-                if force or refusal.error_code != ErrorCode.ALREADY_CLAIMED:
-                    raise
-                answer = await connection.request(
-                    "claim_agent_id", agent_id=self._config.agent_id, force=True
-                )
+            answer = await connection.request("claim_agent_id", agent_id=self._config.agent_id)
         except TetherError as error:
             log.warning("could not claim a certificate for %s: %s", self._config.agent_id, error)
             return
@@ -344,23 +341,38 @@ class Agent:
         else:
             log.warning("claim_agent_id answered without a certificate")
 
-    def _reconnect_policy(self) -> AsyncRetrying:
+    async def _keep_renewing(self, connection: Connection) -> None:
+        """Renew the certificate once half its lifetime is gone, while ``connection`` serves.
+
+        A failed claim is tried again after an eighth of the lifetime (at most a minute).
+        """
+        certificates = self._certificates
+        while not connection.ended:
+            wait = certificates.seconds_until_renewal()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            await self._claim(connection)
+            await asyncio.sleep(certificates.renewal_retry())
+
+    def _reconnect_policy(self, carried: int, left: int | None) -> AsyncRetrying:
+        """Return the retrying of one reconnection, counting on from ``carried`` attempts.
+
+        The caller waits before the first; tenacity waits between the others.
+        """
         policy = self._config.reconnect
-        half_initial = policy.initial_delay / 2
-        half_max = policy.max_delay / 2
-        # Equal jitter: half the exponential delay fixed, the other half random.
-        wait = wait_exponential(
-            multiplier=half_initial, max=half_max, exp_base=policy.factor
-        ) + wait_random_exponential(multiplier=half_initial, max=half_max, exp_base=policy.factor)
-        attempts = policy.max_attempts
-        stop = stop_never if attempts is None else stop_after_attempt(attempts)
+
+        def wait(state: RetryCallState) -> float:
+            return policy.delay(carried + state.attempt_number + 1)
+
+        stop = stop_never if left is None else stop_after_attempt(left)
 
         def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
             delay = state.next_action.sleep if state.next_action else 0.0
             log.info(
                 "reconnect attempt %d failed (%s); next in %.2f s",
-                state.attempt_number,
+                carried + state.attempt_number,
                 error,
                 delay,
             )
@@ -375,9 +387,19 @@ class Agent:
 
     async def _reconnect(self) -> Connection:
         """Reconnect with backoff; raise the last error when giving up."""
-        async for attempt in self._reconnect_policy():
+        policy = self._config.reconnect
+        carried = self._attempts
+        left = None if policy.max_attempts is None else policy.max_attempts - carried
+        if left is not None and left <= 0:
+            raise ConnectionFailed(
+                f"{carried} reconnect attempts since the last connection that lasted "
+                f"{policy.max_delay} s"
+            )
+        await asyncio.sleep(policy.delay(carried + 1))
+        async for attempt in self._reconnect_policy(carried, left):
             with attempt:
                 number = attempt.retry_state.attempt_number
+                self._attempts = carried + number
                 url = self._config.url
                 if self._shutdown_url is not None and number % 2 == 1:
                     url = self._shutdown_url
@@ -392,6 +414,8 @@ class Agent:
             while True:
                 ended = await connection.wait_ended()
                 self._disconnected()
+                if time.monotonic() - self._connected_at >= self._config.reconnect.max_delay:
+                    self._attempts = 0
                 if self._should_stop(ended):
                     await self._stop(Disconnected(ended.close_code, ended.reason, False))
                     return
@@ -431,6 +455,9 @@ class Agent:
         if self._writer is not None:
             self._writer.cancel()
             self._writer = None
+        if self._renewer is not None:
+            self._renewer.cancel()
+            self._renewer = None
 
     async def _stop(self, last: Disconnected) -> None:
         """Stop for good: end the event stream with ``last``, fail waiting commands."""

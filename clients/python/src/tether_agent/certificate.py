@@ -53,16 +53,37 @@ class CertificateStore:
 
         A certificate without readable ``issued_at``/``expires_at`` needs renewal.
         """
+        return self.seconds_until_renewal(now) <= 0
+
+    def seconds_until_renewal(self, now: float | None = None) -> float:
+        """Return the seconds until half the certificate's lifetime is gone (0: now)."""
+        times = self._times()
+        if times is None:
+            return 0.0
+        issued, expires = times
+        now = time.time() if now is None else now
+        return max((issued + expires) / 2 - now, 0.0)
+
+    def renewal_retry(self) -> float:
+        """Return the seconds to wait after a renewal before trying again.
+
+        An eighth of the certificate's lifetime, between 0.1 s and a minute (a minute
+        without a certificate).
+        """
+        times = self._times()
+        if times is None:
+            return 60.0
+        issued, expires = times
+        return min(max((expires - issued) / 8, 0.1), 60.0)
+
+    def _times(self) -> tuple[float, float] | None:
         cert = self._certificate
         if cert is None:
-            return True
+            return None
         try:
-            issued = float(cert["issued_at"])
-            expires = float(cert["expires_at"])
+            return float(cert["issued_at"]), float(cert["expires_at"])
         except (KeyError, TypeError, ValueError):
-            return True
-        now = time.time() if now is None else now
-        return expires - now <= (expires - issued) / 2
+            return None
 
     @staticmethod
     def _read(path: Path) -> dict[str, Any] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +16,12 @@ INSTRUCTIONS_CAPABILITY = "instructions"
 class ReconnectPolicy:
     """How the agent retries after losing its connection.
 
-    The first attempt is made at once; before attempt ``n + 1`` it waits a random time
-    between half and all of ``min(initial_delay * factor ** (n - 1), max_delay)``
-    seconds ("equal jitter"). ``max_attempts`` bounds the attempts of one reconnection
-    (``None``: retry forever).
+    Before attempt ``n`` it waits a random time between half and all of
+    ``min(initial_delay * factor ** (n - 1), max_delay)`` seconds ("equal jitter").
+    Attempts are counted across connections that end within ``max_delay`` of being
+    made (a server that accepts and drops at once is not hammered every
+    ``initial_delay``); a connection that lasted longer starts the count over.
+    ``max_attempts`` bounds the attempts so counted (``None``: retry forever).
     """
 
     initial_delay: float = 0.1
@@ -34,6 +37,11 @@ class ReconnectPolicy:
             raise ValueError("reconnect factor must be at least 1")
         if self.max_attempts is not None and self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1, or None")
+
+    def delay(self, attempt: int) -> float:
+        """Return the wait before attempt ``attempt`` (1 for the first)."""
+        full = min(self.initial_delay * self.factor ** max(attempt - 1, 0), self.max_delay)
+        return full / 2 + random.uniform(0, full / 2)
 
 
 @dataclass(frozen=True)
