@@ -25,8 +25,10 @@ const COMMAND_BUFFER: usize = 1024;
 
 /// An agent connected to a Tether server, reconnecting by itself.
 ///
-/// Send with [`send_direct`](Self::send_direct), [`broadcast`](Self::broadcast) and
-/// [`ack`](Self::ack) (or from other tasks through a cloned [`AgentHandle`]); receive
+/// Send with [`send_direct`](AgentHandle::send_direct),
+/// [`broadcast`](AgentHandle::broadcast), [`ack`](AgentHandle::ack) and
+/// [`request`](AgentHandle::request): the agent dereferences to its [`AgentHandle`],
+/// which other tasks use through [`handle`](Self::handle); receive
 /// with [`next_event`](Self::next_event), or use the agent as a
 /// [`Stream`](futures_core::Stream) of [`Event`]s. The stream ends after a
 /// [`Event::Disconnected`] whose `reconnecting` is false. Dropping the agent closes it.
@@ -168,53 +170,6 @@ impl Agent {
         self.handle.clone()
     }
 
-    /// Sends `content` to agent `target`; returns the message id. See
-    /// [`AgentHandle::send_direct`].
-    pub async fn send_direct(&self, target: &str, content: Value) -> Result<String, Error> {
-        self.handle.send_direct(target, content).await
-    }
-
-    /// Sends `content` to every other agent but those in `exclude`; returns the
-    /// message id.
-    pub async fn broadcast(&self, content: Value, exclude: &[String]) -> Result<String, Error> {
-        self.handle.broadcast(content, exclude).await
-    }
-
-    /// Acknowledges an instruction. See [`AgentHandle::ack`].
-    pub async fn ack(
-        &self,
-        instruction_id: &str,
-        status: AckStatus,
-        result: Option<Value>,
-    ) -> Result<(), Error> {
-        self.handle.ack(instruction_id, status, result).await
-    }
-
-    /// Every registered agent of the network (all pages).
-    pub async fn list_agents(&self) -> Result<Vec<AgentInfo>, Error> {
-        self.handle.list_agents().await
-    }
-
-    /// The current (or, while reconnecting, the last) registration.
-    pub fn registration(&self) -> Registration {
-        self.handle.registration()
-    }
-
-    /// The certificate the agent holds for its id, if any.
-    pub fn certificate(&self) -> Option<Value> {
-        self.handle.certificate()
-    }
-
-    /// Whether the agent is registered right now.
-    pub fn is_connected(&self) -> bool {
-        self.handle.is_connected()
-    }
-
-    /// Counters of the agent's life.
-    pub fn stats(&self) -> AgentStats {
-        self.handle.stats()
-    }
-
     /// Closes the connection (WebSocket close 1000; the server publishes the end of
     /// this incarnation with reason `client_closed`) and stops the agent. Waits at
     /// most a few seconds for the server.
@@ -229,6 +184,15 @@ impl Agent {
                 .map_err(|error| Error::Stopped(format!("the agent's task failed: {error}")))?;
         }
         Ok(())
+    }
+}
+
+/// Sending and the agent's state: every [`AgentHandle`] method works on the agent.
+impl std::ops::Deref for Agent {
+    type Target = AgentHandle;
+
+    fn deref(&self) -> &AgentHandle {
+        &self.handle
     }
 }
 

@@ -10,11 +10,38 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use std::collections::VecDeque;
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// The client WebSocket.
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// What one read from the server brought.
+pub(crate) enum Read {
+    /// A text frame.
+    Text(Utf8Bytes),
+    /// A frame with nothing for the agent (binary, ping, pong).
+    Nothing,
+    /// The server's close frame: its code (if it gave one) and reason.
+    Closed(Option<u16>, String),
+    /// The connection failed, or ended without a close frame.
+    Lost(String),
+}
+
+impl From<Option<Result<WsMessage, WsError>>> for Read {
+    fn from(frame: Option<Result<WsMessage, WsError>>) -> Self {
+        match frame {
+            Some(Ok(WsMessage::Text(text))) => Self::Text(text),
+            Some(Ok(WsMessage::Close(close))) => match close {
+                Some(close) => Self::Closed(Some(u16::from(close.code)), close.reason.to_string()),
+                None => Self::Closed(None, String::new()),
+            },
+            Some(Ok(_)) => Self::Nothing,
+            Some(Err(error)) => Self::Lost(error.to_string()),
+            None => Self::Lost("the server ended the connection".into()),
+        }
+    }
+}
 
 /// A registered connection.
 pub(crate) struct Connection {
@@ -67,15 +94,13 @@ async fn attempt(
         // rustls needs a process-wide crypto provider; keep one that is already set.
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
-    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+    // TCP_NODELAY on ws:// and wss:// alike: frames are small and latency matters.
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
         .await
         .map_err(|error| Error::Connect {
             url: url.to_owned(),
             reason: error.to_string(),
         })?;
-    if let MaybeTlsStream::Plain(tcp) = ws.get_ref() {
-        let _ = tcp.set_nodelay(true);
-    }
     let frame = protocol::register(
         &config.agent_id,
         &config.registration_metadata(),
@@ -161,21 +186,16 @@ async fn exchange(
         .await
         .map_err(|e| lost(e.to_string()))?;
     loop {
-        let text = match ws.next().await {
-            Some(Ok(WsMessage::Text(text))) => text,
-            Some(Ok(WsMessage::Close(close))) => {
-                return Err(lost(match close {
-                    Some(close) => format!(
-                        "closed by the server ({}: {})",
-                        u16::from(close.code),
-                        close.reason
-                    ),
-                    None => "closed by the server".into(),
-                }))
+        let text = match Read::from(ws.next().await) {
+            Read::Text(text) => text,
+            Read::Nothing => continue,
+            Read::Closed(code, reason) => {
+                return Err(lost(format!(
+                    "closed by the server ({}: {reason})",
+                    code.map_or("no code".into(), |code| code.to_string())
+                )))
             }
-            Some(Ok(_)) => continue,
-            Some(Err(error)) => return Err(lost(error.to_string())),
-            None => return Err(lost("the server ended the connection".into())),
+            Read::Lost(why) => return Err(lost(why)),
         };
         match protocol::parse(text.as_str()) {
             Ok(Incoming::Response {

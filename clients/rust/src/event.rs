@@ -15,7 +15,7 @@ pub enum Event {
     /// A `system_notification` (`network_shutdown`, `connection_replaced`, …).
     Notification(Notification),
     /// An instruction to carry out and acknowledge with
-    /// [`Agent::ack`](crate::Agent::ack). Each instruction comes once per process.
+    /// [`AgentHandle::ack`](crate::AgentHandle::ack). Each instruction comes once per process.
     Instruction(Instruction),
     /// An `error` frame: something the agent sent could not be done.
     Error(ServerError),

@@ -3,7 +3,7 @@
 
 use crate::agent::{Command, Runner};
 use crate::config::Keepalive;
-use crate::connection::{Connection, Ws};
+use crate::connection::{Connection, Read, Ws};
 use crate::error::{Error, ErrorCode};
 use crate::event::{Disconnect, Event};
 use crate::instructions::Delivery;
@@ -88,18 +88,14 @@ pub(crate) async fn serve(runner: &mut Runner, connection: Connection) -> End {
             frame = ws.next() => {
                 last_heard = Instant::now();
                 probe = None;
-                let text = match frame {
-                    Some(Ok(WsMessage::Text(text))) => text,
-                    Some(Ok(WsMessage::Close(close))) => {
-                        let (code, reason) = close
-                            .map(|c| (Some(u16::from(c.code)), c.reason.to_string()))
-                            .unwrap_or((None, String::new()));
+                let text = match Read::from(frame) {
+                    Read::Text(text) => text,
+                    Read::Nothing => continue,
+                    Read::Closed(code, reason) => {
                         let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
                         return ended_by_server(code, reason);
                     }
-                    Some(Ok(_)) => continue,
-                    Some(Err(error)) => return lost(None, error.to_string()),
-                    None => return lost(None, "the server ended the connection".into()),
+                    Read::Lost(why) => return lost(None, why),
                 };
                 match protocol::parse(text.as_str()) {
                     Ok(incoming) => {
