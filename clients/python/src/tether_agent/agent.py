@@ -63,7 +63,7 @@ from .stream import EventStream
 
 log = logging.getLogger(__name__)
 
-COMMAND_QUEUE_SIZE = 256
+COMMAND_QUEUE_SIZE = 1024
 """Commands (messages, acks) that may wait for a connection before callers block."""
 
 STOP_CLOSE_CODES = frozenset({1000, 1002, 1003, 1007, 1008, 1009, 1010, 4001})
