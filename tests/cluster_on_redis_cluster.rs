@@ -8,7 +8,7 @@ use common::cluster::{assert_one_winner_per_race, fresh_prefix, is_message, node
 use common::redis_cluster::RedisClusterProcesses;
 use common::*;
 use futures_util::future::join_all;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 async fn nodes_on(redis: &RedisClusterProcesses, n: usize, lease: &str) -> Vec<TestServer> {
@@ -128,7 +128,9 @@ async fn a_node_killed_on_a_redis_cluster_has_its_agents_ended_by_the_survivor()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_cluster_master_that_fails_over_leaves_the_nodes_serving() {
     let mut redis = RedisClusterProcesses::start(1);
-    let nodes = nodes_on(&redis, 2, "10").await;
+    let (url, prefix) = (redis.url(), fresh_prefix());
+    let extra = [("TETHER__CLUSTER__REDIS_URL", url.as_str())];
+    let nodes = join_all((0..2).map(|_| node(&prefix, "10", &extra))).await;
     let (mut a, _) = Agent::register(&nodes[0].ws_url(), "a").await;
     let (mut b, _) = Agent::register(&nodes[1].ws_url(), "b").await;
     a.send(direct("b", json!("before"))).await;
@@ -178,11 +180,118 @@ async fn a_redis_cluster_master_that_fails_over_leaves_the_nodes_serving() {
         );
     };
     assert!(landed["data"]["content"]["probe"].is_number(), "{landed}");
-    b.send(direct("a", json!("after"))).await;
-    assert_eq!(a.wait_for(is_message).await["data"]["content"], "after");
+    // And the other way, to the node of before (it may still be moving its
+    // subscription: a message meanwhile is lost, or refused `cluster_unavailable`).
+    let deadline = Instant::now() + DEADLINE;
+    let mut round = 1000;
+    while !arrived_or_retryable(&mut b, &mut a, "a", round).await {
+        round += 1;
+        assert!(
+            Instant::now() < deadline,
+            "no message crossed to a after the failover"
+        );
+    }
     // Neither node lost its lease: the agents of before are still connected.
     for (node, id) in [(&nodes[0], "a"), (&nodes[1], "b")] {
         let shown = node.get_json(&format!("/agents/{id}")).await;
         assert_eq!(shown["incarnation"], 1, "{shown}");
+    }
+
+    // The dead seed comes back (a replica now) and a third node starts, subscribing
+    // where the first two do. Messages cross both ways, never refused `unknown_agent`
+    // (the count a PUBLISH answers covers one Redis node's subscribers only; a node may
+    // still be moving its subscription, see below).
+    redis.restart(0);
+    let third = node(&prefix, "10", &extra).await;
+    let (mut d, _) = Agent::register(&third.ws_url(), "d").await;
+    let deadline = Instant::now() + DEADLINE;
+    let mut round = 0;
+    while !(arrived_or_retryable(&mut d, &mut a, "a", round).await
+        && arrived_or_retryable(&mut a, &mut d, "d", round).await)
+    {
+        round += 1;
+        assert!(
+            Instant::now() < deadline,
+            "messages never crossed to the third node"
+        );
+    }
+
+    // Now the old master takes slot 0 back while the master it replaced stays alive
+    // (a manual failover): every node's subscription moves to it. Meanwhile no message
+    // is refused `unknown_agent`: pub/sub is at most once, so one published while a
+    // subscription moves may be lost, and is then refused `cluster_unavailable` (retry)
+    // or silently lost. It ends with every inbox subscribed there and messages crossing.
+    let back = redis.ports[0];
+    assert!(redis.cli(back, &["cluster", "failover"]).starts_with("OK"));
+    let inboxes = format!("{prefix}:to:*");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let there = arrived_or_retryable(&mut d, &mut a, "a", round).await;
+        let back_again = arrived_or_retryable(&mut a, &mut d, "d", round).await;
+        round += 1;
+        let subscribed = redis.cli(back, &["pubsub", "channels", &inboxes]);
+        if there && back_again && subscribed.lines().filter(|l| !l.is_empty()).count() == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the nodes never subscribed through slot 0's new master: {subscribed:?}\n{}\n{}",
+            redis.cli(back, &["cluster", "nodes"]),
+            [&nodes[0], &nodes[1], &third]
+                .iter()
+                .map(|n| n.logs())
+                .collect::<Vec<_>>()
+                .join("\n----\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll interval
+    }
+}
+
+/// Sends a direct message from `from` to `to` (agent `target`) while a subscription may
+/// be moving: whether it arrived within a second; a refusal must be the retryable
+/// `cluster_unavailable`, never `unknown_agent`.
+async fn arrived_or_retryable(from: &mut Agent, to: &mut Agent, target: &str, round: u32) -> bool {
+    match one_way(from, to, target, round, Duration::from_secs(1)).await {
+        Ok(arrived) => arrived,
+        Err(refused) => {
+            assert_eq!(refused["error_code"], "cluster_unavailable", "{refused}");
+            false
+        }
+    }
+}
+
+/// Sends a direct message from `from` to `to` (agent `target`): whether it arrived
+/// within `wait`, or the error frame that refused it.
+async fn one_way(
+    from: &mut Agent,
+    to: &mut Agent,
+    target: &str,
+    round: u32,
+    wait: Duration,
+) -> Result<bool, Value> {
+    let message_id = format!("round-{round}-to-{target}");
+    let mut frame = direct(target, json!({"round": round}));
+    frame["data"]["message_id"] = json!(message_id);
+    from.send(frame).await;
+    // An error answers the sender; the message reaches the target.
+    let answer = async {
+        loop {
+            tokio::select! {
+                got = to.wait_for(is_message) => {
+                    if got["data"]["content"]["round"] == round {
+                        return Ok(());
+                    }
+                }
+                error = from.wait_for(|f| f["type"] == "error") => {
+                    if error["message_id"] == message_id {
+                        return Err(error);
+                    }
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(wait, answer).await {
+        Ok(result) => result.map(|()| true),
+        Err(_) => Ok(false),
     }
 }

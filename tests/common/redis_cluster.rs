@@ -13,8 +13,30 @@ use tether_testkit::wait_listening;
 pub struct RedisClusterProcesses {
     /// Every node's port, masters first (as `redis-cli --cluster create` assigns them).
     pub ports: Vec<u16>,
-    _dirs: Vec<TempDir>,
+    /// Each node's cluster bus port.
+    buses: Vec<u16>,
+    dirs: Vec<TempDir>,
     children: Vec<Option<Child>>,
+}
+
+/// Starts one cluster-enabled `redis-server` keeping its state (`nodes.conf`) in `dir`.
+fn spawn(port: u16, bus: u16, dir: &TempDir) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+        // The bus port too (by default port + 10 000, which may be taken).
+        .args(["--cluster-port", &bus.to_string()])
+        .args(["--save", "", "--appendonly", "no"])
+        // Replicas in sync at once (a replica never synced does not fail over).
+        .args(["--repl-diskless-sync-delay", "0"])
+        .arg("--cluster-config-file")
+        .arg(dir.0.join("nodes.conf"))
+        .arg("--dir")
+        .arg(&dir.0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot start redis-server: is Redis installed? (scripts/test.sh installs it)")
 }
 
 impl RedisClusterProcesses {
@@ -29,25 +51,7 @@ impl RedisClusterProcesses {
         let mut children = Vec::new();
         for (port, bus) in ports.iter().zip(&buses) {
             let dir = TempDir::new("tether-redis-cluster");
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
-                // The bus port too (by default port + 10 000, which may be taken).
-                .args(["--cluster-port", &bus.to_string()])
-                .args(["--save", "", "--appendonly", "no"])
-                // Replicas in sync at once (a replica never synced does not fail over).
-                .args(["--repl-diskless-sync-delay", "0"])
-                .arg("--cluster-config-file")
-                .arg(dir.0.join("nodes.conf"))
-                .arg("--dir")
-                .arg(&dir.0)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect(
-                    "cannot start redis-server: is Redis installed? (scripts/test.sh installs it)",
-                );
-            children.push(Some(child));
+            children.push(Some(spawn(*port, *bus, &dir)));
             dirs.push(dir);
         }
         for port in &ports {
@@ -69,7 +73,8 @@ impl RedisClusterProcesses {
         );
         let cluster = Self {
             ports,
-            _dirs: dirs,
+            buses,
+            dirs,
             children,
         };
         let all = cluster.ports.clone();
@@ -140,6 +145,28 @@ impl RedisClusterProcesses {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts node `index` again after [`kill`](Self::kill), with the cluster state it
+    /// had (a failed-over master comes back as a replica), and waits until the cluster
+    /// is ok with it in sync.
+    pub fn restart(&mut self, index: usize) {
+        assert!(self.children[index].is_none(), "node {index} is running");
+        let port = self.ports[index];
+        self.children[index] = Some(spawn(port, self.buses[index], &self.dirs[index]));
+        wait_listening(port, "redis-server", DEADLINE).unwrap_or_else(|e| panic!("{e}"));
+        let rejoined = format!(":{port}@");
+        let all = self.ports.clone();
+        self.wait_until(&all, "took the node back", |at| {
+            let nodes = self.cli(at, &["cluster", "nodes"]);
+            let replication = self.cli(at, &["info", "replication"]);
+            let in_sync = !replication.contains("role:slave")
+                || replication.contains("master_link_status:up");
+            in_sync
+                && nodes
+                    .lines()
+                    .any(|line| line.contains(&rejoined) && !line.contains("fail"))
+        });
     }
 
     /// Kills node `index` (SIGKILL).

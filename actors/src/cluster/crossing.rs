@@ -15,6 +15,7 @@
 
 use super::direct::{self, DirectLine};
 use super::takeover::{Asked, HandoverAnswer, HandoverRequest, Unwanted, Waiting};
+use super::Subscription;
 use super::{Cluster, Keys};
 use crate::outbound::OutFrame;
 use crate::routes::Routes;
@@ -162,7 +163,7 @@ pub(super) async fn subscribe(
     };
     loop {
         match target.pubsub().await {
-            Ok(mut pubsub) => {
+            Ok(Subscription { mut pubsub, at }) => {
                 let subscribing = async {
                     pubsub.subscribe(&inbox).await?;
                     pubsub.subscribe(&broadcasts).await
@@ -171,8 +172,19 @@ pub(super) async fn subscribe(
                     log::warn!("cluster: subscribing failed: {error}");
                 } else {
                     subscribed.store(true, Ordering::Release);
+                    let moved = target.moved(at);
+                    tokio::pin!(moved);
                     let mut messages = pubsub.on_message();
-                    while let Some(message) = messages.next().await {
+                    let mut moving = false;
+                    loop {
+                        let message = tokio::select! {
+                            message = messages.next() => message,
+                            () = &mut moved => {
+                                moving = true;
+                                None
+                            }
+                        };
+                        let Some(message) = message else { break };
                         let payload: String = message.get_payload().unwrap_or_default();
                         if message.get_channel_name() == broadcasts {
                             spread(&routes, &member, &payload);
@@ -181,7 +193,10 @@ pub(super) async fn subscribe(
                         }
                     }
                     subscribed.store(false, Ordering::Release);
-                    log::warn!("cluster: the subscription to Redis dropped; subscribing again");
+                    if moving {
+                        continue; // At once: messages published meanwhile are lost.
+                    }
+                    log::warn!("cluster: the subscription to Redis ended; subscribing again");
                 }
             }
             Err(error) => log::warn!("cluster: cannot subscribe to Redis: {error}"),

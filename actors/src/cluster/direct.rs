@@ -135,12 +135,7 @@ async fn publish(
     channel: String,
     payload: String,
 ) -> Result<bool, redis::RedisError> {
-    let receivers: u64 = redis::cmd("PUBLISH")
-        .arg(channel)
-        .arg(payload)
-        .query_async(redis)
-        .await?;
-    Ok(receivers > 0)
+    redis.publish(&channel, &payload).await
 }
 
 async fn holder(
@@ -151,6 +146,18 @@ async fn holder(
     redis::cmd("HGET")
         .arg(keys.agent(agent_id))
         .arg("node")
+        .query_async(redis)
+        .await
+}
+
+/// Whether `member` holds its lease (it lives, though it may not listen).
+async fn lease_alive(
+    redis: &mut RedisLink,
+    keys: &Keys,
+    member: &str,
+) -> Result<bool, redis::RedisError> {
+    redis::cmd("EXISTS")
+        .arg(keys.lease(member))
         .query_async(redis)
         .await
 }
@@ -289,12 +296,24 @@ impl DirectLine {
                 }
                 Some(member) => {
                     let member: Arc<str> = member.into();
-                    match publish(&mut redis, keys.inbox(&member), payload)
+                    if publish(&mut redis, keys.inbox(&member), payload)
                         .await
                         .map_err(failed)?
                     {
-                        true => Forwarded::To(member),
-                        false => Forwarded::Unknown,
+                        Forwarded::To(member)
+                    } else if lease_alive(&mut redis, keys, &member)
+                        .await
+                        .map_err(failed)?
+                    {
+                        // Alive but not subscribed (moving its subscription, or cut
+                        // from pub/sub only): the message is lost, the agent is not.
+                        return Err(ClusterUnavailable(format!(
+                            "node {member} holds agent {} but is not listening to the \
+                             cluster right now",
+                            crossing.target
+                        )));
+                    } else {
+                        Forwarded::Unknown
                     }
                 }
             })

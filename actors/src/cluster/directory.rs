@@ -293,13 +293,11 @@ impl Handler<RemoveHeld> for Cluster {
                 return Ok(None);
             };
             let payload = format!("remove\n{}", held.agent_id);
-            let receivers: u64 = redis::cmd("PUBLISH")
-                .arg(keys.inbox(&held.member))
-                .arg(payload)
-                .query_async(&mut redis)
+            let listening = redis
+                .publish(&keys.inbox(&held.member), &payload)
                 .await
                 .map_err(|e| unavailable("removal", &e))?;
-            if receivers == 0 {
+            if !listening {
                 return Err(ClusterUnavailable(format!(
                     "node {} holds agent {} but does not listen to the cluster",
                     held.member, held.agent_id

@@ -8,20 +8,36 @@
 //! pipeline may span slots; on a Redis Cluster its commands are sent one after another,
 //! in order (pipelines here are batches, never transactions).
 //!
-//! Pub/sub on a Redis Cluster: every node subscribes through a plain connection to the
-//! first seed that answers, and every `PUBLISH` is sent to that same seed. A Redis
-//! Cluster forwards a `PUBLISH` to all of its nodes, but the count of receivers it
-//! answers (which tells a node whether the holder of an id still listens) covers only
-//! the subscribers of the node it was sent to.
+//! Pub/sub on a Redis Cluster: a Redis Cluster forwards a `PUBLISH` to all of its
+//! nodes, but the count of receivers it answers (which tells a node whether the holder
+//! of an id still listens) covers only the subscribers of the node that took it. So
+//! every Tether node subscribes through a plain connection to the master of hash slot
+//! 0, and every `PUBLISH` is routed to that master: the count then covers everyone.
+//! After a failover both sides move to the new master of slot 0 (subscribers when
+//! their connection drops, publishers with the slot map). While they disagree (a
+//! master demoted while alive, a slot map not yet refreshed), [`RedisLink::publish`]
+//! counts the subscribers of every node it knows (`PUBSUB NUMSUB`, summed by the
+//! cluster client) before it says that nobody listens, and a subscriber checks every
+//! [`ANCHOR_CHECK`] that slot 0 still has the master it subscribed through
+//! ([`RedisTarget::moved`]), subscribing again when not.
 
 use super::{ClusterUnavailable, RESPONSE_TIMEOUT};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+
+/// How often a subscriber on a Redis Cluster checks that its node still masters slot 0.
+pub const ANCHOR_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Where pub/sub happens on a Redis Cluster: the master of hash slot 0.
+fn pubsub_route() -> RoutingInfo {
+    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+        0,
+        SlotAddr::Master,
+    )))
+}
 
 /// The URL scheme of a Redis Cluster's seed list.
 pub const CLUSTER_SCHEME: &str = "redis+cluster://";
@@ -35,10 +51,6 @@ pub struct RedisTarget {
     plain: Vec<redis::Client>,
     /// A Redis Cluster's client.
     cluster: Option<redis::cluster::ClusterClient>,
-    /// A Redis Cluster's seeds as `(host, port)`, in order.
-    seeds: Arc<[(String, u16)]>,
-    /// The seed the last pub/sub connection was made to (where `PUBLISH` goes).
-    pubsub_at: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for RedisTarget {
@@ -60,8 +72,6 @@ impl RedisTarget {
                 url: url.to_owned(),
                 plain: vec![plain],
                 cluster: None,
-                seeds: Arc::new([]),
-                pubsub_at: Arc::default(),
             });
         };
         let addresses = seeds
@@ -101,8 +111,6 @@ impl RedisTarget {
             url: url.to_owned(),
             plain,
             cluster: Some(cluster),
-            seeds: addresses.into(),
-            pubsub_at: Arc::default(),
         })
     }
 
@@ -111,21 +119,93 @@ impl RedisTarget {
         &self.url
     }
 
-    /// A pub/sub connection: to the server itself, or to the first seed of a Redis
-    /// Cluster that answers (so a seed that failed over is passed by).
-    pub async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
+    /// A pub/sub connection: to the server itself, or to the master of slot 0 of a
+    /// Redis Cluster (where every `PUBLISH` goes); failing that, to the first seed
+    /// that answers.
+    pub async fn pubsub(&self) -> redis::RedisResult<Subscription> {
+        if let Some(cluster) = &self.cluster {
+            let anchored = async {
+                let master = pubsub_master(&mut cluster.get_async_connection().await?).await?;
+                let pubsub = redis::Client::open(format!("redis://{master}/"))?
+                    .get_async_pubsub()
+                    .await?;
+                Ok::<_, redis::RedisError>(Subscription {
+                    pubsub,
+                    at: Some(master),
+                })
+            };
+            match anchored.await {
+                Ok(subscription) => return Ok(subscription),
+                Err(error) => log::warn!(
+                    "cluster: cannot subscribe through the master of slot 0 ({error}); \
+                     subscribing through a seed"
+                ),
+            }
+        }
         let mut failed = None;
-        for (index, client) in self.plain.iter().enumerate() {
+        for client in &self.plain {
             match client.get_async_pubsub().await {
                 Ok(pubsub) => {
-                    self.pubsub_at.store(index, Ordering::Release);
-                    return Ok(pubsub);
+                    // On a Redis Cluster, `moved` tells whether this seed serves slot 0.
+                    let at = self
+                        .cluster
+                        .as_ref()
+                        .map(|_| client.get_connection_info().addr.to_string());
+                    return Ok(Subscription { pubsub, at });
                 }
                 Err(error) => failed = Some(error),
             }
         }
         Err(failed
             .unwrap_or_else(|| (redis::ErrorKind::ClientError, "no Redis to subscribe to").into()))
+    }
+
+    /// Resolves once a subscription made at `at` ([`Subscription::at`]) is no longer
+    /// where `PUBLISH` goes: checked every [`ANCHOR_CHECK`] by asking that Redis node
+    /// whether it still is a master serving slot 0 (`CLUSTER NODES`, its own line: a
+    /// master demoted by a failover, even alive, is not); never on a single server.
+    pub async fn moved(&self, at: Option<String>) {
+        let Some(at) = at.filter(|_| self.cluster.is_some()) else {
+            return std::future::pending().await;
+        };
+        let mut node = None;
+        loop {
+            tokio::time::sleep(ANCHOR_CHECK).await;
+            if node.is_none() {
+                let client = redis::Client::open(format!("redis://{at}/"));
+                node = match client {
+                    Ok(client) => {
+                        let connecting = client.get_multiplexed_async_connection();
+                        tokio::time::timeout(RESPONSE_TIMEOUT, connecting)
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                    }
+                    Err(_) => None,
+                };
+            }
+            let Some(connection) = node.as_mut() else {
+                continue;
+            };
+            let nodes_cmd = redis::cmd("CLUSTER").arg("NODES").clone();
+            let asking = nodes_cmd.query_async::<String>(connection);
+            let nodes = tokio::time::timeout(RESPONSE_TIMEOUT, asking)
+                .await
+                .unwrap_or_else(|_| Err((redis::ErrorKind::IoError, "timed out").into()));
+            match nodes {
+                Ok(nodes) if slot_0_master(&nodes, true).is_none() => {
+                    return log::info!(
+                        "cluster: {at} no longer serves slot 0 as a master: subscribing \
+                         through slot 0's master"
+                    )
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    log::debug!("cluster: cannot ask {at} for its slots: {error}");
+                    node = None;
+                }
+            }
+        }
     }
 
     /// Connects (one multiplexed connection, reconnecting by itself).
@@ -135,11 +215,9 @@ impl RedisTarget {
             ClusterUnavailable(format!("cannot connect to the cluster's Redis: {e}"))
         };
         match &self.cluster {
-            Some(cluster) => Ok(RedisLink::Cluster(ClusterLink {
-                connection: cluster.get_async_connection().await.map_err(failed)?,
-                seeds: self.seeds.clone(),
-                pubsub_at: self.pubsub_at.clone(),
-            })),
+            Some(cluster) => Ok(RedisLink::Cluster(
+                cluster.get_async_connection().await.map_err(failed)?,
+            )),
             None => {
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(timeout)
@@ -156,42 +234,96 @@ impl RedisTarget {
     }
 }
 
+/// A pub/sub connection and the Redis Cluster node it goes to (`None`: a single
+/// server).
+pub struct Subscription {
+    /// The connection.
+    pub pubsub: redis::aio::PubSub,
+    /// The node it goes to (for [`RedisTarget::moved`]).
+    pub at: Option<String>,
+}
+
+/// `host:port` of the master of slot 0, as a node of the Redis Cluster sees it.
+async fn pubsub_master(connection: &mut ClusterConnection) -> redis::RedisResult<String> {
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(connection)
+        .await?;
+    slot_0_master(&nodes, false).ok_or_else(|| {
+        (
+            redis::ErrorKind::ClusterDown,
+            "no live master serves slot 0",
+        )
+            .into()
+    })
+}
+
+/// The address (`host:port`) of the live master serving slot 0 in `CLUSTER NODES`
+/// output; with `myself_only`, only if that is the node that answered.
+fn slot_0_master(nodes: &str, myself_only: bool) -> Option<String> {
+    nodes.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let flags: Vec<&str> = fields.get(2)?.split(',').collect();
+        let serves_0 = fields
+            .iter()
+            .skip(8)
+            .any(|range| *range == "0" || range.starts_with("0-"));
+        let live_master =
+            flags.contains(&"master") && !flags.contains(&"fail") && !flags.contains(&"fail?");
+        let chosen = live_master && serves_0 && (!myself_only || flags.contains(&"myself"));
+        chosen.then(|| {
+            fields[1]
+                .split(['@', ','])
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+    })
+}
+
 /// A connection to the cluster's Redis (cheap to clone: multiplexed).
 #[derive(Clone)]
 pub enum RedisLink {
     /// One Redis server.
     Single(ConnectionManager),
     /// A Redis Cluster.
-    Cluster(ClusterLink),
+    Cluster(ClusterConnection),
 }
 
-/// A connection to a Redis Cluster, and where its pub/sub happens.
-#[derive(Clone)]
-pub struct ClusterLink {
-    connection: ClusterConnection,
-    seeds: Arc<[(String, u16)]>,
-    pubsub_at: Arc<AtomicUsize>,
-}
-
-impl ClusterLink {
-    /// Sends one command: `PUBLISH` to the seed the subscribers listen on, anything
-    /// else where the slot map says.
-    async fn command(&mut self, cmd: &Cmd) -> redis::RedisResult<Value> {
-        let publish = cmd
-            .args_iter()
-            .next()
-            .is_some_and(|name| matches!(name, redis::Arg::Simple(name) if name.eq_ignore_ascii_case(b"PUBLISH")));
-        let seed = self.seeds.get(self.pubsub_at.load(Ordering::Acquire));
-        match seed {
-            Some((host, port)) if publish => {
-                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                    host: host.clone(),
-                    port: *port,
-                });
-                self.connection.route_command(cmd, routing).await
-            }
-            _ => self.connection.req_packed_command(cmd).await,
+impl RedisLink {
+    /// Publishes `payload` on `channel` and tells whether anyone listens to it.
+    pub async fn publish(&mut self, channel: &str, payload: &str) -> redis::RedisResult<bool> {
+        let receivers: u64 = redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload)
+            .query_async(self)
+            .await?;
+        if receivers > 0 || matches!(self, Self::Single(_)) {
+            return Ok(receivers > 0);
         }
+        // The node that took it counted only its own subscribers: count everyone's.
+        let subscribers: Vec<(String, u64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async(self)
+            .await?;
+        Ok(subscribers.iter().any(|(_, count)| *count > 0))
+    }
+}
+
+/// Sends one command to a Redis Cluster: `PUBLISH` to the master of slot 0 (where
+/// the subscribers are), anything else where the slot map says.
+fn cluster_command<'a>(
+    connection: &'a mut ClusterConnection,
+    cmd: &'a Cmd,
+) -> RedisFuture<'a, Value> {
+    let publish = cmd.args_iter().next().is_some_and(
+        |name| matches!(name, redis::Arg::Simple(name) if name.eq_ignore_ascii_case(b"PUBLISH")),
+    );
+    if publish {
+        Box::pin(connection.route_command(cmd, pubsub_route()))
+    } else {
+        connection.req_packed_command(cmd)
     }
 }
 
@@ -199,7 +331,7 @@ impl ConnectionLike for RedisLink {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Single(connection) => connection.req_packed_command(cmd),
-            Self::Cluster(link) => Box::pin(link.command(cmd)),
+            Self::Cluster(connection) => cluster_command(connection, cmd),
         }
     }
 
@@ -213,10 +345,10 @@ impl ConnectionLike for RedisLink {
             Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
             // The cluster client routes a pipeline as one unit and refuses one that
             // spans slots: send its commands one by one, in order.
-            Self::Cluster(link) => Box::pin(async move {
+            Self::Cluster(connection) => Box::pin(async move {
                 let mut answers = Vec::with_capacity(count);
                 for (index, cmd) in pipeline.cmd_iter().enumerate() {
-                    let answer = link.command(cmd).await?;
+                    let answer = cluster_command(connection, cmd).await?;
                     if (offset..offset + count).contains(&index) {
                         answers.push(answer);
                     }
@@ -229,7 +361,50 @@ impl ConnectionLike for RedisLink {
     fn get_db(&self) -> i64 {
         match self {
             Self::Single(connection) => connection.get_db(),
-            Self::Cluster(link) => link.connection.get_db(),
+            Self::Cluster(connection) => connection.get_db(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODES: &str = "\
+b722 127.0.0.1:34847@43803 myself,slave 5c02 0 1796560480000 8 connected
+496d 127.0.0.1:44053@45991 master - 0 1796560481063 3 connected 10923-16383
+5c02 127.0.0.1:43903@33901 master - 0 1796560481063 8 connected 0-5460
+dead 127.0.0.1:40000@40001 master,fail - 0 1796560481063 1 disconnected
+1204 127.0.0.1:40113@36887 master - 0 1796560481063 2 connected 5461-10922
+";
+
+    #[test]
+    fn the_live_master_serving_slot_0_is_found_in_cluster_nodes() {
+        assert_eq!(
+            slot_0_master(NODES, false).as_deref(),
+            Some("127.0.0.1:43903")
+        );
+        assert_eq!(
+            slot_0_master(NODES, true),
+            None,
+            "the answering node is a replica"
+        );
+        let promoted = NODES
+            .replace("myself,slave 5c02", "myself,master -")
+            .replace("connected\n496d", "connected 0-5460\n496d")
+            .replace(
+                "master - 0 1796560481063 8 connected 0-5460",
+                "slave b722 0 0 8 connected",
+            );
+        assert_eq!(
+            slot_0_master(&promoted, true).as_deref(),
+            Some("127.0.0.1:34847")
+        );
+        let failed = "x 10.0.0.1:7000@17000,host master,fail - 0 0 1 connected 0-100\n";
+        assert_eq!(
+            slot_0_master(failed, false),
+            None,
+            "a failed master serves nothing"
+        );
     }
 }

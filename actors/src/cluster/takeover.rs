@@ -182,14 +182,16 @@ impl Asker {
             metadata: msg.claim.metadata.clone(),
             proof: msg.proof.to_owned(),
         };
-        let sent: Result<u64, _> = redis::cmd("PUBLISH")
-            .arg(self.keys.inbox(&msg.holder))
-            .arg(payload("takeover", &request))
-            .query_async(&mut self.redis)
+        let sent = self
+            .redis
+            .publish(
+                &self.keys.inbox(&msg.holder),
+                &payload("takeover", &request),
+            )
             .await;
         let answer = match sent {
-            Ok(0) => None, // Nobody listens: the holder is dead or cut off.
-            Ok(_) => tokio::time::timeout(self.timeout + ANSWER_TRAVEL, rx)
+            Ok(false) => None, // Nobody listens: the holder is dead or cut off.
+            Ok(true) => tokio::time::timeout(self.timeout + ANSWER_TRAVEL, rx)
                 .await
                 .ok()
                 .and_then(Result::ok),

@@ -8,7 +8,7 @@
 
 use super::Dispatcher;
 use crate::cluster::Keys;
-use crate::cluster::{RedisLink, RedisTarget};
+use crate::cluster::{RedisLink, RedisTarget, Subscription};
 use actix::prelude::*;
 use futures_util::StreamExt;
 use std::time::Duration;
@@ -112,10 +112,17 @@ impl Dispatcher {
         ctx.spawn(fut::wrap_future(async move {
             loop {
                 match target.pubsub().await {
-                    Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
+                    Ok(Subscription { mut pubsub, at }) => match pubsub.subscribe(&channel).await {
                         Ok(()) => {
+                            let moved = target.moved(at);
+                            tokio::pin!(moved);
                             let mut messages = pubsub.on_message();
-                            while let Some(message) = messages.next().await {
+                            loop {
+                                let message = tokio::select! {
+                                    message = messages.next() => message,
+                                    () = &mut moved => None,
+                                };
+                                let Some(message) = message else { break };
                                 let payload: String = message.get_payload().unwrap_or_default();
                                 if let Some(notice) = Notice::parse(&payload) {
                                     me.do_send(notice);
