@@ -341,6 +341,58 @@ async fn reconnect_delays_carry_on_across_connections_that_do_not_last() {
 }
 
 #[tokio::test]
+async fn list_agents_lists_a_large_network_within_the_request_budget() {
+    // A budget of 30 requests (100 a second) and 1 050 agents: pages cost 1 + 1 per ten
+    // entries asked for, so the pages run past the budget and some are refused
+    // `rate_limited` until it refills.
+    let server = TestServer::start(&[("TETHER__LIMITS__REQUEST_BURST", "30")]);
+    let mut others = Vec::new();
+    for n in 0..1049 {
+        others.push(
+            common::Agent::register(&server.ws_url(), &format!("member-{n}"))
+                .await
+                .0,
+        );
+    }
+    let lister = connect(AgentConfig::new(server.ws_url(), "lister")).await;
+    let listed = lister.list_agents().await.expect("every page");
+    let mut ids: Vec<String> = listed.into_iter().map(|a| a.agent_id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 1050, "each agent once");
+    assert!(
+        lister.is_connected(),
+        "the refusals did not cost the connection"
+    );
+    lister.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn what_was_sent_before_close_goes_out_before_the_close() {
+    let server = TestServer::start(&[]);
+    let mut reader = connect(AgentConfig::new(server.ws_url(), "reader")).await;
+    for round in 0..5 {
+        let writer = connect(AgentConfig::new(server.ws_url(), "writer")).await;
+        for n in 0..50 {
+            writer
+                .send_direct("reader", json!([round, n]))
+                .await
+                .unwrap();
+        }
+        writer.close().await.unwrap();
+        for n in 0..50 {
+            let message = next_matching(&mut reader, |e| match e {
+                Event::Message(m) => Some(m),
+                _ => None,
+            })
+            .await;
+            assert_eq!(message.content, json!([round, n]), "in order, none lost");
+        }
+    }
+    reader.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn an_agent_comes_back_after_a_server_restart() {
     let database = common::fresh_database_path();
     let storage = format!("sqlite://{}", database.display());

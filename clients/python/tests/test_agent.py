@@ -268,6 +268,22 @@ async def test_reconnect_delays_carry_on_across_connections_that_do_not_last(
     assert agent.stats.reconnects == 4
 
 
+async def test_list_agents_waits_out_rate_limited_pages(
+    start_server: ServerFactory, agents: list[Agent]
+) -> None:
+    # A budget of 15 requests: one 100-entry page costs 11, so the pages of a 250-agent
+    # network run past it and some are refused `rate_limited` until it refills.
+    server = await start_server(TETHER__LIMITS__REQUEST_BURST="15")
+    await asyncio.gather(
+        *(connect(agents, server.ws_url, f"member-{n}") for n in range(249))
+    )
+    lister = await connect(agents, server.ws_url, "lister")
+    listed = await lister.list_agents()
+    ids = {entry["agent_id"] for entry in listed}
+    assert len(listed) == len(ids) == 250
+    assert lister.connected, "the refusals did not cost the connection"
+
+
 async def test_survives_a_server_restart(server: Server, agents: list[Agent]) -> None:
     alice = await connect(agents, server.ws_url, "restarted")
     before = alice.registration.session_id

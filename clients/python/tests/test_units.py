@@ -6,6 +6,8 @@ import json
 import stat
 from pathlib import Path
 
+import pytest
+
 from tether_agent import (
     AckStatus,
     ErrorCode,
@@ -89,3 +91,23 @@ def test_reconnect_delays_grow_with_equal_jitter_up_to_max_delay() -> None:
         delays = [policy.delay(attempt) for _ in range(200)]
         assert all(full / 2 <= d <= full for d in delays), (attempt, min(delays), max(delays))
         assert len(set(delays)) > 10, "jittered"
+    # Hours of outage: attempt numbers far past where the growth would overflow.
+    assert 0.4 <= policy.delay(100_000) <= 0.8
+
+
+def test_ledger_forgets_the_oldest_unacknowledged_instructions_beyond_its_limit() -> None:
+    ledger = InstructionLedger(remembered_acks=3)
+    for n in range(5):
+        assert ledger.received(f"i{n}") is Verdict.DELIVER
+    assert ledger.received("i4") is Verdict.DROP, "a recent one is still held"
+    assert ledger.received("i0") is Verdict.DELIVER, "the oldest was forgotten"
+
+
+def test_a_certificate_that_cannot_be_written_is_still_kept(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-dir"
+    store = CertificateStore(blocked / "cert.json")
+    blocked.write_text("a file where the directory should be")
+    cert = {"agent_id": "a", "issued_at": 1.0, "expires_at": 2.0}
+    with pytest.raises(OSError):
+        store.store(cert)
+    assert store.certificate == cert, "the server revoked the old one: keep the new"

@@ -23,6 +23,18 @@ use tokio::task::JoinHandle;
 /// calls themselves wait.
 const COMMAND_BUFFER: usize = 1024;
 
+/// Entries per `list_agents` page (a page costs 1 + 10 of the server's default 100
+/// requests per second).
+const LIST_PAGE: u64 = 100;
+
+/// Wait after a `list_agents` page refused `rate_limited`: what its cost takes to
+/// refill at the server's default rate.
+const LIST_PAUSE: Duration = Duration::from_millis(120);
+
+/// `list_agents` pages refused `rate_limited` in a row before the call fails (the
+/// server closes the connection after `limits.request_burst` refusals in a row).
+const LIST_RETRIES: u32 = 20;
+
 /// An agent connected to a Tether server, reconnecting by itself.
 ///
 /// Send with [`send_direct`](AgentHandle::send_direct),
@@ -102,6 +114,8 @@ pub(crate) struct Runner {
     pub(crate) reconnect_url: Option<String>,
     /// The reconnect delays, carried across connections that did not last.
     backoff: Backoff,
+    /// Requests sent (names their `request_id`s).
+    pub(crate) requests: u64,
 }
 
 impl Agent {
@@ -150,6 +164,7 @@ impl Agent {
             ledger: Ledger::default(),
             reconnect_url: None,
             backoff,
+            requests: 0,
         };
         let task = tokio::spawn(runner.run(connection));
         Ok(Self {
@@ -257,17 +272,32 @@ impl AgentHandle {
         .await
     }
 
-    /// Every registered agent of the network, following `list_agents` pages.
+    /// Every registered agent of the network, following `list_agents` pages. A page
+    /// refused `rate_limited` (a large network: each page costs the connection's
+    /// request budget one more per ten entries) is asked again once the budget had
+    /// time to refill, up to 20 times in a row.
     pub async fn list_agents(&self) -> Result<Vec<AgentInfo>, Error> {
         let mut agents = Vec::new();
         let mut cursor: Option<String> = None;
+        let mut refused = 0;
         loop {
             let mut fields = Map::new();
-            fields.insert("limit".into(), 1000.into());
+            fields.insert("limit".into(), LIST_PAGE.into());
             if let Some(cursor) = &cursor {
                 fields.insert("cursor".into(), cursor.clone().into());
             }
-            let page = self.request("list_agents", fields).await?;
+            let page = match self.request("list_agents", fields).await {
+                Err(Error::Request {
+                    code: crate::ErrorCode::RateLimited,
+                    ..
+                }) if refused < LIST_RETRIES => {
+                    refused += 1;
+                    tokio::time::sleep(LIST_PAUSE).await;
+                    continue;
+                }
+                other => other?,
+            };
+            refused = 0;
             if let Some(entries) = page["agents"].as_array() {
                 agents.extend(entries.iter().map(AgentInfo::from_entry));
             }
@@ -386,13 +416,17 @@ impl Runner {
     /// Connects again, with backoff, until it works, the application closes the agent,
     /// a refusal says retrying cannot help, or the attempts run out.
     async fn reconnect(&mut self) -> Result<Connection, String> {
+        // Attempts of this reconnection: after a `network_shutdown` with a
+        // `reconnect_url`, the odd ones go there.
+        let mut tried = 0usize;
         while let Some(delay) = self.backoff.next_delay() {
+            tried += 1;
             let attempts = self.backoff.attempts();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = closing(&mut self.closing) => return Err("closed by the application".into()),
             }
-            let url = match (&self.reconnect_url, attempts % 2) {
+            let url = match (&self.reconnect_url, tried % 2) {
                 (Some(moved_to), 1) => moved_to.clone(),
                 _ => self.config.url.clone(),
             };
@@ -401,7 +435,10 @@ impl Runner {
                 _ = closing(&mut self.closing) => return Err("closed by the application".into()),
             };
             match attempt {
-                Ok(connection) => return Ok(connection),
+                Ok(connection) => {
+                    self.reconnect_url = None;
+                    return Ok(connection);
+                }
                 Err(Error::Refused { code, message }) if !code.is_retryable() => {
                     return Err(format!("registration refused ({code}): {message}"))
                 }
@@ -430,12 +467,12 @@ impl Runner {
             return;
         }
         match self.certificates.set(answer["certificate"].clone()) {
-            Ok(()) => {
-                log::debug!("{agent_id}: certificate renewed");
-                *lock(&self.shared.certificate) = self.certificates.get().cloned();
+            Ok(()) => log::debug!("{agent_id}: certificate renewed"),
+            Err(error) => {
+                log::warn!("{agent_id}: renewed certificate kept in memory only: {error}")
             }
-            Err(error) => log::warn!("{agent_id}: renewed certificate not kept: {error}"),
         }
+        *lock(&self.shared.certificate) = self.certificates.get().cloned();
     }
 
     /// The agent's certificate store.

@@ -74,6 +74,16 @@ mod tests {
     }
 
     #[test]
+    fn a_long_outage_keeps_the_delays_at_the_maximum() {
+        let policy = ReconnectPolicy::default();
+        let mut backoff = Backoff::new(policy);
+        for attempt in 0..10_000 {
+            let delay = backoff.next_delay().expect("never gives up by default");
+            assert!(delay < 2 * policy.max_delay, "attempt {attempt}: {delay:?}");
+        }
+    }
+
+    #[test]
     fn a_connection_that_lasted_max_delay_starts_the_delays_over() {
         let mut backoff = Backoff::new(policy());
         for _ in 0..4 {

@@ -38,13 +38,14 @@ impl CertificateStore {
         self.current.as_ref()
     }
 
-    /// Keeps `certificate` (and writes the file).
+    /// Keeps `certificate`, then writes the file: the server has revoked the one it
+    /// replaces, so it is kept in memory even when the file cannot be written (`Err`).
     pub(crate) fn set(&mut self, certificate: Value) -> Result<(), Error> {
-        if let Some(path) = &self.file {
-            write(path, &certificate)?;
+        let certificate = self.current.insert(certificate);
+        match &self.file {
+            Some(path) => write(path, certificate),
+            None => Ok(()),
         }
-        self.current = Some(certificate);
-        Ok(())
     }
 
     /// Forgets the certificate (the server rejected it).

@@ -143,11 +143,13 @@ async fn keep_certificate(
                 config.connect_timeout
             )))
         });
-    match result.and_then(|certificate| certificates.set(certificate)) {
-        Ok(()) => log::debug!("certificate for {} kept", config.agent_id),
+    let agent_id = &config.agent_id;
+    match result.map(|certificate| certificates.set(certificate)) {
+        Ok(Ok(())) => log::debug!("certificate for {agent_id} kept"),
+        Ok(Err(error)) => log::warn!("certificate for {agent_id} kept in memory only: {error}"),
         Err(error) => log::warn!(
-            "no certificate for {} yet ({error}): until one is claimed, after a half-open connection it waits for the server to let the id go",
-            config.agent_id
+            "no certificate for {agent_id} yet ({error}): until one is claimed, after a \
+             half-open connection it waits for the server to let the id go"
         ),
     }
 }

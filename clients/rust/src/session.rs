@@ -81,7 +81,6 @@ pub(crate) async fn serve(runner: &mut Runner, connection: Connection) -> End {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let mut probe: Option<Instant> = None;
-    let mut requests = 0u64;
     let mut next_renewal = Instant::now();
     loop {
         tokio::select! {
@@ -113,19 +112,7 @@ pub(crate) async fn serve(runner: &mut Runner, connection: Connection) -> End {
                     close(&mut ws).await;
                     return End::Closed;
                 };
-                let frame = match command {
-                    Command::Frame(frame) => frame,
-                    Command::Ack { instruction_id, frame } => {
-                        runner.ledger.acknowledged(&instruction_id, &frame);
-                        frame
-                    }
-                    Command::Request { command, fields, reply } => {
-                        requests += 1;
-                        let request_id = format!("r{requests}");
-                        pending.insert(request_id.clone(), Waiter::Application(reply));
-                        protocol::request(&command, &request_id, fields)
-                    }
-                };
+                let frame = runner.frame_of(command, &mut pending);
                 if let Err(end) = write(&mut ws, frame, write_limit).await {
                     return end;
                 }
@@ -163,8 +150,42 @@ pub(crate) async fn serve(runner: &mut Runner, connection: Connection) -> End {
                 }
             }
             _ = crate::agent::closing(&mut runner.closing) => {
+                // What the application sent before closing goes out first.
+                while let Ok(command) = runner.commands.try_recv() {
+                    let frame = runner.frame_of(command, &mut pending);
+                    if let Err(end) = write(&mut ws, frame, write_limit).await {
+                        return end;
+                    }
+                }
                 close(&mut ws).await;
                 return End::Closed;
+            }
+        }
+    }
+}
+
+impl Runner {
+    /// The frame of an application command (an acknowledgement is remembered for
+    /// redeliveries, a request's answer awaited in `pending`).
+    fn frame_of(&mut self, command: Command, pending: &mut Pending) -> String {
+        match command {
+            Command::Frame(frame) => frame,
+            Command::Ack {
+                instruction_id,
+                frame,
+            } => {
+                self.ledger.acknowledged(&instruction_id, &frame);
+                frame
+            }
+            Command::Request {
+                command,
+                fields,
+                reply,
+            } => {
+                self.requests += 1;
+                let request_id = format!("r{}", self.requests);
+                pending.insert(request_id.clone(), Waiter::Application(reply));
+                protocol::request(&command, &request_id, fields)
             }
         }
     }

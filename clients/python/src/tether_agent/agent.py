@@ -44,6 +44,7 @@ from .errors import (
     ConnectionFailed,
     ErrorCode,
     RegistrationRefused,
+    RequestFailed,
     TetherError,
 )
 from .events import (
@@ -75,6 +76,14 @@ FATAL_REFUSALS = frozenset(
 """Registration refusals that retrying cannot fix."""
 
 LIST_PAGE_SIZE = 100
+"""Entries per ``list_agents`` page (a page costs 1 + 10 of the server's default 100
+requests per second)."""
+
+LIST_PAUSE = 0.12
+"""Seconds to wait after a page refused ``rate_limited``: what its cost takes to refill."""
+
+LIST_RETRIES = 20
+"""Pages refused ``rate_limited`` in a row before :meth:`Agent.list_agents` fails."""
 
 
 @dataclass
@@ -243,12 +252,21 @@ class Agent:
         """
         agents: list[dict[str, Any]] = []
         cursor: str | None = None
+        refused = 0
         while True:
             connection = await self._live_connection()
             fields: dict[str, Any] = {"limit": LIST_PAGE_SIZE}
             if cursor is not None:
                 fields["cursor"] = cursor
-            page = await connection.request("list_agents", **fields)
+            try:
+                page = await connection.request("list_agents", **fields)
+            except RequestFailed as error:
+                if error.error_code != ErrorCode.RATE_LIMITED or refused >= LIST_RETRIES:
+                    raise
+                refused += 1
+                await asyncio.sleep(LIST_PAUSE)
+                continue
+            refused = 0
             agents.extend(a for a in page.get("agents") or [] if isinstance(a, dict))
             next_cursor = page.get("next_cursor")
             if not page.get("has_more") or not isinstance(next_cursor, str):

@@ -36,10 +36,14 @@ class CertificateStore:
         return self._certificate
 
     def store(self, certificate: dict[str, Any]) -> None:
-        """Keep a new certificate (written to the file first, if there is one)."""
+        """Keep a new certificate, then write the file, if there is one.
+
+        The server revoked the certificate this one replaces, so it is kept in memory
+        even when the file cannot be written (the ``OSError`` is raised after).
+        """
+        self._certificate = certificate
         if self._path is not None:
             self._write(self._path, certificate)
-        self._certificate = certificate
 
     def forget(self) -> None:
         """Drop the certificate (and delete the file, if there is one)."""

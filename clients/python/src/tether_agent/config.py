@@ -40,7 +40,9 @@ class ReconnectPolicy:
 
     def delay(self, attempt: int) -> float:
         """Return the wait before attempt ``attempt`` (1 for the first)."""
-        full = min(self.initial_delay * self.factor ** max(attempt - 1, 0), self.max_delay)
+        # The exponent is capped: a long outage makes attempt numbers that overflow.
+        growth = self.factor ** min(max(attempt - 1, 0), 64)
+        full = min(self.initial_delay * growth, self.max_delay)
         return full / 2 + random.uniform(0, full / 2)
 
 

@@ -43,8 +43,12 @@ class InstructionLedger:
     """Instructions seen and acknowledged by this process."""
 
     def __init__(self, remembered_acks: int = REMEMBERED_ACKS) -> None:
-        """Make an empty ledger remembering at most ``remembered_acks`` acks."""
-        self._open: set[str] = set()
+        """Make an empty ledger remembering at most ``remembered_acks`` acks.
+
+        As many instructions handed to the application and not yet acknowledged are
+        remembered (the oldest forgotten first).
+        """
+        self._open: OrderedDict[str, None] = OrderedDict()
         self._acked: OrderedDict[str, Ack] = OrderedDict()
         self._limit = remembered_acks
         self._reacks: dict[str, int] = {}
@@ -55,12 +59,14 @@ class InstructionLedger:
             return Verdict.REACK
         if instruction_id in self._open:
             return Verdict.DROP
-        self._open.add(instruction_id)
+        self._open[instruction_id] = None
+        while len(self._open) > self._limit:  # held and never acked: forget the oldest
+            self._open.popitem(last=False)
         return Verdict.DELIVER
 
     def acked(self, instruction_id: str, status: AckStatus, result: Any) -> None:
         """Record the application's acknowledgement."""
-        self._open.discard(instruction_id)
+        self._open.pop(instruction_id, None)
         self._acked[instruction_id] = Ack(status, result)
         self._acked.move_to_end(instruction_id)
         while len(self._acked) > self._limit:
