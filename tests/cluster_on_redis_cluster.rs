@@ -245,6 +245,15 @@ async fn a_redis_cluster_master_that_fails_over_leaves_the_nodes_serving() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await; // poll interval
     }
+    // No refusal other than `cluster_unavailable` is left unread either.
+    for agent in [&mut a, &mut d] {
+        let late: Vec<Value> = agent
+            .pending()
+            .into_iter()
+            .filter(|f| f["type"] == "error" && f["error_code"] != "cluster_unavailable")
+            .collect();
+        assert!(late.is_empty(), "{late:?}");
+    }
 }
 
 /// Sends a direct message from `from` to `to` (agent `target`) while a subscription may
@@ -283,7 +292,10 @@ async fn one_way(
                     }
                 }
                 error = from.wait_for(|f| f["type"] == "error") => {
-                    if error["message_id"] == message_id {
+                    // Any refusal, also a late one of an earlier round, is the caller's.
+                    if error["message_id"] == message_id
+                        || error["error_code"] != "cluster_unavailable"
+                    {
                         return Err(error);
                     }
                 }

@@ -168,7 +168,11 @@ pub(super) async fn subscribe(
                     pubsub.subscribe(&inbox).await?;
                     pubsub.subscribe(&broadcasts).await
                 };
-                if let Err(error) = subscribing.await {
+                let subscribing = tokio::time::timeout(super::RESPONSE_TIMEOUT, subscribing);
+                let subscribed_now = subscribing.await.unwrap_or_else(|_| {
+                    Err((redis::ErrorKind::IoError, "SUBSCRIBE timed out").into())
+                });
+                if let Err(error) = subscribed_now {
                     log::warn!("cluster: subscribing failed: {error}");
                 } else {
                     subscribed.store(true, Ordering::Release);

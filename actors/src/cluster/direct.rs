@@ -363,10 +363,23 @@ impl Handler<Reforward> for Cluster {
                     let moved = format!("moved\n{}", crossing.target);
                     let _ = publish(&mut redis, keys.inbox(&crossing.origin), moved).await;
                     let payload = crossing.payload("again");
-                    matches!(
-                        publish(&mut redis, keys.inbox(&member), payload).await,
-                        Ok(true)
-                    )
+                    match publish(&mut redis, keys.inbox(&member), payload).await {
+                        Ok(true) => true,
+                        // Its node lives but does not listen, or Redis failed: the
+                        // message is lost, the agent is not.
+                        Ok(false) if !matches!(
+                            lease_alive(&mut redis, &keys, &member).await,
+                            Ok(false)
+                        ) => {
+                            let error = unavailable_to(&crossing, &member);
+                            return bounce(&mut redis, &keys, &crossing, &error).await;
+                        }
+                        Err(_) => {
+                            let error = unavailable_to(&crossing, &member);
+                            return bounce(&mut redis, &keys, &crossing, &error).await;
+                        }
+                        Ok(false) => false,
+                    }
                 }
                 Ok(None) => false,
                 Err(_) => {
@@ -374,16 +387,34 @@ impl Handler<Reforward> for Cluster {
                 }
             };
             if !sent {
-                bounce(&mut redis, &keys, &crossing).await;
+                bounce(&mut redis, &keys, &crossing, &crossing.unknown()).await;
             }
         };
         ctx.spawn(fut::wrap_future(again));
     }
 }
 
-/// Answers `crossing`'s sender `unknown_agent` through its member.
-pub(super) async fn bounce(redis: &mut RedisLink, keys: &Keys, crossing: &Crossing) {
-    let error = protocol::error_frame(&crossing.unknown(), Some(&crossing.message_id));
+/// The `cluster_unavailable` error a sender gets for a message to an agent whose node
+/// `member` lives but could not be reached through the cluster.
+fn unavailable_to(crossing: &Crossing, member: &str) -> ProtocolError {
+    ProtocolError::new(
+        ErrorCode::ClusterUnavailable,
+        format!(
+            "The message could not be routed through the cluster (node {member} holds agent \
+             {} but is not listening to the cluster right now); retry",
+            crossing.target
+        ),
+    )
+}
+
+/// Answers `crossing`'s sender with `error` through its member.
+pub(super) async fn bounce(
+    redis: &mut RedisLink,
+    keys: &Keys,
+    crossing: &Crossing,
+    error: &ProtocolError,
+) {
+    let error = protocol::error_frame(error, Some(&crossing.message_id));
     let payload = format!(
         "bounce\n{}\n{}\n{}",
         crossing.target, crossing.sender_id, error
@@ -439,7 +470,7 @@ impl Handler<Bounce> for Cluster {
         };
         let keys = self.keys.clone();
         ctx.spawn(fut::wrap_future(async move {
-            bounce(&mut redis, &keys, &msg.0).await;
+            bounce(&mut redis, &keys, &msg.0, &msg.0.unknown()).await;
         }));
     }
 }

@@ -120,31 +120,36 @@ impl RedisTarget {
     }
 
     /// A pub/sub connection: to the server itself, or to the master of slot 0 of a
-    /// Redis Cluster (where every `PUBLISH` goes); failing that, to the first seed
-    /// that answers.
+    /// Redis Cluster (where every `PUBLISH` goes), as the first seed that answers sees
+    /// it; failing that, to the first seed that answers. Each step is bounded by
+    /// `RESPONSE_TIMEOUT` (a host gone without a reset would hold it for minutes).
     pub async fn pubsub(&self) -> redis::RedisResult<Subscription> {
-        if let Some(cluster) = &self.cluster {
-            let anchored = async {
-                let master = pubsub_master(&mut cluster.get_async_connection().await?).await?;
-                let pubsub = redis::Client::open(format!("redis://{master}/"))?
-                    .get_async_pubsub()
-                    .await?;
-                Ok::<_, redis::RedisError>(Subscription {
-                    pubsub,
-                    at: Some(master),
-                })
-            };
-            match anchored.await {
-                Ok(subscription) => return Ok(subscription),
+        let timed_out = || redis::RedisError::from((redis::ErrorKind::IoError, "timed out"));
+        let open = |client: redis::Client| async move {
+            tokio::time::timeout(RESPONSE_TIMEOUT, client.get_async_pubsub())
+                .await
+                .map_err(|_| timed_out())?
+        };
+        if self.cluster.is_some() {
+            match self.pubsub_master().await {
+                Ok(master) => match open(redis::Client::open(format!("redis://{master}/"))?).await {
+                    Ok(pubsub) => {
+                        let at = Some(master);
+                        return Ok(Subscription { pubsub, at });
+                    }
+                    Err(error) => log::warn!(
+                        "cluster: cannot subscribe through {master}, slot 0's master \
+                         ({error}); subscribing through a seed"
+                    ),
+                },
                 Err(error) => log::warn!(
-                    "cluster: cannot subscribe through the master of slot 0 ({error}); \
-                     subscribing through a seed"
+                    "cluster: no master of slot 0 found ({error}); subscribing through a seed"
                 ),
             }
         }
         let mut failed = None;
         for client in &self.plain {
-            match client.get_async_pubsub().await {
+            match open(client.clone()).await {
                 Ok(pubsub) => {
                     // On a Redis Cluster, `moved` tells whether this seed serves slot 0.
                     let at = self
@@ -160,49 +165,62 @@ impl RedisTarget {
             .unwrap_or_else(|| (redis::ErrorKind::ClientError, "no Redis to subscribe to").into()))
     }
 
+    /// `host:port` of the master of slot 0, as the first seed that answers sees it.
+    async fn pubsub_master(&self) -> redis::RedisResult<String> {
+        let mut failed = None;
+        for client in &self.plain {
+            let asking = async {
+                let mut connection = client.get_multiplexed_async_connection().await?;
+                redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query_async::<String>(&mut connection)
+                    .await
+            };
+            match tokio::time::timeout(RESPONSE_TIMEOUT, asking).await {
+                Ok(Ok(nodes)) => match slot_0_master(&nodes, false) {
+                    Some(master) => return Ok(master),
+                    None => {
+                        failed = Some((redis::ErrorKind::ClusterDown, "no live master serves slot 0").into())
+                    }
+                },
+                Ok(Err(error)) => failed = Some(error),
+                Err(_) => failed = Some((redis::ErrorKind::IoError, "timed out").into()),
+            }
+        }
+        Err(failed.unwrap_or_else(|| (redis::ErrorKind::ClientError, "no seed").into()))
+    }
+
     /// Resolves once a subscription made at `at` ([`Subscription::at`]) is no longer
-    /// where `PUBLISH` goes: checked every [`ANCHOR_CHECK`] by asking that Redis node
-    /// whether it still is a master serving slot 0 (`CLUSTER NODES`, its own line: a
-    /// master demoted by a failover, even alive, is not); never on a single server.
+    /// where `PUBLISH` goes, checked every [`ANCHOR_CHECK`] on that Redis node itself:
+    /// when it no longer is a master serving slot 0 (`CLUSTER NODES`, its own line: a
+    /// master demoted by a failover, even alive, is not), when it says the cluster is
+    /// not ok (`CLUSTER INFO`: cut off from the majority, which may promote another),
+    /// or when it cannot be asked twice in a row (a host gone without a reset leaves
+    /// the subscription itself waiting forever). Never on a single server.
     pub async fn moved(&self, at: Option<String>) {
         let Some(at) = at.filter(|_| self.cluster.is_some()) else {
             return std::future::pending().await;
         };
         let mut node = None;
+        let mut unanswered = 0;
         loop {
             tokio::time::sleep(ANCHOR_CHECK).await;
-            if node.is_none() {
-                let client = redis::Client::open(format!("redis://{at}/"));
-                node = match client {
-                    Ok(client) => {
-                        let connecting = client.get_multiplexed_async_connection();
-                        tokio::time::timeout(RESPONSE_TIMEOUT, connecting)
-                            .await
-                            .ok()
-                            .and_then(Result::ok)
-                    }
-                    Err(_) => None,
-                };
-            }
-            let Some(connection) = node.as_mut() else {
-                continue;
-            };
-            let nodes_cmd = redis::cmd("CLUSTER").arg("NODES").clone();
-            let asking = nodes_cmd.query_async::<String>(connection);
-            let nodes = tokio::time::timeout(RESPONSE_TIMEOUT, asking)
-                .await
-                .unwrap_or_else(|_| Err((redis::ErrorKind::IoError, "timed out").into()));
-            match nodes {
-                Ok(nodes) if slot_0_master(&nodes, true).is_none() => {
+            match serves_slot_0(&at, &mut node).await {
+                Ok(true) => unanswered = 0,
+                Ok(false) => {
                     return log::info!(
-                        "cluster: {at} no longer serves slot 0 as a master: subscribing \
+                        "cluster: {at} no longer serves slot 0 in an ok cluster: subscribing \
                          through slot 0's master"
                     )
                 }
-                Ok(_) => {}
                 Err(error) => {
-                    log::debug!("cluster: cannot ask {at} for its slots: {error}");
                     node = None;
+                    unanswered += 1;
+                    if unanswered >= 2 {
+                        return log::warn!(
+                            "cluster: {at} did not answer twice ({error}): subscribing again"
+                        );
+                    }
                 }
             }
         }
@@ -234,6 +252,32 @@ impl RedisTarget {
     }
 }
 
+/// Whether the Redis Cluster node at `at` is a master serving slot 0 in a cluster it
+/// says is ok; `node` keeps a connection to it across checks.
+async fn serves_slot_0(
+    at: &str,
+    node: &mut Option<redis::aio::MultiplexedConnection>,
+) -> redis::RedisResult<bool> {
+    let timed_out = || redis::RedisError::from((redis::ErrorKind::IoError, "timed out"));
+    if node.is_none() {
+        let client = redis::Client::open(format!("redis://{at}/"))?;
+        let connecting = client.get_multiplexed_async_connection();
+        *node = Some(
+            tokio::time::timeout(RESPONSE_TIMEOUT, connecting)
+                .await
+                .map_err(|_| timed_out())??,
+        );
+    }
+    let connection = node.as_mut().expect("connected above");
+    let mut asking = redis::pipe();
+    asking.cmd("CLUSTER").arg("INFO").cmd("CLUSTER").arg("NODES");
+    let (info, nodes): (String, String) =
+        tokio::time::timeout(RESPONSE_TIMEOUT, asking.query_async(connection))
+            .await
+            .map_err(|_| timed_out())??;
+    Ok(info.contains("cluster_state:ok") && slot_0_master(&nodes, true).is_some())
+}
+
 /// A pub/sub connection and the Redis Cluster node it goes to (`None`: a single
 /// server).
 pub struct Subscription {
@@ -241,21 +285,6 @@ pub struct Subscription {
     pub pubsub: redis::aio::PubSub,
     /// The node it goes to (for [`RedisTarget::moved`]).
     pub at: Option<String>,
-}
-
-/// `host:port` of the master of slot 0, as a node of the Redis Cluster sees it.
-async fn pubsub_master(connection: &mut ClusterConnection) -> redis::RedisResult<String> {
-    let nodes: String = redis::cmd("CLUSTER")
-        .arg("NODES")
-        .query_async(connection)
-        .await?;
-    slot_0_master(&nodes, false).ok_or_else(|| {
-        (
-            redis::ErrorKind::ClusterDown,
-            "no live master serves slot 0",
-        )
-            .into()
-    })
 }
 
 /// The address (`host:port`) of the live master serving slot 0 in `CLUSTER NODES`

@@ -13,6 +13,9 @@ use actix::prelude::*;
 use futures_util::StreamExt;
 use std::time::Duration;
 
+/// Time allowed for subscribing (a Redis host gone without a reset holds it for minutes).
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Work one node announces to every node.
 #[derive(Message, Debug, Clone, PartialEq, Eq)]
 #[rtype(result = "()")]
@@ -112,7 +115,14 @@ impl Dispatcher {
         ctx.spawn(fut::wrap_future(async move {
             loop {
                 match target.pubsub().await {
-                    Ok(Subscription { mut pubsub, at }) => match pubsub.subscribe(&channel).await {
+                    Ok(Subscription { mut pubsub, at }) => match tokio::time::timeout(
+                        SUBSCRIBE_TIMEOUT,
+                        pubsub.subscribe(&channel),
+                    )
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err((redis::ErrorKind::IoError, "SUBSCRIBE timed out").into())
+                    }) {
                         Ok(()) => {
                             let moved = target.moved(at);
                             tokio::pin!(moved);
