@@ -367,10 +367,12 @@ impl Handler<Reforward> for Cluster {
                         Ok(true) => true,
                         // Its node lives but does not listen, or Redis failed: the
                         // message is lost, the agent is not.
-                        Ok(false) if !matches!(
-                            lease_alive(&mut redis, &keys, &member).await,
-                            Ok(false)
-                        ) => {
+                        Ok(false)
+                            if !matches!(
+                                lease_alive(&mut redis, &keys, &member).await,
+                                Ok(false)
+                            ) =>
+                        {
                             let error = unavailable_to(&crossing, &member);
                             return bounce(&mut redis, &keys, &crossing, &error).await;
                         }

@@ -132,16 +132,18 @@ impl RedisTarget {
         };
         if self.cluster.is_some() {
             match self.pubsub_master().await {
-                Ok(master) => match open(redis::Client::open(format!("redis://{master}/"))?).await {
-                    Ok(pubsub) => {
-                        let at = Some(master);
-                        return Ok(Subscription { pubsub, at });
-                    }
-                    Err(error) => log::warn!(
-                        "cluster: cannot subscribe through {master}, slot 0's master \
+                Ok(master) => {
+                    match open(redis::Client::open(format!("redis://{master}/"))?).await {
+                        Ok(pubsub) => {
+                            let at = Some(master);
+                            return Ok(Subscription { pubsub, at });
+                        }
+                        Err(error) => log::warn!(
+                            "cluster: cannot subscribe through {master}, slot 0's master \
                          ({error}); subscribing through a seed"
-                    ),
-                },
+                        ),
+                    }
+                }
                 Err(error) => log::warn!(
                     "cluster: no master of slot 0 found ({error}); subscribing through a seed"
                 ),
@@ -180,7 +182,13 @@ impl RedisTarget {
                 Ok(Ok(nodes)) => match slot_0_master(&nodes, false) {
                     Some(master) => return Ok(master),
                     None => {
-                        failed = Some((redis::ErrorKind::ClusterDown, "no live master serves slot 0").into())
+                        failed = Some(
+                            (
+                                redis::ErrorKind::ClusterDown,
+                                "no live master serves slot 0",
+                            )
+                                .into(),
+                        )
                     }
                 },
                 Ok(Err(error)) => failed = Some(error),
@@ -270,7 +278,11 @@ async fn serves_slot_0(
     }
     let connection = node.as_mut().expect("connected above");
     let mut asking = redis::pipe();
-    asking.cmd("CLUSTER").arg("INFO").cmd("CLUSTER").arg("NODES");
+    asking
+        .cmd("CLUSTER")
+        .arg("INFO")
+        .cmd("CLUSTER")
+        .arg("NODES");
     let (info, nodes): (String, String) =
         tokio::time::timeout(RESPONSE_TIMEOUT, asking.query_async(connection))
             .await

@@ -115,34 +115,33 @@ impl Dispatcher {
         ctx.spawn(fut::wrap_future(async move {
             loop {
                 match target.pubsub().await {
-                    Ok(Subscription { mut pubsub, at }) => match tokio::time::timeout(
-                        SUBSCRIBE_TIMEOUT,
-                        pubsub.subscribe(&channel),
-                    )
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err((redis::ErrorKind::IoError, "SUBSCRIBE timed out").into())
-                    }) {
-                        Ok(()) => {
-                            let moved = target.moved(at);
-                            tokio::pin!(moved);
-                            let mut messages = pubsub.on_message();
-                            loop {
-                                let message = tokio::select! {
-                                    message = messages.next() => message,
-                                    () = &mut moved => None,
-                                };
-                                let Some(message) = message else { break };
-                                let payload: String = message.get_payload().unwrap_or_default();
-                                if let Some(notice) = Notice::parse(&payload) {
-                                    me.do_send(notice);
+                    Ok(Subscription { mut pubsub, at }) => {
+                        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, pubsub.subscribe(&channel))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err((redis::ErrorKind::IoError, "SUBSCRIBE timed out").into())
+                            }) {
+                            Ok(()) => {
+                                let moved = target.moved(at);
+                                tokio::pin!(moved);
+                                let mut messages = pubsub.on_message();
+                                loop {
+                                    let message = tokio::select! {
+                                        message = messages.next() => message,
+                                        () = &mut moved => None,
+                                    };
+                                    let Some(message) = message else { break };
+                                    let payload: String = message.get_payload().unwrap_or_default();
+                                    if let Some(notice) = Notice::parse(&payload) {
+                                        me.do_send(notice);
+                                    }
                                 }
                             }
+                            Err(error) => {
+                                log::warn!("instructions: cannot subscribe to {channel}: {error}")
+                            }
                         }
-                        Err(error) => {
-                            log::warn!("instructions: cannot subscribe to {channel}: {error}")
-                        }
-                    },
+                    }
                     Err(error) => {
                         log::warn!("instructions: cannot reach the cluster's Redis: {error}")
                     }
