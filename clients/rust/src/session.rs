@@ -82,6 +82,7 @@ pub(crate) async fn serve(runner: &mut Runner, connection: Connection) -> End {
     let mut last_heard = Instant::now();
     let mut probe: Option<Instant> = None;
     let mut next_renewal = Instant::now();
+    let mut renewal_sent = Instant::now();
     loop {
         tokio::select! {
             frame = ws.next() => {
@@ -135,13 +136,22 @@ pub(crate) async fn serve(runner: &mut Runner, connection: Connection) -> End {
                     probe = Some(Instant::now());
                 }
                 // Renew the certificate once half its life is gone (or claim one that
-                // the registration could not get), one request at a time.
+                // the registration could not get), one request at a time; one left
+                // unanswered for `request_timeout` is given up (a later answer is
+                // ignored: the next renewal replaces what it brought).
                 let now = Instant::now();
+                if pending.contains_key(RENEWAL)
+                    && now.duration_since(renewal_sent) >= runner.config.request_timeout
+                {
+                    log::warn!("{}: no answer to a certificate renewal", runner.config.agent_id);
+                    pending.remove(RENEWAL);
+                }
                 if now >= next_renewal
                     && !pending.contains_key(RENEWAL)
                     && !runner.certificates().is_fresh()
                 {
                     next_renewal = now + runner.certificates().renewal_retry();
+                    renewal_sent = now;
                     pending.insert(RENEWAL.into(), Waiter::Renewal);
                     let frame = protocol::claim(&runner.config.agent_id, RENEWAL);
                     if let Err(end) = write(&mut ws, frame, write_limit).await {
