@@ -44,17 +44,19 @@ mod config;
 mod connection;
 mod error;
 mod event;
+mod handle;
 mod instructions;
 pub mod protocol;
 mod session;
 
-pub use agent::{Agent, AgentHandle, AgentStats};
+pub use agent::Agent;
 pub use config::{AgentConfig, Keepalive, ReconnectPolicy};
 pub use error::{Error, ErrorCode};
 pub use event::{
     AckStatus, AgentInfo, Disconnect, Event, Instruction, Message, MessageKind, Notification,
     Registration, ServerError,
 };
+pub use handle::{AgentHandle, AgentStats};
 
 /// The capability an agent lists to receive instructions (`metadata.capabilities`).
 pub const INSTRUCTIONS_CAPABILITY: &str = "instructions";

@@ -1,11 +1,12 @@
 //! One registered connection at work: answers pings, writes what the application
 //! sends, hands it what the server sends, and notices when the connection is dead.
 
-use crate::agent::{Command, Runner};
+use crate::agent::Runner;
 use crate::config::Keepalive;
 use crate::connection::{Connection, Read, Ws};
 use crate::error::{Error, ErrorCode};
 use crate::event::{Disconnect, Event};
+use crate::handle::Command;
 use crate::instructions::Delivery;
 use crate::protocol::{self, Incoming};
 use futures_util::{SinkExt, StreamExt};
