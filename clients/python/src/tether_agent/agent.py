@@ -27,16 +27,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_never,
-)
-
 from . import protocol
-from .certificate import CertificateStore
+from .certificate import CertificateStore, claim, keep_renewing
 from .config import AgentConfig, Keepalive
 from .connection import Connection, Delivered, Ended
 from .errors import (
@@ -45,7 +37,6 @@ from .errors import (
     ErrorCode,
     RegistrationRefused,
     RequestFailed,
-    TetherError,
 )
 from .events import (
     AckStatus,
@@ -60,6 +51,7 @@ from .events import (
     ServerError,
 )
 from .instructions import InstructionLedger, Verdict
+from .reconnect import retrying
 from .stream import EventStream
 
 log = logging.getLogger(__name__)
@@ -69,11 +61,6 @@ COMMAND_QUEUE_SIZE = 1024
 
 STOP_CLOSE_CODES = frozenset({1000, 1002, 1003, 1007, 1008, 1009, 1010, 4001})
 """Close codes after which the agent stops for good instead of reconnecting."""
-
-FATAL_REFUSALS = frozenset(
-    {ErrorCode.MISSING_AGENT_ID, ErrorCode.INVALID_AGENT_ID, ErrorCode.INVALID_METADATA}
-)
-"""Registration refusals that retrying cannot fix."""
 
 LIST_PAGE_SIZE = 100
 """Entries per ``list_agents`` page (a page costs 1 + 10 of the server's default 100
@@ -90,12 +77,6 @@ LIST_RETRIES = 20
 class _Outgoing:
     frame: dict[str, Any]
     written: asyncio.Future[None]
-
-
-def _retryable(error: BaseException) -> bool:
-    if isinstance(error, RegistrationRefused):
-        return error.error_code not in FATAL_REFUSALS
-    return isinstance(error, ConnectionFailed)
 
 
 class Agent:
@@ -335,73 +316,11 @@ class Agent:
         self._writer = asyncio.create_task(self._write_loop(connection))
         self._connected.set()
         if certificate is None or self._certificates.needs_renewal():
-            await self._claim(connection)
-        self._renewer = asyncio.create_task(self._keep_renewing(connection))
-        return connection
-
-    async def _claim(self, connection: Connection) -> None:
-        """Claim (or, registered with it, renew) the certificate for the agent's id.
-
-        The holder's own claim needs no ``force``. A failure is logged and leaves the
-        certificate as it was; :meth:`_keep_renewing` tries again.
-        """
-        try:
-            answer = await connection.request("claim_agent_id", agent_id=self._config.agent_id)
-        except TetherError as error:
-            log.warning("could not claim a certificate for %s: %s", self._config.agent_id, error)
-            return
-        certificate = answer.get("certificate")
-        if isinstance(certificate, dict):
-            try:
-                self._certificates.store(certificate)
-            except OSError as error:
-                log.warning("could not write the certificate file: %s", error)
-        else:
-            log.warning("claim_agent_id answered without a certificate")
-
-    async def _keep_renewing(self, connection: Connection) -> None:
-        """Renew the certificate once half its lifetime is gone, while ``connection`` serves.
-
-        A failed claim is tried again after an eighth of the lifetime (at most a minute).
-        """
-        certificates = self._certificates
-        while not connection.ended:
-            wait = certificates.seconds_until_renewal()
-            if wait > 0:
-                await asyncio.sleep(wait)
-                continue
-            await self._claim(connection)
-            await asyncio.sleep(certificates.renewal_retry())
-
-    def _reconnect_policy(self, carried: int, left: int | None) -> AsyncRetrying:
-        """Return the retrying of one reconnection, counting on from ``carried`` attempts.
-
-        The caller waits before the first; tenacity waits between the others.
-        """
-        policy = self._config.reconnect
-
-        def wait(state: RetryCallState) -> float:
-            return policy.delay(carried + state.attempt_number + 1)
-
-        stop = stop_never if left is None else stop_after_attempt(left)
-
-        def before_sleep(state: RetryCallState) -> None:
-            error = state.outcome.exception() if state.outcome else None
-            delay = state.next_action.sleep if state.next_action else 0.0
-            log.info(
-                "reconnect attempt %d failed (%s); next in %.2f s",
-                carried + state.attempt_number,
-                error,
-                delay,
-            )
-
-        return AsyncRetrying(
-            wait=wait,
-            stop=stop,
-            retry=retry_if_exception(_retryable),
-            before_sleep=before_sleep,
-            reraise=True,
+            await claim(self._certificates, connection, config.agent_id)
+        self._renewer = asyncio.create_task(
+            keep_renewing(self._certificates, connection, config.agent_id)
         )
+        return connection
 
     async def _reconnect(self) -> Connection:
         """Reconnect with backoff; raise the last error when giving up."""
@@ -414,7 +333,7 @@ class Agent:
                 f"{policy.max_delay} s"
             )
         await asyncio.sleep(policy.delay(carried + 1))
-        async for attempt in self._reconnect_policy(carried, left):
+        async for attempt in retrying(policy, carried, left):
             with attempt:
                 number = attempt.retry_state.attempt_number
                 self._attempts = carried + number

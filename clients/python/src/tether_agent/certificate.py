@@ -8,6 +8,7 @@ take its id back from a connection of its own that the server still believes ali
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -16,6 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from .connection import Connection
+from .errors import TetherError
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +131,38 @@ class CertificateStore:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+
+
+async def claim(store: CertificateStore, connection: Connection, agent_id: str) -> None:
+    """Claim (or, registered with it, renew) the certificate for ``agent_id``.
+
+    The holder's own claim needs no ``force``. A failure is logged and leaves the
+    certificate as it was; :func:`keep_renewing` tries again.
+    """
+    try:
+        answer = await connection.request("claim_agent_id", agent_id=agent_id)
+    except TetherError as error:
+        log.warning("could not claim a certificate for %s: %s", agent_id, error)
+        return
+    certificate = answer.get("certificate")
+    if not isinstance(certificate, dict):
+        log.warning("claim_agent_id answered without a certificate")
+        return
+    try:
+        store.store(certificate)
+    except OSError as error:
+        log.warning("certificate kept in memory only: cannot write its file: %s", error)
+
+
+async def keep_renewing(store: CertificateStore, connection: Connection, agent_id: str) -> None:
+    """Renew the certificate once half its lifetime is gone, while ``connection`` serves.
+
+    A failed claim is tried again after an eighth of the lifetime (at most a minute).
+    """
+    while not connection.ended:
+        wait = store.seconds_until_renewal()
+        if wait > 0:
+            await asyncio.sleep(wait)
+            continue
+        await claim(store, connection, agent_id)
+        await asyncio.sleep(store.renewal_retry())
