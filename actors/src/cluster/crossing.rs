@@ -15,12 +15,11 @@
 
 use super::direct::{self, DirectLine};
 use super::takeover::{Asked, HandoverAnswer, HandoverRequest, Unwanted, Waiting};
-use super::Subscription;
+use super::Ended;
 use super::{Cluster, Keys};
 use crate::outbound::OutFrame;
 use crate::routes::Routes;
 use actix::prelude::*;
-use futures_util::StreamExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,46 +161,24 @@ pub(super) async fn subscribe(
         direct,
     };
     loop {
-        match target.pubsub().await {
-            Ok(Subscription { mut pubsub, at }) => {
-                let subscribing = async {
-                    pubsub.subscribe(&inbox).await?;
-                    pubsub.subscribe(&broadcasts).await
-                };
-                let subscribing = tokio::time::timeout(super::RESPONSE_TIMEOUT, subscribing);
-                let subscribed_now = subscribing.await.unwrap_or_else(|_| {
-                    Err((redis::ErrorKind::IoError, "SUBSCRIBE timed out").into())
-                });
-                if let Err(error) = subscribed_now {
-                    log::warn!("cluster: subscribing failed: {error}");
+        let channels = [inbox.as_str(), broadcasts.as_str()];
+        let listening = target.listen(
+            &channels,
+            || subscribed.store(true, Ordering::Release),
+            |channel, payload| {
+                if channel == broadcasts {
+                    spread(&routes, &member, &payload);
                 } else {
-                    subscribed.store(true, Ordering::Release);
-                    let moved = target.moved(at);
-                    tokio::pin!(moved);
-                    let mut messages = pubsub.on_message();
-                    let mut moving = false;
-                    loop {
-                        let message = tokio::select! {
-                            message = messages.next() => message,
-                            () = &mut moved => {
-                                moving = true;
-                                None
-                            }
-                        };
-                        let Some(message) = message else { break };
-                        let payload: String = message.get_payload().unwrap_or_default();
-                        if message.get_channel_name() == broadcasts {
-                            spread(&routes, &member, &payload);
-                        } else {
-                            handler.received(&routes, &payload);
-                        }
-                    }
-                    subscribed.store(false, Ordering::Release);
-                    if moving {
-                        continue; // At once: messages published meanwhile are lost.
-                    }
-                    log::warn!("cluster: the subscription to Redis ended; subscribing again");
+                    handler.received(&routes, &payload);
                 }
+            },
+        );
+        let ended = listening.await;
+        subscribed.store(false, Ordering::Release);
+        match ended {
+            Ok(Ended::Moved) => continue, // At once: messages published meanwhile are lost.
+            Ok(Ended::Dropped) => {
+                log::warn!("cluster: the subscription to Redis ended; subscribing again")
             }
             Err(error) => log::warn!("cluster: cannot subscribe to Redis: {error}"),
         }

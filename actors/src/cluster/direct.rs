@@ -130,12 +130,38 @@ fn error_to(routes: &Routes, sender_id: &str, error: &ProtocolError, message_id:
     routes.deliver(sender_id, OutFrame::json(&frame));
 }
 
-async fn publish(
+/// Where a message published to a member's channel went.
+enum Reach {
+    /// Somebody listens on the channel.
+    Listened,
+    /// Nobody listens, but the member holds its lease: it lives and does not listen
+    /// right now (moving its subscription, or cut from pub/sub only). The message is
+    /// lost, the agent is not.
+    NotListening,
+    /// Nobody listens and the member's lease is gone.
+    Gone,
+}
+
+/// Publishes `payload` to `member`'s channel; when nobody received it, asks whether
+/// the member still lives.
+async fn reach(
     redis: &mut RedisLink,
-    channel: String,
-    payload: String,
-) -> Result<bool, redis::RedisError> {
-    redis.publish(&channel, &payload).await
+    keys: &Keys,
+    member: &str,
+    payload: &str,
+) -> Result<Reach, redis::RedisError> {
+    if redis.publish(&keys.inbox(member), payload).await? {
+        return Ok(Reach::Listened);
+    }
+    let alive: bool = redis::cmd("EXISTS")
+        .arg(keys.lease(member))
+        .query_async(redis)
+        .await?;
+    Ok(if alive {
+        Reach::NotListening
+    } else {
+        Reach::Gone
+    })
 }
 
 async fn holder(
@@ -150,24 +176,14 @@ async fn holder(
         .await
 }
 
-/// Whether `member` holds its lease (it lives, though it may not listen).
-async fn lease_alive(
-    redis: &mut RedisLink,
-    keys: &Keys,
-    member: &str,
-) -> Result<bool, redis::RedisError> {
-    redis::cmd("EXISTS")
-        .arg(keys.lease(member))
-        .query_async(redis)
-        .await
-}
-
 /// What became of a forwarded message.
 enum Forwarded {
     /// Published to the remembered holder.
     AsRemembered,
     /// Published to this holder, looked up.
     To(Arc<str>),
+    /// This holder, looked up, lives but did not listen.
+    NotListening(Arc<str>),
     /// Delivered on this node (it holds the target after all).
     Here,
     /// Nobody holds the target.
@@ -276,7 +292,8 @@ impl DirectLine {
             let mut redis = self.connection().await?;
             let failed = |e: redis::RedisError| unavailable("message", &e);
             if let Some(member) = remembered {
-                if publish(&mut redis, keys.inbox(&member), payload.clone())
+                if redis
+                    .publish(&keys.inbox(&member), &payload)
                     .await
                     .map_err(failed)?
                 {
@@ -296,24 +313,13 @@ impl DirectLine {
                 }
                 Some(member) => {
                     let member: Arc<str> = member.into();
-                    if publish(&mut redis, keys.inbox(&member), payload)
+                    match reach(&mut redis, keys, &member, &payload)
                         .await
                         .map_err(failed)?
                     {
-                        Forwarded::To(member)
-                    } else if lease_alive(&mut redis, keys, &member)
-                        .await
-                        .map_err(failed)?
-                    {
-                        // Alive but not subscribed (moving its subscription, or cut
-                        // from pub/sub only): the message is lost, the agent is not.
-                        return Err(ClusterUnavailable(format!(
-                            "node {member} holds agent {} but is not listening to the \
-                             cluster right now",
-                            crossing.target
-                        )));
-                    } else {
-                        Forwarded::Unknown
+                        Reach::Listened => Forwarded::To(member),
+                        Reach::NotListening => Forwarded::NotListening(member),
+                        Reach::Gone => Forwarded::Unknown,
                     }
                 }
             })
@@ -329,6 +335,7 @@ impl DirectLine {
                 self.holders().forget(&crossing.target);
                 crossing.unknown()
             }
+            Ok(Forwarded::NotListening(member)) => unavailable_to(&crossing, &member),
             Err(error) => ProtocolError::new(
                 ErrorCode::ClusterUnavailable,
                 format!("The message could not be routed through the cluster ({error}); retry"),
@@ -361,26 +368,16 @@ impl Handler<Reforward> for Cluster {
                 }
                 Ok(Some(member)) => {
                     let moved = format!("moved\n{}", crossing.target);
-                    let _ = publish(&mut redis, keys.inbox(&crossing.origin), moved).await;
+                    let _ = redis.publish(&keys.inbox(&crossing.origin), &moved).await;
                     let payload = crossing.payload("again");
-                    match publish(&mut redis, keys.inbox(&member), payload).await {
-                        Ok(true) => true,
-                        // Its node lives but does not listen, or Redis failed: the
-                        // message is lost, the agent is not.
-                        Ok(false)
-                            if !matches!(
-                                lease_alive(&mut redis, &keys, &member).await,
-                                Ok(false)
-                            ) =>
-                        {
+                    match reach(&mut redis, &keys, &member, &payload).await {
+                        Ok(Reach::Listened) => true,
+                        Ok(Reach::Gone) => false,
+                        // The agent is not known gone: the message is lost, it is not.
+                        Ok(Reach::NotListening) | Err(_) => {
                             let error = unavailable_to(&crossing, &member);
                             return bounce(&mut redis, &keys, &crossing, &error).await;
                         }
-                        Err(_) => {
-                            let error = unavailable_to(&crossing, &member);
-                            return bounce(&mut redis, &keys, &crossing, &error).await;
-                        }
-                        Ok(false) => false,
                     }
                 }
                 Ok(None) => false,
@@ -422,7 +419,7 @@ pub(super) async fn bounce(
         crossing.target, crossing.sender_id, error
     );
     if !matches!(
-        publish(redis, keys.inbox(&crossing.origin), payload).await,
+        redis.publish(&keys.inbox(&crossing.origin), &payload).await,
         Ok(true)
     ) {
         crate::metrics::cluster_messages_dropped("sender_gone", 1);

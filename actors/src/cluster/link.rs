@@ -19,9 +19,10 @@
 //! counts the subscribers of every node it knows (`PUBSUB NUMSUB`, summed by the
 //! cluster client) before it says that nobody listens, and a subscriber checks every
 //! [`ANCHOR_CHECK`] that slot 0 still has the master it subscribed through
-//! ([`RedisTarget::moved`]), subscribing again when not.
+//! (`RedisTarget::moved`), subscribing again when not.
 
 use super::{ClusterUnavailable, RESPONSE_TIMEOUT};
+use futures_util::StreamExt;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
@@ -30,6 +31,17 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 /// How often a subscriber on a Redis Cluster checks that its node still masters slot 0.
 pub const ANCHOR_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `step`, failed as timed out unless done within `RESPONSE_TIMEOUT` (a Redis host gone
+/// without a reset holds a connect or a reply for minutes).
+async fn bounded<T>(
+    what: &'static str,
+    step: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    tokio::time::timeout(RESPONSE_TIMEOUT, step)
+        .await
+        .unwrap_or_else(|_| Err((redis::ErrorKind::IoError, "timed out", what.to_owned()).into()))
+}
 
 /// Where pub/sub happens on a Redis Cluster: the master of hash slot 0.
 fn pubsub_route() -> RoutingInfo {
@@ -119,28 +131,56 @@ impl RedisTarget {
         &self.url
     }
 
+    /// Subscribes to `channels` and hands every message to `deliver` (its channel and
+    /// payload) until the subscription drops or, on a Redis Cluster, has to move
+    /// ([`moved`](Self::moved)); `on_subscribed` runs once it is in place. `Err`: no
+    /// subscription could be made. Every step before the messages is bounded by
+    /// `RESPONSE_TIMEOUT`.
+    pub async fn listen(
+        &self,
+        channels: &[&str],
+        on_subscribed: impl FnOnce(),
+        mut deliver: impl FnMut(&str, String),
+    ) -> redis::RedisResult<Ended> {
+        let Subscription { mut pubsub, at } = self.pubsub().await?;
+        for channel in channels {
+            bounded("SUBSCRIBE", pubsub.subscribe(*channel)).await?;
+        }
+        on_subscribed();
+        let moved = self.moved(at);
+        tokio::pin!(moved);
+        let mut messages = pubsub.on_message();
+        loop {
+            let message = tokio::select! {
+                message = messages.next() => message,
+                () = &mut moved => return Ok(Ended::Moved),
+            };
+            let Some(message) = message else {
+                return Ok(Ended::Dropped);
+            };
+            deliver(
+                message.get_channel_name(),
+                message.get_payload().unwrap_or_default(),
+            );
+        }
+    }
+
     /// A pub/sub connection: to the server itself, or to the master of slot 0 of a
     /// Redis Cluster (where every `PUBLISH` goes), as the first seed that answers sees
-    /// it; failing that, to the first seed that answers. Each step is bounded by
-    /// `RESPONSE_TIMEOUT` (a host gone without a reset would hold it for minutes).
-    pub async fn pubsub(&self) -> redis::RedisResult<Subscription> {
-        let timed_out = || redis::RedisError::from((redis::ErrorKind::IoError, "timed out"));
-        let open = |client: redis::Client| async move {
-            tokio::time::timeout(RESPONSE_TIMEOUT, client.get_async_pubsub())
-                .await
-                .map_err(|_| timed_out())?
-        };
+    /// it; failing that, to the first seed that answers.
+    async fn pubsub(&self) -> redis::RedisResult<Subscription> {
         if self.cluster.is_some() {
             match self.pubsub_master().await {
                 Ok(master) => {
-                    match open(redis::Client::open(format!("redis://{master}/"))?).await {
+                    let client = redis::Client::open(format!("redis://{master}/"))?;
+                    match bounded("connect", client.get_async_pubsub()).await {
                         Ok(pubsub) => {
                             let at = Some(master);
                             return Ok(Subscription { pubsub, at });
                         }
                         Err(error) => log::warn!(
                             "cluster: cannot subscribe through {master}, slot 0's master \
-                         ({error}); subscribing through a seed"
+                             ({error}); subscribing through a seed"
                         ),
                     }
                 }
@@ -151,7 +191,7 @@ impl RedisTarget {
         }
         let mut failed = None;
         for client in &self.plain {
-            match open(client.clone()).await {
+            match bounded("connect", client.get_async_pubsub()).await {
                 Ok(pubsub) => {
                     // On a Redis Cluster, `moved` tells whether this seed serves slot 0.
                     let at = self
@@ -178,8 +218,8 @@ impl RedisTarget {
                     .query_async::<String>(&mut connection)
                     .await
             };
-            match tokio::time::timeout(RESPONSE_TIMEOUT, asking).await {
-                Ok(Ok(nodes)) => match slot_0_master(&nodes, false) {
+            match bounded("CLUSTER NODES", asking).await {
+                Ok(nodes) => match slot_0_master(&nodes, false) {
                     Some(master) => return Ok(master),
                     None => {
                         failed = Some(
@@ -191,8 +231,7 @@ impl RedisTarget {
                         )
                     }
                 },
-                Ok(Err(error)) => failed = Some(error),
-                Err(_) => failed = Some((redis::ErrorKind::IoError, "timed out").into()),
+                Err(error) => failed = Some(error),
             }
         }
         Err(failed.unwrap_or_else(|| (redis::ErrorKind::ClientError, "no seed").into()))
@@ -205,7 +244,7 @@ impl RedisTarget {
     /// not ok (`CLUSTER INFO`: cut off from the majority, which may promote another),
     /// or when it cannot be asked twice in a row (a host gone without a reset leaves
     /// the subscription itself waiting forever). Never on a single server.
-    pub async fn moved(&self, at: Option<String>) {
+    async fn moved(&self, at: Option<String>) {
         let Some(at) = at.filter(|_| self.cluster.is_some()) else {
             return std::future::pending().await;
         };
@@ -266,15 +305,9 @@ async fn serves_slot_0(
     at: &str,
     node: &mut Option<redis::aio::MultiplexedConnection>,
 ) -> redis::RedisResult<bool> {
-    let timed_out = || redis::RedisError::from((redis::ErrorKind::IoError, "timed out"));
     if node.is_none() {
         let client = redis::Client::open(format!("redis://{at}/"))?;
-        let connecting = client.get_multiplexed_async_connection();
-        *node = Some(
-            tokio::time::timeout(RESPONSE_TIMEOUT, connecting)
-                .await
-                .map_err(|_| timed_out())??,
-        );
+        *node = Some(bounded("connect", client.get_multiplexed_async_connection()).await?);
     }
     let connection = node.as_mut().expect("connected above");
     let mut asking = redis::pipe();
@@ -284,19 +317,24 @@ async fn serves_slot_0(
         .cmd("CLUSTER")
         .arg("NODES");
     let (info, nodes): (String, String) =
-        tokio::time::timeout(RESPONSE_TIMEOUT, asking.query_async(connection))
-            .await
-            .map_err(|_| timed_out())??;
+        bounded("CLUSTER INFO + NODES", asking.query_async(connection)).await?;
     Ok(info.contains("cluster_state:ok") && slot_0_master(&nodes, true).is_some())
+}
+
+/// How a subscription made by [`RedisTarget::listen`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Redis ended it (or the connection broke).
+    Dropped,
+    /// Slot 0 of the Redis Cluster moved away from the node it went to.
+    Moved,
 }
 
 /// A pub/sub connection and the Redis Cluster node it goes to (`None`: a single
 /// server).
-pub struct Subscription {
-    /// The connection.
-    pub pubsub: redis::aio::PubSub,
-    /// The node it goes to (for [`RedisTarget::moved`]).
-    pub at: Option<String>,
+struct Subscription {
+    pubsub: redis::aio::PubSub,
+    at: Option<String>,
 }
 
 /// The address (`host:port`) of the live master serving slot 0 in `CLUSTER NODES`

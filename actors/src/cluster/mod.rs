@@ -29,7 +29,7 @@ pub use crossing::Spread;
 pub use direct::{DirectLine, Forward, HOLDER_TTL};
 pub use directory::{ClusterNodes, GetHeld, HeldAgent, ListHeld, NodeInfo, RemoveHeld};
 pub use keys::Keys;
-pub use link::{RedisLink, RedisTarget, Subscription, CLUSTER_SCHEME};
+pub use link::{Ended, RedisLink, RedisTarget, CLUSTER_SCHEME};
 pub use takeover::{Answer, HandOver, HandoverRequest, TakeOver, Transfer};
 
 use crate::bus::{Publish, SettleAll};

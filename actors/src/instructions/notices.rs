@@ -8,13 +8,9 @@
 
 use super::Dispatcher;
 use crate::cluster::Keys;
-use crate::cluster::{RedisLink, RedisTarget, Subscription};
+use crate::cluster::{RedisLink, RedisTarget};
 use actix::prelude::*;
-use futures_util::StreamExt;
 use std::time::Duration;
-
-/// Time allowed for subscribing (a Redis host gone without a reset holds it for minutes).
-const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Work one node announces to every node.
 #[derive(Message, Debug, Clone, PartialEq, Eq)]
@@ -114,37 +110,13 @@ impl Dispatcher {
         );
         ctx.spawn(fut::wrap_future(async move {
             loop {
-                match target.pubsub().await {
-                    Ok(Subscription { mut pubsub, at }) => {
-                        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, pubsub.subscribe(&channel))
-                            .await
-                            .unwrap_or_else(|_| {
-                                Err((redis::ErrorKind::IoError, "SUBSCRIBE timed out").into())
-                            }) {
-                            Ok(()) => {
-                                let moved = target.moved(at);
-                                tokio::pin!(moved);
-                                let mut messages = pubsub.on_message();
-                                loop {
-                                    let message = tokio::select! {
-                                        message = messages.next() => message,
-                                        () = &mut moved => None,
-                                    };
-                                    let Some(message) = message else { break };
-                                    let payload: String = message.get_payload().unwrap_or_default();
-                                    if let Some(notice) = Notice::parse(&payload) {
-                                        me.do_send(notice);
-                                    }
-                                }
-                            }
-                            Err(error) => {
-                                log::warn!("instructions: cannot subscribe to {channel}: {error}")
-                            }
-                        }
+                let deliver = |_: &str, payload: String| {
+                    if let Some(notice) = Notice::parse(&payload) {
+                        me.do_send(notice);
                     }
-                    Err(error) => {
-                        log::warn!("instructions: cannot reach the cluster's Redis: {error}")
-                    }
+                };
+                if let Err(error) = target.listen(&[&channel], || {}, deliver).await {
+                    log::warn!("instructions: cannot subscribe to {channel}: {error}");
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
