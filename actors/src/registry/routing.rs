@@ -88,19 +88,17 @@ impl Registry {
     /// every half-life of its certificate).
     fn claim(&mut self, session_id: SessionId, claim: Claim) -> Result<Value, ProtocolError> {
         let Claim { agent_id, force } = claim;
-        let mut renewal = false;
-        if let Some(holder) = self.agents.get(agent_id.as_str()) {
-            renewal = holder.session_id == session_id;
-            if !renewal {
-                return Err(ProtocolError::new(
-                    ErrorCode::AgentIdInUse,
-                    format!(
-                        "Agent ID {agent_id} is held by a live connection; only that connection \
-                         may claim it (to take the id back, register with the certificate \
-                         claimed before)"
-                    ),
-                ));
-            }
+        let holder = self.agents.get(agent_id.as_str()).map(|h| h.session_id);
+        let renewal = holder == Some(session_id);
+        if holder.is_some() && !renewal {
+            return Err(ProtocolError::new(
+                ErrorCode::AgentIdInUse,
+                format!(
+                    "Agent ID {agent_id} is held by a live connection; only that connection \
+                     may claim it (to take the id back, register with the certificate \
+                     claimed before)"
+                ),
+            ));
         }
         let max = self.settings.limits.max_claims_per_connection;
         let Some(socket) = self.sockets.get_mut(&session_id) else {
