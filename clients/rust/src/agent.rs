@@ -245,16 +245,12 @@ impl Runner {
 
     /// Keeps the certificate a renewal (`claim_agent_id` on a registered connection)
     /// answered with; a refusal leaves the current one, to be tried again.
-    pub(crate) fn renewed(&mut self, answer: &Value) {
+    pub(crate) fn renewed(&mut self, answer: Value) {
         let agent_id = &self.config.agent_id;
-        if answer["success"] != true {
-            log::warn!(
-                "{agent_id}: certificate renewal refused ({}): {}",
-                answer["error_code"],
-                answer["error"]
-            );
-            return;
-        }
+        let answer = match Error::answered("claim_agent_id", answer) {
+            Ok(answer) => answer,
+            Err(error) => return log::warn!("{agent_id}: certificate renewal refused: {error}"),
+        };
         match self.certificates.set(answer["certificate"].clone()) {
             Ok(()) => log::debug!("{agent_id}: certificate renewed"),
             Err(error) => {

@@ -2,9 +2,10 @@
 //! caller's (mode 0600, replaced atomically) so another process can use it too.
 
 use crate::error::Error;
+use crate::protocol;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Where the certificate lives.
 #[derive(Debug)]
@@ -62,33 +63,29 @@ impl CertificateStore {
 
     /// Whether the certificate has more than half of its lifetime left.
     pub(crate) fn is_fresh(&self) -> bool {
-        let Some(certificate) = &self.current else {
-            return false;
-        };
-        let (Some(issued), Some(expires)) = (
-            certificate["issued_at"].as_f64(),
-            certificate["expires_at"].as_f64(),
-        ) else {
-            return false;
-        };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        expires - now > (expires - issued) / 2.0
+        self.times().is_some_and(|(issued, expires)| {
+            expires - protocol::epoch_secs() > (expires - issued) / 2.0
+        })
     }
 
     /// How long to wait before trying again after a renewal: an eighth of the
     /// certificate's lifetime, between 100 ms and a minute (a minute without one).
     pub(crate) fn renewal_retry(&self) -> Duration {
-        let lifetime = self.current.as_ref().and_then(|certificate| {
-            let issued = certificate["issued_at"].as_f64()?;
-            let expires = certificate["expires_at"].as_f64()?;
-            Duration::try_from_secs_f64(expires - issued).ok()
-        });
+        let lifetime = self
+            .times()
+            .and_then(|(issued, expires)| Duration::try_from_secs_f64(expires - issued).ok());
         lifetime.map_or(Duration::from_secs(60), |lifetime| {
             (lifetime / 8).clamp(Duration::from_millis(100), Duration::from_secs(60))
         })
+    }
+
+    /// `issued_at` and `expires_at` of the certificate, if it has them.
+    fn times(&self) -> Option<(f64, f64)> {
+        let certificate = self.current.as_ref()?;
+        Some((
+            certificate["issued_at"].as_f64()?,
+            certificate["expires_at"].as_f64()?,
+        ))
     }
 }
 
@@ -166,10 +163,7 @@ mod tests {
 
     #[test]
     fn freshness_is_half_the_lifetime() {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64();
+        let now = protocol::epoch_secs();
         let mut store = CertificateStore::open(None, "a").unwrap();
         store
             .set(json!({"agent_id": "a", "issued_at": now - 10.0, "expires_at": now + 100.0}))

@@ -165,14 +165,7 @@ async fn claim(connection: &mut Connection, agent_id: &str) -> Result<Value, Err
         &mut connection.early,
     )
     .await?;
-    if answer["success"] == true {
-        return Ok(answer["certificate"].clone());
-    }
-    Err(Error::Request {
-        command: "claim_agent_id".into(),
-        code: ErrorCode::parse(answer["error_code"].as_str().unwrap_or_default()),
-        message: answer["error"].as_str().unwrap_or_default().to_owned(),
-    })
+    Error::answered("claim_agent_id", answer).map(|answer| answer["certificate"].clone())
 }
 
 /// Sends `frame` and reads until its answer (the `command`'s response carrying

@@ -168,6 +168,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// The server's `answer` to request `command`: the answer itself when it says
+    /// `success: true`, else [`Error::Request`] with its `error_code` and `error`.
+    pub(crate) fn answered(
+        command: &str,
+        answer: serde_json::Value,
+    ) -> Result<serde_json::Value, Error> {
+        if answer["success"] == true {
+            return Ok(answer);
+        }
+        Err(Error::Request {
+            command: command.to_owned(),
+            code: ErrorCode::parse(answer["error_code"].as_str().unwrap_or_default()),
+            message: answer["error"].as_str().unwrap_or_default().to_owned(),
+        })
+    }
+
     /// The server's `error_code`, when the server gave one.
     pub fn error_code(&self) -> Option<&ErrorCode> {
         match self {

@@ -176,14 +176,7 @@ impl AgentHandle {
                 ))
             })?
             .map_err(|_| session::unanswered())?;
-        if answer["success"] == true {
-            return Ok(answer);
-        }
-        Err(Error::Request {
-            command: command.to_owned(),
-            code: crate::ErrorCode::parse(answer["error_code"].as_str().unwrap_or_default()),
-            message: answer["error"].as_str().unwrap_or_default().to_owned(),
-        })
+        Error::answered(command, answer)
     }
 
     /// The current (or, while reconnecting, the last) registration.

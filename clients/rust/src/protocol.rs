@@ -51,6 +51,14 @@ pub fn claim(agent_id: &str, request_id: &str) -> String {
     request("claim_agent_id", request_id, fields)
 }
 
+/// Seconds since the Unix epoch, as the protocol's timestamps count them.
+pub(crate) fn epoch_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
 /// The answer to the server's `ping_agent`, echoing its `timestamp`.
 pub fn pong(timestamp: f64) -> String {
     format!(

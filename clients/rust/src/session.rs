@@ -34,8 +34,8 @@ pub(crate) enum End {
 enum Waiter {
     /// The application ([`AgentHandle::request`](crate::AgentHandle::request)).
     Application(oneshot::Sender<Value>),
-    /// The session's own certificate renewal.
-    Renewal,
+    /// The session's own certificate renewal, sent then.
+    Renewal(Instant),
 }
 
 /// Requests in flight on this connection, by `request_id`.
@@ -83,7 +83,6 @@ pub(crate) async fn serve(runner: &mut Runner, connection: Connection) -> End {
     let mut last_heard = Instant::now();
     let mut probe: Option<Instant> = None;
     let mut next_renewal = Instant::now();
-    let mut renewal_sent = Instant::now();
     loop {
         tokio::select! {
             frame = ws.next() => {
@@ -129,32 +128,14 @@ pub(crate) async fn serve(runner: &mut Runner, connection: Connection) -> End {
                     }
                 } else if last_heard.elapsed() >= keepalive.idle {
                     let mut fields = Map::new();
-                    fields.insert("timestamp".into(), epoch_secs().into());
+                    fields.insert("timestamp".into(), protocol::epoch_secs().into());
                     let frame = protocol::request("ping_agent", "keepalive", fields);
                     if let Err(end) = write(&mut ws, frame, write_limit).await {
                         return end;
                     }
                     probe = Some(Instant::now());
                 }
-                // Renew the certificate once half its life is gone (or claim one that
-                // the registration could not get), one request at a time; one left
-                // unanswered for `request_timeout` is given up (a later answer is
-                // ignored: the next renewal replaces what it brought).
-                let now = Instant::now();
-                if pending.contains_key(RENEWAL)
-                    && now.duration_since(renewal_sent) >= runner.config.request_timeout
-                {
-                    log::warn!("{}: no answer to a certificate renewal", runner.config.agent_id);
-                    pending.remove(RENEWAL);
-                }
-                if now >= next_renewal
-                    && !pending.contains_key(RENEWAL)
-                    && !runner.certificates().is_fresh()
-                {
-                    next_renewal = now + runner.certificates().renewal_retry();
-                    renewal_sent = now;
-                    pending.insert(RENEWAL.into(), Waiter::Renewal);
-                    let frame = protocol::claim(&runner.config.agent_id, RENEWAL);
+                if let Some(frame) = renewal(runner, &mut pending, &mut next_renewal) {
                     if let Err(end) = write(&mut ws, frame, write_limit).await {
                         return end;
                     }
@@ -173,6 +154,30 @@ pub(crate) async fn serve(runner: &mut Runner, connection: Connection) -> End {
             }
         }
     }
+}
+
+/// The `claim_agent_id` that renews the certificate, when one is due: half its life is
+/// gone (or the registration could not claim one), `next` has come, and no renewal
+/// is in flight. One left unanswered for `request_timeout` is given up (a later answer
+/// is ignored: the next renewal replaces what it brought).
+fn renewal(runner: &Runner, pending: &mut Pending, next: &mut Instant) -> Option<String> {
+    let now = Instant::now();
+    if let Some(Waiter::Renewal(sent)) = pending.get(RENEWAL) {
+        if now.duration_since(*sent) < runner.config.request_timeout {
+            return None;
+        }
+        log::warn!(
+            "{}: no answer to a certificate renewal",
+            runner.config.agent_id
+        );
+        pending.remove(RENEWAL);
+    }
+    if now < *next || runner.certificates().is_fresh() {
+        return None;
+    }
+    *next = now + runner.certificates().renewal_retry();
+    pending.insert(RENEWAL.into(), Waiter::Renewal(now));
+    Some(protocol::claim(&runner.config.agent_id, RENEWAL))
 }
 
 impl Runner {
@@ -221,7 +226,7 @@ async fn handle(
             Some(Waiter::Application(reply)) => {
                 let _ = reply.send(frame);
             }
-            Some(Waiter::Renewal) => runner.renewed(&frame),
+            Some(Waiter::Renewal(_)) => runner.renewed(frame),
             None => {}
         },
         Incoming::Message(message) => {
@@ -329,13 +334,6 @@ fn lost(close_code: Option<u16>, reason: String) -> End {
         reason,
         reconnecting: true,
     })
-}
-
-fn epoch_secs() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 /// The error a request gets when its connection ended before the answer.
