@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tenacity import RetryCallState, Retrying, wait_exponential, wait_random_exponential
 
 INSTRUCTIONS_CAPABILITY = "instructions"
 """The capability an agent lists to receive instructions (PROTOCOL.md §11)."""
@@ -39,11 +40,18 @@ class ReconnectPolicy:
             raise ValueError("max_attempts must be at least 1, or None")
 
     def delay(self, attempt: int) -> float:
-        """Return the wait before attempt ``attempt`` (1 for the first)."""
-        # The exponent is capped: a long outage makes attempt numbers that overflow.
-        growth = self.factor ** min(max(attempt - 1, 0), 64)
-        full = min(self.initial_delay * growth, self.max_delay)
-        return full / 2 + random.uniform(0, full / 2)
+        """Return the wait before attempt ``attempt`` (1 for the first).
+
+        tenacity's exponential waits, half of them fixed and half random (they also
+        stay at ``max_delay`` for attempt numbers whose growth would overflow).
+        """
+        half_initial, half_max = self.initial_delay / 2, self.max_delay / 2
+        wait = wait_exponential(
+            multiplier=half_initial, max=half_max, exp_base=self.factor
+        ) + wait_random_exponential(multiplier=half_initial, max=half_max, exp_base=self.factor)
+        state = RetryCallState(Retrying(), None, (), {})
+        state.attempt_number = max(attempt, 1)
+        return wait(state)
 
 
 @dataclass(frozen=True)
