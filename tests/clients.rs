@@ -46,6 +46,33 @@ async fn connect(config: AgentConfig) -> Agent {
         .unwrap_or_else(|error| panic!("{agent_id} could not connect: {error}"))
 }
 
+/// The next message the agent receives (other events skipped), within the deadline.
+async fn next_message(agent: &mut Agent) -> tether_client::Message {
+    next_matching(agent, |e| match e {
+        Event::Message(m) => Some(m),
+        _ => None,
+    })
+    .await
+}
+
+/// The next `Disconnected` event, within the deadline.
+async fn next_disconnect(agent: &mut Agent) -> tether_client::Disconnect {
+    next_matching(agent, |e| match e {
+        Event::Disconnected(d) => Some(d),
+        _ => None,
+    })
+    .await
+}
+
+/// The next `Reconnected` event, within the deadline.
+async fn next_reconnect(agent: &mut Agent) -> tether_client::Registration {
+    next_matching(agent, |e| match e {
+        Event::Reconnected(r) => Some(r),
+        _ => None,
+    })
+    .await
+}
+
 /// The next event that `pick` accepts (others are skipped), within the deadline.
 async fn next_matching<T>(agent: &mut Agent, mut pick: impl FnMut(Event) -> Option<T>) -> T {
     tokio::time::timeout(DEADLINE, async {
@@ -78,22 +105,14 @@ async fn agents_register_and_exchange_direct_and_broadcast_messages() {
         .send_direct("bob", json!({"text": "hi"}))
         .await
         .unwrap();
-    let message = next_matching(&mut bob, |e| match e {
-        Event::Message(m) => Some(m),
-        _ => None,
-    })
-    .await;
+    let message = next_message(&mut bob).await;
     assert_eq!(message.sender_id, "alice");
     assert_eq!(message.kind, MessageKind::Direct);
     assert_eq!(message.message_id, sent);
     assert_eq!(message.content, json!({"text": "hi"}));
 
     bob.broadcast(json!({"text": "all"}), &[]).await.unwrap();
-    let message = next_matching(&mut alice, |e| match e {
-        Event::Message(m) => Some(m),
-        _ => None,
-    })
-    .await;
+    let message = next_message(&mut alice).await;
     assert_eq!(
         (message.kind, message.sender_id.as_str()),
         (MessageKind::Broadcast, "bob")
@@ -133,11 +152,7 @@ async fn a_rust_agent_and_a_python_agent_exchange_messages() {
 
     for n in 0..3 {
         agent.send_direct("py-echo", json!({"n": n})).await.unwrap();
-        let reply = next_matching(&mut agent, |e| match e {
-            Event::Message(m) => Some(m),
-            _ => None,
-        })
-        .await;
+        let reply = next_message(&mut agent).await;
         assert_eq!(reply.sender_id, "py-echo");
         assert_eq!(reply.content, json!({"echo": {"n": n}}));
     }
@@ -196,17 +211,9 @@ async fn a_half_open_connection_is_taken_back_with_the_certificate() {
     assert!(agent.certificate().is_some());
 
     proxy.freeze();
-    let lost = next_matching(&mut agent, |e| match e {
-        Event::Disconnected(d) => Some(d),
-        _ => None,
-    })
-    .await;
+    let lost = next_disconnect(&mut agent).await;
     assert!(lost.reconnecting, "{lost:?}");
-    let back = next_matching(&mut agent, |e| match e {
-        Event::Reconnected(r) => Some(r),
-        _ => None,
-    })
-    .await;
+    let back = next_reconnect(&mut agent).await;
     assert_eq!(back.incarnation, 2);
     assert!(back.with_certificate);
 
@@ -255,11 +262,7 @@ async fn a_long_connected_agent_renews_its_certificate_and_still_takes_its_id_ba
     );
 
     proxy.freeze();
-    let back = next_matching(&mut agent, |e| match e {
-        Event::Reconnected(r) => Some(r),
-        _ => None,
-    })
-    .await;
+    let back = next_reconnect(&mut agent).await;
     assert_eq!(back.incarnation, 2);
     assert!(
         back.with_certificate,
@@ -285,18 +288,10 @@ async fn a_write_the_server_never_takes_counts_as_a_lost_connection() {
     for _ in 0..100 {
         agent.send_direct("nobody", bulk.clone()).await.unwrap();
     }
-    let lost = next_matching(&mut agent, |e| match e {
-        Event::Disconnected(d) => Some(d),
-        _ => None,
-    })
-    .await;
+    let lost = next_disconnect(&mut agent).await;
     assert!(lost.reconnecting, "{lost:?}");
     assert!(lost.reason.contains("stuck"), "{lost:?}");
-    let back = next_matching(&mut agent, |e| match e {
-        Event::Reconnected(r) => Some(r),
-        _ => None,
-    })
-    .await;
+    let back = next_reconnect(&mut agent).await;
     assert_eq!(back.incarnation, 2);
     agent.close().await.unwrap();
 }
@@ -317,19 +312,11 @@ async fn reconnect_delays_carry_on_across_connections_that_do_not_last() {
     let mut gaps = Vec::new();
     for _ in 0..4 {
         proxy.cut(); // each connection ends right after it was made
-        let lost = next_matching(&mut agent, |e| match e {
-            Event::Disconnected(d) => Some(d),
-            _ => None,
-        })
-        .await;
+        let lost = next_disconnect(&mut agent).await;
         assert!(lost.reconnecting, "{lost:?}");
         let lost_at = tokio::time::Instant::now();
         proxy.restore();
-        next_matching(&mut agent, |e| match e {
-            Event::Reconnected(r) => Some(r),
-            _ => None,
-        })
-        .await;
+        next_reconnect(&mut agent).await;
         gaps.push(lost_at.elapsed());
     }
     // Attempt n waits 100 ms × 2ⁿ⁻¹. The count carries on across connections that did
@@ -381,11 +368,7 @@ async fn what_was_sent_before_close_goes_out_before_the_close() {
         }
         writer.close().await.unwrap();
         for n in 0..50 {
-            let message = next_matching(&mut reader, |e| match e {
-                Event::Message(m) => Some(m),
-                _ => None,
-            })
-            .await;
+            let message = next_message(&mut reader).await;
             assert_eq!(message.content, json!([round, n]), "in order, none lost");
         }
     }
@@ -411,11 +394,7 @@ async fn an_agent_comes_back_after_a_server_restart() {
     })
     .await;
     assert_eq!(notice.event, "network_shutdown");
-    let lost = next_matching(&mut agent, |e| match e {
-        Event::Disconnected(d) => Some(d),
-        _ => None,
-    })
-    .await;
+    let lost = next_disconnect(&mut agent).await;
     assert!(lost.reconnecting, "{lost:?}");
     assert_eq!(server.wait_exit().await, Some(0));
 
@@ -425,19 +404,11 @@ async fn an_agent_comes_back_after_a_server_restart() {
         ("TETHER__NETWORK__PORT", port.as_str()),
     ];
     let server = TestServer::start(&env);
-    next_matching(&mut agent, |e| match e {
-        Event::Reconnected(r) => Some(r),
-        _ => None,
-    })
-    .await;
+    next_reconnect(&mut agent).await;
     assert!(agent.is_connected());
     let other = connect(AgentConfig::new(server.ws_url(), "witness")).await;
     other.send_direct("survivor", json!("after")).await.unwrap();
-    let message = next_matching(&mut agent, |e| match e {
-        Event::Message(m) => Some(m),
-        _ => None,
-    })
-    .await;
+    let message = next_message(&mut agent).await;
     assert_eq!(message.content, json!("after"));
     agent.close().await.unwrap();
     let _ = std::fs::remove_file(database);
@@ -552,11 +523,7 @@ async fn an_agent_replaced_by_another_connection_stops_and_says_why() {
     let second =
         connect(AgentConfig::new(server.ws_url(), "contested").force_reconnect(true)).await;
     assert_eq!(second.registration().incarnation, 2);
-    let end = next_matching(&mut first, |e| match e {
-        Event::Disconnected(d) => Some(d),
-        _ => None,
-    })
-    .await;
+    let end = next_disconnect(&mut first).await;
     assert_eq!(end.close_code, Some(4001), "{end:?}");
     assert!(
         !end.reconnecting,
@@ -586,20 +553,12 @@ async fn a_clustered_agent_follows_reconnect_url_when_its_node_shuts_down() {
     let other_port = nodes[1].addr.rsplit_once(':').unwrap().1.to_owned();
     let reconnect_url = notice.reconnect_url.clone().expect("a reconnect_url");
     assert!(reconnect_url.contains(&other_port), "{notice:?}");
-    next_matching(&mut agent, |e| match e {
-        Event::Reconnected(r) => Some(r),
-        _ => None,
-    })
-    .await;
+    next_reconnect(&mut agent).await;
     assert_eq!(nodes[0].wait_exit().await, Some(0));
     // The configured URL is gone: the agent is on the other node.
     let witness = connect(AgentConfig::new(nodes[1].ws_url(), "witness")).await;
     witness.send_direct("mover", json!("here")).await.unwrap();
-    let message = next_matching(&mut agent, |e| match e {
-        Event::Message(m) => Some(m),
-        _ => None,
-    })
-    .await;
+    let message = next_message(&mut agent).await;
     assert_eq!(message.content, json!("here"));
     let mover = nodes[1].get_json("/agents/mover").await;
     let witness_seen = nodes[1].get_json("/agents/witness").await;
@@ -628,11 +587,7 @@ async fn an_agent_connects_over_wss() {
         .send_direct("secure", json!("over tls"))
         .await
         .unwrap();
-    let message = next_matching(&mut secure, |e| match e {
-        Event::Message(m) => Some(m),
-        _ => None,
-    })
-    .await;
+    let message = next_message(&mut secure).await;
     assert_eq!(
         (message.sender_id.as_str(), message.content),
         ("plain", json!("over tls"))

@@ -296,26 +296,18 @@ async fn on_server(args: &Args, server: &Server) -> Result<(Row, Row), String> {
         seen.pings.load(Ordering::Relaxed) as f64,
         0,
     ));
-    let dropped = seen.dropped.load(Ordering::Relaxed);
-    let errors = seen.errors.load(Ordering::Relaxed);
-    for row in [&mut result.0, &mut result.1] {
-        if dropped > 0 {
-            row.push(text(
-                "agent sockets ended",
-                format!(
-                    "{dropped} ({})",
-                    seen.first_drop.lock().unwrap().clone().unwrap_or_default()
-                ),
-            ));
-        }
-        if errors > 0 {
-            row.push(text(
-                "error frames to agents",
-                format!(
-                    "{errors} ({})",
-                    seen.first_error.lock().unwrap().clone().unwrap_or_default()
-                ),
-            ));
+    // What went wrong on the agents' side, if anything: how often, and the first one.
+    let troubles = [
+        ("agent sockets ended", &seen.dropped, &seen.first_drop),
+        ("error frames to agents", &seen.errors, &seen.first_error),
+    ];
+    for (what, count, first) in troubles {
+        let count = count.load(Ordering::Relaxed);
+        if count > 0 {
+            let first = first.lock().unwrap().clone().unwrap_or_default();
+            for row in [&mut result.0, &mut result.1] {
+                row.push(text(what, format!("{count} ({first})")));
+            }
         }
     }
     Ok(result)
