@@ -244,99 +244,40 @@ async fn context(common: &Common) -> Result<Ctx, String> {
     })
 }
 
+/// Runs one workload's `run(&ctx, &args)` through [`one`].
+macro_rules! workload {
+    ($common:expr, $run:path, $args:expr) => {{
+        let args = $args;
+        one($common, |ctx| {
+            Box::pin(async move { $run(&ctx, &args).await.map(|t| (ctx, t)) })
+        })
+        .await
+    }};
+}
+
 async fn harness(command: Command) -> ExitCode {
     let result = match command {
         Command::IdleMemory { common, args } => {
-            one(&common, |ctx| {
-                Box::pin(async move {
-                    workloads::idle_memory::run(&ctx, &args)
-                        .await
-                        .map(|t| (ctx, t))
-                })
-            })
-            .await
+            workload!(&common, workloads::idle_memory::run, args)
         }
-        Command::Hostile { common, args } => {
-            one(&common, |ctx| {
-                Box::pin(
-                    async move { workloads::hostile::run(&ctx, &args).await.map(|t| (ctx, t)) },
-                )
-            })
-            .await
-        }
+        Command::Hostile { common, args } => workload!(&common, workloads::hostile::run, args),
         Command::CloseLatency { common, args } => {
-            one(&common, |ctx| {
-                Box::pin(async move {
-                    workloads::close_latency::run(&ctx, &args)
-                        .await
-                        .map(|t| (ctx, t))
-                })
-            })
-            .await
+            workload!(&common, workloads::close_latency::run, args)
         }
         Command::RegistrationRate { common, args } => {
-            one(&common, |ctx| {
-                Box::pin(async move {
-                    workloads::registration::run(&ctx, &args)
-                        .await
-                        .map(|t| (ctx, t))
-                })
-            })
-            .await
+            workload!(&common, workloads::registration::run, args)
         }
-        Command::Heartbeat { common, args } => {
-            one(&common, |ctx| {
-                Box::pin(async move {
-                    workloads::heartbeat::run(&ctx, &args)
-                        .await
-                        .map(|t| (ctx, t))
-                })
-            })
-            .await
-        }
+        Command::Heartbeat { common, args } => workload!(&common, workloads::heartbeat::run, args),
         Command::DeadDetection { common, args } => {
-            one(&common, |ctx| {
-                Box::pin(async move {
-                    workloads::dead_detection::run(&ctx, &args)
-                        .await
-                        .map(|t| (ctx, t))
-                })
-            })
-            .await
+            workload!(&common, workloads::dead_detection::run, args)
         }
-        Command::Routing { common, args } => {
-            one(&common, |ctx| {
-                Box::pin(
-                    async move { workloads::routing::run(&ctx, &args).await.map(|t| (ctx, t)) },
-                )
-            })
-            .await
-        }
-        Command::Churn { common, args } => {
-            one(&common, |ctx| {
-                Box::pin(async move { workloads::churn::run(&ctx, &args).await.map(|t| (ctx, t)) })
-            })
-            .await
-        }
+        Command::Routing { common, args } => workload!(&common, workloads::routing::run, args),
+        Command::Churn { common, args } => workload!(&common, workloads::churn::run, args),
         Command::EventPublishing { common, args } => {
-            one(&common, |ctx| {
-                Box::pin(async move {
-                    workloads::event_publishing::run(&ctx, &args)
-                        .await
-                        .map(|t| (ctx, t))
-                })
-            })
-            .await
+            workload!(&common, workloads::event_publishing::run, args)
         }
         Command::PublisherThroughput { common, args } => {
-            one(&common, |ctx| {
-                Box::pin(async move {
-                    workloads::publisher_throughput::run(&ctx, &args)
-                        .await
-                        .map(|t| (ctx, t))
-                })
-            })
-            .await
+            workload!(&common, workloads::publisher_throughput::run, args)
         }
         Command::Cluster {
             repeat,
@@ -353,12 +294,7 @@ async fn harness(command: Command) -> ExitCode {
                 venv: None,
                 per_worker,
             };
-            one(&common, |ctx| {
-                Box::pin(
-                    async move { workloads::cluster::run(&ctx, &args).await.map(|t| (ctx, t)) },
-                )
-            })
-            .await
+            workload!(&common, workloads::cluster::run, args)
         }
         Command::Instructions {
             repeat,
@@ -374,14 +310,7 @@ async fn harness(command: Command) -> ExitCode {
                 venv: None,
                 per_worker: 5000,
             };
-            one(&common, |ctx| {
-                Box::pin(async move {
-                    workloads::instructions::run(&ctx, &args)
-                        .await
-                        .map(|t| (ctx, t))
-                })
-            })
-            .await
+            workload!(&common, workloads::instructions::run, args)
         }
         Command::Smoke { out, tether_bin } => smoke::run(out, tether_bin).await,
         Command::FloorServer { .. } | Command::ClientWorker { .. } => unreachable!(),
