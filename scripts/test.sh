@@ -124,6 +124,10 @@ if [ $# -eq 0 ]; then
   log "building, then running the benchmark smoke run"
   cargo build --workspace --bins --examples >&2
   target/debug/tether-bench smoke --out target/bench-smoke.md >&2
+  # The fuzz targets are a workspace of their own (fuzz/, excluded from this one), so
+  # nothing above compiles them: checked here, so that they follow the code they fuzz.
+  log "checking that the fuzz targets compile"
+  CARGO_TARGET_DIR="$root/target" cargo check --manifest-path fuzz/Cargo.toml --bins >&2
 fi
 
 log "running cargo test"

@@ -9,6 +9,8 @@
 //! - `Inbound::Request`: `command.name()` (never empty) and `allowed_unregistered()`; a
 //!   registration or claim that parsed carries a valid agent id (and an object as
 //!   metadata).
+//! - `Inbound::InstructionAck`: the instruction id is 1–128 bytes and a `result`, when
+//!   given, is JSON text that parses again.
 //!
 //! No input may panic.
 
@@ -58,6 +60,13 @@ fuzz_target!(|data: &[u8]| {
                     assert!(valid_agent_id(agent_id));
                 }
                 _ => {}
+            }
+        }
+        Inbound::InstructionAck(ack) => {
+            assert!(!ack.instruction_id.is_empty() && ack.instruction_id.len() <= 128);
+            if let Some(result) = &ack.result {
+                serde_json::from_str::<serde_json::Value>(result)
+                    .unwrap_or_else(|e| panic!("an ack's result is not JSON ({e}): {result}"));
             }
         }
         Inbound::PingAnswer { .. } | Inbound::OtherResponse => {}
