@@ -246,7 +246,8 @@ pub struct StatsSnapshot {
     pub shutting_down: bool,
     /// Bytes of registration metadata held (`limits.max_metadata_bytes_total`).
     pub metadata_bytes: usize,
-    /// Ids that left whose last incarnation is remembered (`limits.remembered_agent_ids`).
+    /// Ids that left whose last incarnation is remembered (`limits.remembered_agent_ids`);
+    /// an id that registered again stays counted until it leaves again or is forgotten.
     pub remembered_agent_ids: usize,
 }
 

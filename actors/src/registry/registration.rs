@@ -387,7 +387,6 @@ impl Registry {
             }
         }
         self.metadata_bytes += entry.metadata.get().len();
-        self.incarnations.registered(&agent_id);
         self.agents.insert(agent_id, entry);
         self.stats.registered(self.agents.len());
     }
