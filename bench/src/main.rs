@@ -244,6 +244,25 @@ async fn context(common: &Common) -> Result<Ctx, String> {
     })
 }
 
+impl Common {
+    /// The options of a workload that measures Tether alone (no OpenAgents venv).
+    fn tether_only(
+        repeat: usize,
+        out: Option<PathBuf>,
+        tether_bin: Option<PathBuf>,
+        per_worker: u64,
+    ) -> Self {
+        Self {
+            systems: "tether".into(),
+            repeat,
+            out,
+            tether_bin,
+            venv: None,
+            per_worker,
+        }
+    }
+}
+
 /// Runs one workload's `run(&ctx, &args)` through [`one`].
 macro_rules! workload {
     ($common:expr, $run:path, $args:expr) => {{
@@ -286,14 +305,7 @@ async fn harness(command: Command) -> ExitCode {
             per_worker,
             args,
         } => {
-            let common = Common {
-                systems: "tether".into(),
-                repeat,
-                out,
-                tether_bin,
-                venv: None,
-                per_worker,
-            };
+            let common = Common::tether_only(repeat, out, tether_bin, per_worker);
             workload!(&common, workloads::cluster::run, args)
         }
         Command::Instructions {
@@ -302,14 +314,7 @@ async fn harness(command: Command) -> ExitCode {
             tether_bin,
             args,
         } => {
-            let common = Common {
-                systems: "tether".into(),
-                repeat,
-                out,
-                tether_bin,
-                venv: None,
-                per_worker: 5000,
-            };
+            let common = Common::tether_only(repeat, out, tether_bin, 5000);
             workload!(&common, workloads::instructions::run, args)
         }
         Command::Smoke { out, tether_bin } => smoke::run(out, tether_bin).await,

@@ -15,13 +15,13 @@
 //! remembered number is not dropped when its id registers again (another id may share
 //! it): it is overwritten by the id's next departure, or forgotten in turn.
 
-use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 
 /// Last incarnation numbers of ids that left, bounded.
 pub(super) struct Incarnations {
-    /// Last number of each remembered id's hash.
+    /// Last number of each remembered id's hash. Its hasher, keyed per process, also
+    /// hashes the ids ([`key`](Self::key)), so clients cannot choose ids that collide.
     departed: HashMap<u64, u64>,
     /// Departures (hash, number), oldest first; an entry whose number no longer
     /// matches `departed` (the id left again since) is skipped when it comes up.
@@ -29,8 +29,6 @@ pub(super) struct Incarnations {
     /// Above every number forgotten.
     floor: u64,
     capacity: usize,
-    /// Keyed per process, so that clients cannot choose ids that collide.
-    hasher: RandomState,
 }
 
 impl Incarnations {
@@ -41,12 +39,11 @@ impl Incarnations {
             order: VecDeque::new(),
             floor: 0,
             capacity,
-            hasher: RandomState::new(),
         }
     }
 
     fn key(&self, agent_id: &str) -> u64 {
-        self.hasher.hash_one(agent_id)
+        self.departed.hasher().hash_one(agent_id)
     }
 
     /// The next number of `agent_id`, whose registered incarnation (if any) is
