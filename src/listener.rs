@@ -114,6 +114,13 @@ async fn upgrade(
         .await?;
     crate::metrics::upgrade("accepted");
     let parts = framed.into_parts();
+    // Each frame goes out when it is written. With Nagle's algorithm on, a frame
+    // written while the previous one is unacknowledged waits for the agent's delayed
+    // ACK (about 40 ms) whenever the agent also sends. A socket that refuses the
+    // option still works, only slower, so that is not a reason to refuse the agent.
+    if let Err(error) = parts.io.set_nodelay(true) {
+        log::debug!("TCP_NODELAY not set on an agent socket: {error}");
+    }
     let session_id = state.next_session.fetch_add(1, Ordering::Relaxed);
     let remote_addr: Arc<str> = req
         .peer_addr()

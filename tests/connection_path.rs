@@ -1,7 +1,8 @@
 //! The connection path after the upgrade (PROTOCOL.md §2, §6, §7): the TCP connection
 //! ends at once after a close handshake, whichever side starts it; an agent that reads
 //! is never taken for a slow consumer; a frame announcing more than the limit is
-//! refused before its payload arrives; text that is not UTF-8 is refused 1007.
+//! refused before its payload arrives; text that is not UTF-8 is refused 1007; a frame
+//! is not held back waiting for the agent's acknowledgement of the one before.
 //!
 //! These tests speak raw WebSocket over TCP where they must see what a client library
 //! hides (the server's FIN, a frame header on its own).
@@ -248,4 +249,50 @@ async fn upgrades_elsewhere_than_root_and_ws_are_answered_404() {
     let (sent, _) = read_to_end(&mut tcp, Vec::new()).await;
     let text = String::from_utf8_lossy(&sent);
     assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+}
+
+/// A direct message from `from` to `to` carrying `n`.
+fn direct(from: &str, to: &str, n: u32) -> Value {
+    json!({"type":"message","data":{"message_type":"direct_message","sender_id":from,
+           "target_agent_id":to,"text_representation":"n","content":{"n":n}}})
+}
+
+/// Reads `agent`'s frames until the direct message carrying `n`.
+async fn until_message(agent: &mut Agent, n: u32) {
+    agent
+        .wait_for(|f| f["type"] == "message" && f["data"]["content"]["n"] == n)
+        .await;
+}
+
+#[tokio::test]
+async fn a_frame_right_after_another_is_not_held_until_the_agent_acknowledges_the_first() {
+    // An agent that answers what it receives makes its kernel delay its ACKs (by 40 ms
+    // at least on Linux). With Nagle's algorithm on the server's socket, a frame written
+    // while the previous one is still unacknowledged waited for that delayed ACK: every
+    // round below took about 38 ms instead of a fraction of one.
+    let server = TestServer::start(&[]);
+    let (mut alice, _) = Agent::register(&server.ws_url(), "alice").await;
+    let (mut bob, _) = Agent::register(&server.ws_url(), "bob").await;
+    let rounds = 10;
+    let mut held = 0;
+    for round in 0..rounds {
+        let n = round * 10;
+        alice.send(direct("alice", "bob", n)).await;
+        until_message(&mut bob, n).await;
+        bob.send(direct("bob", "alice", n + 1)).await;
+        until_message(&mut alice, n + 1).await;
+        alice.send(direct("alice", "bob", n + 2)).await;
+        until_message(&mut bob, n + 2).await;
+        // Bob's kernel has not acknowledged n + 2 yet when n + 3 is written.
+        let sent = Instant::now();
+        alice.send(direct("alice", "bob", n + 3)).await;
+        until_message(&mut bob, n + 3).await;
+        if sent.elapsed() >= Duration::from_millis(30) {
+            held += 1;
+        }
+    }
+    assert!(
+        held < rounds / 2,
+        "{held} of {rounds} frames took 30 ms or more: held for the agent's delayed ACK"
+    );
 }

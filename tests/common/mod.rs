@@ -203,9 +203,12 @@ pub enum Closed {
 }
 
 impl Agent {
-    /// Connects to `url` without registering.
+    /// Connects to `url` without registering. Nagle's algorithm is off on the client's
+    /// side, as in both client libraries and in Python's asyncio, so a test's frames
+    /// leave when sent.
     pub async fn connect(url: &str) -> Self {
-        let (ws, _) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(url))
+        let connecting = tokio_tungstenite::connect_async_with_config(url, None, true);
+        let (ws, _) = tokio::time::timeout(DEADLINE, connecting)
             .await
             .expect("connect timed out")
             .expect("cannot connect");
@@ -229,6 +232,7 @@ impl Agent {
             .await
             .expect("connect timed out")
             .expect("cannot connect");
+        stream.set_nodelay(true).unwrap();
         let (ws, _) = tokio::time::timeout(
             DEADLINE,
             tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)),
