@@ -162,13 +162,15 @@ impl Routes {
     }
 
     /// Routes `frame` (already stamped with `sender_id`) from the connection
-    /// `session_id` as `kind` says.
+    /// `session_id` as `kind` says: the copies for this node's agents go into `out`,
+    /// which the caller sends.
     pub fn route(
         &self,
         session_id: SessionId,
         sender_id: &str,
         kind: &MessageKind,
         frame: OutFrame,
+        out: &mut Batches,
     ) -> Routed {
         let table = self.read();
         if table
@@ -180,7 +182,7 @@ impl Routes {
         match kind {
             MessageKind::Direct(target) => match table.get(target.as_str()) {
                 Some(route) => {
-                    route.outbox.push(frame);
+                    out.push(&route.outbox, frame);
                     Routed::Sent(1)
                 }
                 None if self.park(target, frame) => Routed::Sent(1),
@@ -188,16 +190,13 @@ impl Routes {
             },
             MessageKind::Broadcast(exclude) => {
                 let excluded = Exclusions::new(sender_id, exclude);
-                let mut copies = Batches::default();
                 let mut sent = 0;
                 for (agent_id, route) in table.iter() {
                     if !excluded.contains(agent_id) {
-                        copies.push(&route.outbox, frame.clone());
+                        out.push(&route.outbox, frame.clone());
                         sent += 1;
                     }
                 }
-                drop(table);
-                copies.send();
                 Routed::Sent(sent)
             }
             MessageKind::Mod => Routed::Sent(0),

@@ -25,7 +25,7 @@ pub use frames::{FrameReader, Received};
 use crate::clock::monotonic_ms;
 use crate::disconnect::Disconnect;
 use crate::liveness::{ConnectionClock, Liveness, SessionId};
-use crate::outbound::{OutFrame, Outbox, SinkRegistration};
+use crate::outbound::{Batches, OutFrame, Outbox, SinkRegistration};
 use crate::protocol::{self, ErrorCode};
 use crate::registry::{Connected, ConnectionEnded, ConnectionOrder, Registry};
 use crate::routes::Routes;
@@ -338,12 +338,7 @@ impl AgentConnection {
                 Ok(read) => read,
                 Err(error) => return self.lost(ctx, error),
             };
-            for received in received {
-                if self.end.is_some() {
-                    break;
-                }
-                self.on_received(ctx, received);
-            }
+            self.on_all_received(ctx, received);
             if let Some(disconnect) = error {
                 return self.close(ctx, disconnect, false);
             }
@@ -358,10 +353,24 @@ impl AgentConnection {
         }
     }
 
-    fn on_received(&mut self, ctx: &mut Context<Self>, received: Received) {
+    /// Handles the messages of one read. The messages they route to other agents go
+    /// out together at the end, one relay message per worker thread, so that several
+    /// for one agent reach its socket in one write.
+    fn on_all_received(&mut self, ctx: &mut Context<Self>, received: Vec<Received>) {
+        let mut routed = Batches::default();
+        for received in received {
+            if self.end.is_some() {
+                break;
+            }
+            self.on_received(ctx, received, &mut routed);
+        }
+        routed.send();
+    }
+
+    fn on_received(&mut self, ctx: &mut Context<Self>, received: Received, routed: &mut Batches) {
         let now = monotonic_ms();
         match received {
-            Received::Text(text) => self.on_text(ctx, &text),
+            Received::Text(text) => self.on_text(ctx, &text, routed),
             Received::Binary(_) => {
                 self.clock.seen(now);
                 let error = ErrorCode::UnsupportedFrame.into();
@@ -433,9 +442,7 @@ impl Actor for AgentConnection {
         // Frames the agent sent right behind its upgrade request.
         let reader = &mut self.reader;
         let (received, error) = self.socket.take_buffered(|buf| drain(reader, buf));
-        for received in received {
-            self.on_received(ctx, received);
-        }
+        self.on_all_received(ctx, received);
         if let Some(disconnect) = error {
             self.close(ctx, disconnect, false);
         }

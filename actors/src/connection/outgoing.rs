@@ -14,7 +14,7 @@ use actix::WeakRecipient;
 use bytes::{Buf, Bytes};
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, IoSlice};
 use std::rc::Rc;
 use tokio::net::TcpStream;
 
@@ -108,12 +108,7 @@ impl Outgoing {
         let mut guard = self.backlog.borrow_mut();
         let backlog = &mut *guard;
         if !backlog.frames.is_empty() {
-            if bounded && backlog.bytes + frame.len() > self.byte_ceiling {
-                self.overflowed.set(true);
-                return Ok(());
-            }
-            backlog.bytes += frame.len();
-            backlog.frames.push_back(frame);
+            self.queue(backlog, frame, bounded);
             return Ok(());
         }
         let written = match send(&self.io, &frame) {
@@ -122,16 +117,60 @@ impl Outgoing {
             Err(e) => return Err(e),
         };
         if written < frame.len() {
-            let rest = frame.slice(written..);
-            backlog.front_started = written > 0;
-            // The rest of a started frame is kept (the stream must stay framed).
-            backlog.bytes += rest.len();
-            backlog.frames.push_back(rest);
-            if backlog.bytes > self.byte_ceiling {
-                self.overflowed.set(true);
+            self.keep_rest(backlog, frame, written);
+        }
+        Ok(())
+    }
+
+    /// Writes `frames` in order, as [`write`](Self::write) would each, in one system
+    /// call when nothing is queued before them.
+    pub fn write_all(&self, frames: Vec<Bytes>) -> io::Result<()> {
+        let mut guard = self.backlog.borrow_mut();
+        let backlog = &mut *guard;
+        let mut written = 0;
+        if backlog.frames.is_empty() {
+            let slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
+            written = match send_vectored(&self.io, &slices) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e),
+            };
+        }
+        for frame in frames {
+            if written >= frame.len() {
+                written -= frame.len();
+            } else if written > 0 || backlog.frames.is_empty() {
+                self.keep_rest(backlog, frame, written);
+                written = 0;
+            } else {
+                self.queue(backlog, frame, true);
             }
         }
         Ok(())
+    }
+
+    /// Queues `frame` behind what is queued; a `bounded` one that would take the queue
+    /// past the byte ceiling is dropped instead, and the agent is a slow consumer.
+    fn queue(&self, backlog: &mut Backlog, frame: Bytes, bounded: bool) {
+        if bounded && backlog.bytes + frame.len() > self.byte_ceiling {
+            self.overflowed.set(true);
+            return;
+        }
+        backlog.bytes += frame.len();
+        backlog.frames.push_back(frame);
+    }
+
+    /// Queues what the kernel did not take of `frame` (`written` bytes it did), with
+    /// nothing queued before it. The rest of a started frame is always kept: the stream
+    /// must stay framed.
+    fn keep_rest(&self, backlog: &mut Backlog, frame: Bytes, written: usize) {
+        let rest = frame.slice(written..);
+        backlog.front_started = written > 0;
+        backlog.bytes += rest.len();
+        backlog.frames.push_back(rest);
+        if backlog.bytes > self.byte_ceiling {
+            self.overflowed.set(true);
+        }
     }
 
     /// Writes what is queued until the kernel refuses or the queue is empty.
@@ -198,18 +237,32 @@ impl Outgoing {
     }
 }
 
-impl FrameSink for Outgoing {
-    fn deliver(&self, frame: OutFrame) {
-        if !self.accepting.get() {
-            return;
-        }
-        match self.write(frame.0) {
+impl Outgoing {
+    /// After a write for others: asks the actor to attend to what the kernel refused,
+    /// or to a failed write.
+    fn after_delivery(&self, written: io::Result<()>) {
+        match written {
             Ok(()) if self.pending_frames() == 0 => {}
             Ok(()) => self.ask_attention(None),
             Err(error) => {
                 self.accepting.set(false);
                 self.ask_attention(Some(error));
             }
+        }
+    }
+}
+
+impl FrameSink for Outgoing {
+    fn deliver(&self, frame: OutFrame) {
+        if self.accepting.get() {
+            self.after_delivery(self.write(frame.0));
+        }
+    }
+
+    fn deliver_all(&self, frames: Vec<OutFrame>) {
+        if self.accepting.get() {
+            let frames = frames.into_iter().map(|frame| frame.0).collect();
+            self.after_delivery(self.write_all(frames));
         }
     }
 }
@@ -221,6 +274,17 @@ impl FrameSink for Outgoing {
 fn send(io: &TcpStream, buf: &[u8]) -> io::Result<usize> {
     match io.try_write(buf) {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket2::SockRef::from(io).send(buf),
+        other => other,
+    }
+}
+
+/// Writes what the kernel takes of `bufs`, in order; asks the kernel even when tokio's
+/// readiness says no, as [`send`] does.
+fn send_vectored(io: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    match io.try_write_vectored(bufs) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            socket2::SockRef::from(io).send_vectored(bufs)
+        }
         other => other,
     }
 }
@@ -268,6 +332,63 @@ mod tests {
             "the close frame is queued"
         );
         assert_eq!(outgoing.pending_bytes(), bytes + 4);
+    }
+
+    /// Frames of 8 KiB, each filled with its own number.
+    fn numbered_frames(count: u8) -> Vec<Bytes> {
+        (0..count).map(|n| Bytes::from(vec![n; 8 * 1024])).collect()
+    }
+
+    #[actix::test]
+    async fn frames_written_together_reach_the_agent_whole_and_in_order_when_the_kernel_takes_part()
+    {
+        let (io, mut far) = unread_pair().await;
+        let outgoing = Outgoing::new(io, 100, usize::MAX);
+        let frames = numbered_frames(8);
+        let total: usize = frames.iter().map(Bytes::len).sum();
+        outgoing.write_all(frames.clone()).unwrap();
+        let (queued, bytes) = (outgoing.pending_frames(), outgoing.pending_bytes());
+        assert!(
+            bytes > 0 && bytes < total,
+            "the kernel took part: {bytes} left"
+        );
+        let whole_left = bytes / (8 * 1024);
+        assert!(
+            queued == whole_left || queued == whole_left + 1,
+            "{queued} frames for {bytes} bytes"
+        );
+
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < total {
+                let mut chunk = vec![0; 64 * 1024];
+                let n = tokio::io::AsyncReadExt::read(&mut far, &mut chunk)
+                    .await
+                    .unwrap();
+                assert!(n > 0, "the stream ended early");
+                got.extend_from_slice(&chunk[..n]);
+            }
+            got
+        });
+        while outgoing.pending_frames() > 0 {
+            outgoing.io.writable().await.unwrap();
+            outgoing.flush().unwrap();
+        }
+        let got = reader.await.unwrap();
+        assert_eq!(got, frames.concat(), "every byte, in order");
+    }
+
+    #[actix::test]
+    async fn frames_written_together_behind_a_backlog_are_queued_one_by_one() {
+        let (io, _far) = unread_pair().await;
+        let outgoing = Outgoing::new(io, 100, usize::MAX);
+        while outgoing.pending_frames() == 0 {
+            outgoing.write(Bytes::from(vec![b'x'; 16 * 1024])).unwrap();
+        }
+        let before = (outgoing.pending_frames(), outgoing.pending_bytes());
+        outgoing.write_all(numbered_frames(3)).unwrap();
+        assert_eq!(outgoing.pending_frames(), before.0 + 3);
+        assert_eq!(outgoing.pending_bytes(), before.1 + 3 * 8 * 1024);
     }
 
     #[actix::test]

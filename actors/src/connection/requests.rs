@@ -8,7 +8,7 @@ use crate::clock::{epoch_secs, monotonic_ms};
 use crate::cluster::{Forward, Spread};
 use crate::disconnect::Disconnect;
 use crate::instructions::Acknowledge;
-use crate::outbound::OutFrame;
+use crate::outbound::{Batches, OutFrame};
 use crate::protocol::command::{Command, Refusal, Registration, Request};
 use crate::protocol::{self, ErrorCode, Inbound, InstructionAck, MessageKind, ProtocolError};
 use crate::registry::{ActivityResumed, RegisterAgent, RegistrationRefused, SystemRequest};
@@ -46,7 +46,8 @@ impl AgentConnection {
         }
     }
 
-    pub(super) fn on_text(&mut self, ctx: &mut Context<Self>, text: &str) {
+    /// Handles one text message; messages for other agents go into `routed`.
+    pub(super) fn on_text(&mut self, ctx: &mut Context<Self>, text: &str, routed: &mut Batches) {
         let now = monotonic_ms();
         let inbound = match protocol::parse_frame(text) {
             Ok(inbound) => inbound,
@@ -76,7 +77,7 @@ impl AgentConnection {
         match inbound {
             Inbound::PingAnswer { .. } | Inbound::OtherResponse => {}
             Inbound::Request(request) => self.on_request(ctx, request),
-            Inbound::Message(frame) => self.on_message(ctx, frame),
+            Inbound::Message(frame) => self.on_message(ctx, frame, routed),
             Inbound::InstructionAck(ack) => self.on_instruction_ack(ctx, ack),
         }
     }
@@ -218,6 +219,7 @@ impl AgentConnection {
         &mut self,
         ctx: &mut Context<Self>,
         mut frame: serde_json::Map<String, Value>,
+        out: &mut Batches,
     ) {
         let RegistrationState::Registered(agent_id) = &self.state else {
             let error = ProtocolError::new(
@@ -258,7 +260,7 @@ impl AgentConnection {
         let encoded = OutFrame::text(&text);
         let routed = self
             .routes
-            .route(self.session_id, &agent_id, &kind, encoded);
+            .route(self.session_id, &agent_id, &kind, encoded, out);
         crate::metrics::message_routed(&kind, &routed);
         if let (Some(cluster), Some(direct)) = (&self.settings.cluster, &self.settings.direct) {
             match (routed, &kind) {

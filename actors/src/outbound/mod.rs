@@ -20,7 +20,6 @@ pub use relay::{Delivery, FrameSink, SinkKey, SinkRegistration};
 use actix::prelude::*;
 use actix_http::ws::{CloseCode, CloseReason, OpCode, Parser};
 use bytes::{Bytes, BytesMut};
-use std::collections::HashMap;
 use std::rc::Rc;
 
 /// One encoded WebSocket frame for an agent.
@@ -67,17 +66,21 @@ fn encode(payload: &[u8], opcode: OpCode) -> Bytes {
     buf.freeze()
 }
 
-/// Frames for many agents, grouped by the thread their connections run on.
+/// Frames for many agents, grouped by the thread their connections run on (a list, not
+/// a map: there are as many threads as workers, a handful).
 #[derive(Default)]
 pub struct Batches {
-    by_relay: HashMap<u32, Vec<(SinkKey, Delivery)>>,
+    by_relay: Vec<(u32, Vec<(SinkKey, Delivery)>)>,
 }
 
 impl Batches {
     /// Adds a frame for the agent behind `outbox`.
     pub fn push(&mut self, outbox: &Outbox, frame: OutFrame) {
-        let frames = self.by_relay.entry(outbox.relay).or_default();
-        frames.push((outbox.sink, Delivery::Frame(frame)));
+        let delivery = (outbox.sink, Delivery::Frame(frame));
+        match self.by_relay.iter_mut().find(|(id, _)| *id == outbox.relay) {
+            Some((_, frames)) => frames.push(delivery),
+            None => self.by_relay.push((outbox.relay, vec![delivery])),
+        }
     }
 
     /// Sends every group to its thread: one message each.

@@ -20,7 +20,19 @@ pub trait FrameSink {
     /// Writes `frame` for the agent (or queues what the kernel refuses); drops it if the
     /// connection is closing.
     fn deliver(&self, frame: OutFrame);
+
+    /// Writes `frames`, in order, as [`deliver`](Self::deliver) would each (a sink that
+    /// can writes them in one system call).
+    fn deliver_all(&self, frames: Vec<OutFrame>) {
+        for frame in frames {
+            self.deliver(frame);
+        }
+    }
 }
+
+/// Most frames for one connection handed to its sink at once (one `writev`, whose
+/// vector the kernel caps at 1024).
+const MOST_AT_ONCE: usize = 64;
 
 /// A connection's place in its thread's sink table: valid on any thread, resolved only
 /// on the connection's own. The generation tells a reused slot from the one the key
@@ -65,13 +77,29 @@ impl Actor for Relay {
 impl Handler<Deliveries> for Relay {
     type Result = ();
 
+    /// Frames in a row for one connection (several messages an agent sent another in
+    /// one read, say) are handed over together, so they reach the kernel in one write.
     fn handle(&mut self, msg: Deliveries, _ctx: &mut Self::Context) {
-        for (key, delivery) in msg.0 {
+        let mut deliveries = msg.0.into_iter().peekable();
+        while let Some((key, delivery)) = deliveries.next() {
             match delivery {
                 // The table is not borrowed while the sink writes.
                 Delivery::Frame(frame) => {
-                    if let Some(sink) = sink_of(key) {
+                    let mut run = Vec::new();
+                    while run.len() + 1 < MOST_AT_ONCE {
+                        match deliveries
+                            .next_if(|(next, d)| *next == key && matches!(d, Delivery::Frame(_)))
+                        {
+                            Some((_, Delivery::Frame(next))) => run.push(next),
+                            _ => break,
+                        }
+                    }
+                    let Some(sink) = sink_of(key) else { continue };
+                    if run.is_empty() {
                         sink.deliver(frame);
+                    } else {
+                        run.insert(0, frame);
+                        sink.deliver_all(run);
                     }
                 }
                 Delivery::Then(order) => order(),
@@ -202,13 +230,19 @@ mod tests {
     use super::*;
     use crate::outbound::{Batches, Outbox};
 
-    /// A sink that keeps what it is given.
+    /// A sink that keeps what it is given, and how many frames each hand-over held.
     #[derive(Default)]
-    struct Recording(RefCell<Vec<OutFrame>>);
+    struct Recording(RefCell<Vec<OutFrame>>, RefCell<Vec<usize>>);
 
     impl FrameSink for Recording {
         fn deliver(&self, frame: OutFrame) {
             self.0.borrow_mut().push(frame);
+            self.1.borrow_mut().push(1);
+        }
+
+        fn deliver_all(&self, frames: Vec<OutFrame>) {
+            self.1.borrow_mut().push(frames.len());
+            self.0.borrow_mut().extend(frames);
         }
     }
 
@@ -229,6 +263,24 @@ mod tests {
         delivered().await;
         let expected: Vec<_> = ["one", "two", "three"].map(OutFrame::text).into();
         assert_eq!(*sink.0.borrow(), expected);
+    }
+
+    #[actix::test]
+    async fn frames_in_a_row_for_one_sink_are_handed_over_together_and_in_order() {
+        let (alice, to_alice, _a) = registered();
+        let (bob, to_bob, _b) = registered();
+        let mut batch = Batches::default();
+        for text in ["a1", "a2", "a3"] {
+            batch.push(&to_alice, OutFrame::text(text));
+        }
+        batch.push(&to_bob, OutFrame::text("b1"));
+        batch.push(&to_alice, OutFrame::text("a4"));
+        batch.send();
+        delivered().await;
+        let expected: Vec<_> = ["a1", "a2", "a3", "a4"].map(OutFrame::text).into();
+        assert_eq!(*alice.0.borrow(), expected);
+        assert_eq!(*alice.1.borrow(), vec![3, 1], "a1..a3 in one hand-over");
+        assert_eq!(*bob.0.borrow(), vec![OutFrame::text("b1")]);
     }
 
     #[actix::test]

@@ -11,7 +11,7 @@ use crate::clock::ManualClock;
 use crate::disconnect::Disconnect;
 use crate::event::EventKind;
 use crate::heartbeat::{StaleReason, Verdict};
-use crate::outbound::OutFrame;
+use crate::outbound::{Batches, OutFrame};
 use crate::protocol::command::Registration;
 use crate::protocol::{Command, MessageKind, Request};
 use crate::routes::Routed;
@@ -152,7 +152,11 @@ impl Harness {
     /// Routes a message from `sender`, registered as `sender_id`, as its connection does.
     pub(super) fn route(&self, kind: MessageKind, sender: &Agent, sender_id: &str) -> Routed {
         let frame = OutFrame::text(r#"{"type":"message","data":{}}"#);
-        self.routes
-            .route(sender.session_id, sender_id, &kind, frame)
+        let mut out = Batches::default();
+        let routed = self
+            .routes
+            .route(sender.session_id, sender_id, &kind, frame, &mut out);
+        out.send();
+        routed
     }
 }
