@@ -9,9 +9,11 @@
 //!
 //! Every frame for an agent goes through its [`Outbox`] to the [`relay::Relay`] of the
 //! connection's thread, so what one producer sends one agent arrives in the order sent.
-//! A producer that sends many frames at once (the heartbeat's pings of a tick, a
-//! broadcast) groups them in [`Batches`]: one message per thread, whose relay writes
-//! every frame into its connection's sink in one pass, with no message per frame.
+//! A producer that sends many frames at once (the heartbeat's pings of a tick, the
+//! messages an agent sent in one read, a broadcast's copies among them) groups them in
+//! [`Batches`]: one message per thread, whose relay writes every frame into its
+//! connection's sink in one pass, with no message per frame, and frames in a row for one
+//! connection in one system call.
 
 pub mod relay;
 
