@@ -226,8 +226,26 @@ impl Outgoing {
         let _ = socket2::SockRef::from(&*self.io).shutdown(std::net::Shutdown::Write);
     }
 
-    fn ask_attention(&self, failure: Option<io::Error>) {
-        let over_limit = self.pending_frames() == self.frame_limit + 1 || self.overflowed();
+    /// After a write for others, with `queued_before` frames queued before it: asks the
+    /// actor to attend to what the kernel refused, or to a failed write.
+    fn after_delivery(&self, written: io::Result<()>, queued_before: usize) {
+        match written {
+            Ok(()) if self.pending_frames() == 0 => {}
+            Ok(()) => self.ask_attention(None, queued_before),
+            Err(error) => {
+                self.accepting.set(false);
+                self.ask_attention(Some(error), queued_before);
+            }
+        }
+    }
+
+    /// Asks the actor to attend, unless it is watching already and nothing new needs
+    /// it: no failure, and the queue did not just pass `frame_limit` (however many
+    /// frames took it past) or the byte ceiling.
+    fn ask_attention(&self, failure: Option<io::Error>, queued_before: usize) {
+        let passed_limit =
+            queued_before <= self.frame_limit && self.pending_frames() > self.frame_limit;
+        let over_limit = passed_limit || self.overflowed();
         if self.watched.replace(true) && failure.is_none() && !over_limit {
             return;
         }
@@ -237,32 +255,19 @@ impl Outgoing {
     }
 }
 
-impl Outgoing {
-    /// After a write for others: asks the actor to attend to what the kernel refused,
-    /// or to a failed write.
-    fn after_delivery(&self, written: io::Result<()>) {
-        match written {
-            Ok(()) if self.pending_frames() == 0 => {}
-            Ok(()) => self.ask_attention(None),
-            Err(error) => {
-                self.accepting.set(false);
-                self.ask_attention(Some(error));
-            }
-        }
-    }
-}
-
 impl FrameSink for Outgoing {
     fn deliver(&self, frame: OutFrame) {
         if self.accepting.get() {
-            self.after_delivery(self.write(frame.0));
+            let queued_before = self.pending_frames();
+            self.after_delivery(self.write(frame.0), queued_before);
         }
     }
 
     fn deliver_all(&self, frames: Vec<OutFrame>) {
         if self.accepting.get() {
+            let queued_before = self.pending_frames();
             let frames = frames.into_iter().map(|frame| frame.0).collect();
-            self.after_delivery(self.write_all(frames));
+            self.after_delivery(self.write_all(frames), queued_before);
         }
     }
 }
@@ -389,6 +394,48 @@ mod tests {
         outgoing.write_all(numbered_frames(3)).unwrap();
         assert_eq!(outgoing.pending_frames(), before.0 + 3);
         assert_eq!(outgoing.pending_bytes(), before.1 + 3 * 8 * 1024);
+    }
+
+    /// Counts the [`Attend`]s it gets.
+    struct Owner(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Actor for Owner {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Attend> for Owner {
+        type Result = ();
+
+        fn handle(&mut self, _msg: Attend, _ctx: &mut Self::Context) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[actix::test]
+    async fn frames_written_together_past_the_frame_limit_wake_a_watching_actor() {
+        let (io, _far) = unread_pair().await;
+        let outgoing = Outgoing::new(io, 2, usize::MAX);
+        let attended = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let owner = Owner(attended.clone()).start();
+        outgoing.set_owner(&owner.clone().recipient());
+        while outgoing.pending_frames() == 0 {
+            outgoing.write(Bytes::from(vec![b'x'; 16 * 1024])).unwrap();
+        }
+        assert_eq!(outgoing.pending_frames(), 1);
+        // The actor already waits for write readiness; five more frames at once take
+        // the queue from 1 past the limit of 2 without ever holding exactly 3.
+        outgoing.set_watched(true);
+        let frames = numbered_frames(5).into_iter().map(OutFrame).collect();
+        outgoing.deliver_all(frames);
+        assert_eq!(outgoing.pending_frames(), 6);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while attended.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the actor was never told the queue passed its limit"
+            );
+            tokio::task::yield_now().await;
+        }
     }
 
     #[actix::test]
