@@ -251,12 +251,6 @@ async fn upgrades_elsewhere_than_root_and_ws_are_answered_404() {
     assert!(text.starts_with("HTTP/1.1 404"), "{text}");
 }
 
-/// A direct message from `from` to `to` carrying `n`.
-fn direct(from: &str, to: &str, n: u32) -> Value {
-    json!({"type":"message","data":{"message_type":"direct_message","sender_id":from,
-           "target_agent_id":to,"text_representation":"n","content":{"n":n}}})
-}
-
 /// Reads `agent`'s frames until the direct message carrying `n`.
 async fn until_message(agent: &mut Agent, n: u32) {
     agent
@@ -277,15 +271,15 @@ async fn a_frame_right_after_another_is_not_held_until_the_agent_acknowledges_th
     let mut held = 0;
     for round in 0..rounds {
         let n = round * 10;
-        alice.send(direct("alice", "bob", n)).await;
+        alice.send(common::direct("bob", json!({"n": n}))).await;
         until_message(&mut bob, n).await;
-        bob.send(direct("bob", "alice", n + 1)).await;
+        bob.send(common::direct("alice", json!({"n": n + 1}))).await;
         until_message(&mut alice, n + 1).await;
-        alice.send(direct("alice", "bob", n + 2)).await;
+        alice.send(common::direct("bob", json!({"n": n + 2}))).await;
         until_message(&mut bob, n + 2).await;
         // Bob's kernel has not acknowledged n + 2 yet when n + 3 is written.
         let sent = Instant::now();
-        alice.send(direct("alice", "bob", n + 3)).await;
+        alice.send(common::direct("bob", json!({"n": n + 3}))).await;
         until_message(&mut bob, n + 3).await;
         if sent.elapsed() >= Duration::from_millis(30) {
             held += 1;

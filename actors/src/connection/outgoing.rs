@@ -136,10 +136,12 @@ impl Outgoing {
                 Err(e) => return Err(e),
             };
         }
+        // Frames the kernel took whole are done; the first it did not is kept as
+        // `write` keeps it; the ones after it are queued behind it.
         for frame in frames {
             if written >= frame.len() {
                 written -= frame.len();
-            } else if written > 0 || backlog.frames.is_empty() {
+            } else if backlog.frames.is_empty() {
                 self.keep_rest(backlog, frame, written);
                 written = 0;
             } else {

@@ -82,28 +82,29 @@ impl Handler<Deliveries> for Relay {
     fn handle(&mut self, msg: Deliveries, _ctx: &mut Self::Context) {
         let mut deliveries = msg.0.into_iter().peekable();
         while let Some((key, delivery)) = deliveries.next() {
-            match delivery {
-                // The table is not borrowed while the sink writes.
-                Delivery::Frame(frame) => {
-                    let mut run = Vec::new();
-                    while run.len() + 1 < MOST_AT_ONCE {
-                        match deliveries
-                            .next_if(|(next, d)| *next == key && matches!(d, Delivery::Frame(_)))
-                        {
-                            Some((_, Delivery::Frame(next))) => run.push(next),
-                            _ => break,
-                        }
-                    }
-                    let Some(sink) = sink_of(key) else { continue };
-                    if run.is_empty() {
-                        sink.deliver(frame);
-                    } else {
-                        run.insert(0, frame);
-                        sink.deliver_all(run);
-                    }
+            let frame = match delivery {
+                Delivery::Frame(frame) => frame,
+                Delivery::Then(order) => {
+                    order();
+                    continue;
                 }
-                Delivery::Then(order) => order(),
+            };
+            let same_sink =
+                |(next, d): &(SinkKey, Delivery)| *next == key && matches!(d, Delivery::Frame(_));
+            // The table is not borrowed while the sink writes.
+            let Some(sink) = sink_of(key) else { continue };
+            if !deliveries.peek().is_some_and(same_sink) {
+                sink.deliver(frame);
+                continue;
             }
+            let mut run = vec![frame];
+            while run.len() < MOST_AT_ONCE {
+                let Some((_, Delivery::Frame(next))) = deliveries.next_if(same_sink) else {
+                    break;
+                };
+                run.push(next);
+            }
+            sink.deliver_all(run);
         }
     }
 }
