@@ -2,10 +2,11 @@
 //! over, through `tether_actors::protocol::parse_frame` and what the connection does next
 //! with each kind of frame.
 //!
-//! - `Inbound::Message`: `message_kind`, then `stamp_message(&mut frame, "fuzzer")`; the
-//!   stamped frame must carry `data.sender_id == "fuzzer"`, a non-empty `message_id` equal
-//!   to the one returned and a non-null `timestamp`, and must parse again, serialized, as
-//!   a message of the same kind.
+//! - `Inbound::Message`: `kind()`, then `stamp("fuzzer")`; the forwarded text must be
+//!   the frame as a tree with exactly the server's stamps (`data.sender_id == "fuzzer"`, a
+//!   top-level `sender_id` overwritten if present, a non-empty `message_id` equal to the
+//!   one returned, a non-null `timestamp`), and must parse again as a message of the same
+//!   kind.
 //! - `Inbound::Request`: `command.name()` (never empty) and `allowed_unregistered()`; a
 //!   registration or claim that parsed carries a valid agent id (and an object as
 //!   metadata).
@@ -18,6 +19,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use tether_actors::protocol::command::{Claim, Registration};
+use serde_json::Value;
 use tether_actors::protocol::{self, valid_agent_id, Command, Inbound};
 
 fuzz_target!(|data: &[u8]| {
@@ -29,9 +31,12 @@ fuzz_target!(|data: &[u8]| {
     };
     match inbound {
         Inbound::Message(mut frame) => {
-            let kind = protocol::message_kind(&frame);
-            let id = protocol::stamp_message(&mut frame, "fuzzer");
-            let data = frame["data"]
+            let kind = frame.kind();
+            let id = frame.stamp("fuzzer");
+            let again = frame.to_text();
+            let forwarded: Value = serde_json::from_str(&again)
+                .unwrap_or_else(|e| panic!("a stamped message is not JSON ({e}): {again}"));
+            let data = forwarded["data"]
                 .as_object()
                 .expect("a message has a data object");
             assert_eq!(data["sender_id"], "fuzzer");
@@ -39,11 +44,26 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(data["message_id"].as_str(), Some(id.as_str()));
             assert!(!data["timestamp"].is_null());
 
-            let again = serde_json::to_string(&frame).expect("a JSON map serializes");
+            // The tree of what was sent, stamped the same way, is what was forwarded.
+            let mut sent: Value = serde_json::from_str(text).expect("a message is JSON");
+            if let Some(forged) = sent.get_mut("sender_id") {
+                *forged = Value::from("fuzzer");
+            }
+            let sent_data = sent["data"].as_object_mut().expect("a data object");
+            sent_data.insert("sender_id".into(), Value::from("fuzzer"));
+            // Filled in only when missing: a given id or time is kept.
+            if sent_data.get("message_id").and_then(Value::as_str).is_none_or(str::is_empty) {
+                sent_data.insert("message_id".into(), data["message_id"].clone());
+            }
+            if sent_data.get("timestamp").is_none_or(Value::is_null) {
+                sent_data.insert("timestamp".into(), data["timestamp"].clone());
+            }
+            assert_eq!(forwarded, sent, "{text} was forwarded as {again}");
+
             let Ok(Inbound::Message(reparsed)) = protocol::parse_frame(&again) else {
                 panic!("a stamped message does not parse again: {again}");
             };
-            assert_eq!(protocol::message_kind(&reparsed), kind);
+            assert_eq!(reparsed.kind(), kind);
         }
         Inbound::Request(request) => {
             let name = request.command.name();

@@ -10,7 +10,9 @@ use crate::disconnect::Disconnect;
 use crate::instructions::Acknowledge;
 use crate::outbound::{Batches, OutFrame};
 use crate::protocol::command::{Command, Refusal, Registration, Request};
-use crate::protocol::{self, ErrorCode, Inbound, InstructionAck, MessageKind, ProtocolError};
+use crate::protocol::{
+    self, ErrorCode, Inbound, InstructionAck, MessageFrame, MessageKind, ProtocolError,
+};
 use crate::registry::{ActivityResumed, RegisterAgent, RegistrationRefused, SystemRequest};
 use crate::routes::Routed;
 use actix::prelude::*;
@@ -218,7 +220,7 @@ impl AgentConnection {
     pub(super) fn on_message(
         &mut self,
         ctx: &mut Context<Self>,
-        mut frame: serde_json::Map<String, Value>,
+        mut frame: MessageFrame<'_>,
         out: &mut Batches,
     ) {
         let RegistrationState::Registered(agent_id) = &self.state else {
@@ -230,11 +232,11 @@ impl AgentConnection {
             return self.send_json(ctx, &protocol::error_frame(&error, None));
         };
         let agent_id = agent_id.clone();
-        let kind = match protocol::message_kind(&frame) {
+        let kind = match frame.kind() {
             Ok(kind) => kind,
             Err(error) => return self.invalid_frame(ctx, error.0),
         };
-        let message_id = protocol::stamp_message(&mut frame, &agent_id);
+        let message_id = frame.stamp(&agent_id);
         let max_exclusions = self.settings.limits.max_broadcast_exclusions;
         if let MessageKind::Broadcast(exclude) = &kind {
             if exclude.len() > max_exclusions {
@@ -256,7 +258,7 @@ impl AgentConnection {
             let frame = protocol::error_frame(&error, Some(&message_id));
             return self.send_json(ctx, &frame);
         }
-        let text = Value::Object(frame).to_string();
+        let text = frame.to_text();
         let encoded = OutFrame::text(&text);
         let routed = self
             .routes

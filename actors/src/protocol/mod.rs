@@ -3,21 +3,23 @@
 //!
 //! Frames are JSON objects. System requests are parsed once into a [`Command`]
 //! ([`command`]); error codes are [`ErrorCode`] values ([`error`]). Messages between
-//! agents are kept as JSON maps so that every field a client sends, known or not, is
-//! forwarded unchanged.
+//! agents are read shallowly ([`message`]) so that every field a client sends, known or
+//! not, is forwarded as sent.
 
 pub mod command;
 pub mod error;
+pub mod message;
 mod reserved;
 
 pub use command::{valid_agent_id, Command, Request};
 pub use error::{ErrorCode, ProtocolError};
+pub use message::MessageFrame;
 
 use serde_json::{json, Map, Value};
 
-/// A frame received from an agent, parsed.
+/// A frame received from an agent, parsed; a message borrows from the frame's text.
 #[derive(Debug)]
-pub enum Inbound {
+pub enum Inbound<'a> {
     /// `{"type":"system_request","command":...}`.
     Request(Request),
     /// `{"type":"system_response","command":"ping_agent",...}`: an answer to our ping.
@@ -27,8 +29,8 @@ pub enum Inbound {
     },
     /// Another `system_response` (ignored, but a sign of life).
     OtherResponse,
-    /// `{"type":"message","data":{...}}`; the whole frame is kept for forwarding.
-    Message(Map<String, Value>),
+    /// `{"type":"message","data":{...}}`, read for forwarding.
+    Message(MessageFrame<'a>),
     /// `{"type":"instruction_ack","instruction_id":...,"status":...,"result":...}`.
     InstructionAck(InstructionAck),
 }
@@ -108,7 +110,7 @@ const SHORT_RESPONSE: usize = 1024;
 /// The most frequent frame, a ping answer (one per agent and interval), recognised
 /// without a tree of the frame: `None` when the frame is anything else or not
 /// well-formed, which the general parse then handles (and explains).
-fn parse_response(text: &str) -> Option<Inbound> {
+fn parse_response(text: &str) -> Option<Inbound<'_>> {
     if text.len() > SHORT_RESPONSE || !text.contains("system_response") {
         return None;
     }
@@ -127,17 +129,23 @@ fn parse_response(text: &str) -> Option<Inbound> {
 }
 
 /// Parses one text frame.
-pub fn parse_frame(text: &str) -> Result<Inbound, FrameError> {
+pub fn parse_frame(text: &str) -> Result<Inbound<'_>, FrameError> {
     if let Some(response) = parse_response(text) {
         return Ok(response);
     }
-    // Before the tree: serde_json would turn an object with this key into something else.
+    // Before any reading: serde_json would turn an object with this key into something
+    // else.
     if reserved::has_reserved_key(text) {
         return Err(FrameError(format!(
             "object key `{}` is reserved by the server's JSON library; rename it",
             reserved::RESERVED_KEY
         )));
     }
+    if let Some(message) = MessageFrame::read(text) {
+        return Ok(Inbound::Message(message));
+    }
+    // Everything else is read as a tree: requests and acknowledgements are few, and a
+    // message that reached this point is refused with the reason found here.
     let value: Value = serde_json::from_str(text)
         .map_err(|e| FrameError(format!("frame is not valid JSON: {e}")))?;
     let Value::Object(mut fields) = value else {
@@ -170,10 +178,8 @@ pub fn parse_frame(text: &str) -> Result<Inbound, FrameError> {
                 Ok(Inbound::OtherResponse)
             }
         }
-        "message" => match fields.get_mut("data") {
-            Some(Value::Object(_)) => Ok(Inbound::Message(fields)),
-            _ => Err(FrameError("message has no `data` object".into())),
-        },
+        // A well-formed message was read by `MessageFrame::read`.
+        "message" => Err(FrameError("message has no `data` object".into())),
         "instruction_ack" => Ok(Inbound::InstructionAck(InstructionAck::parse(&mut fields)?)),
         other => Err(FrameError(format!("unknown frame type `{other}`"))),
     }
@@ -189,64 +195,6 @@ pub enum MessageKind {
     /// To a mod (none are loaded): `mod_message`, or `protocol_message` from
     /// OpenAgents 0.5.x clients.
     Mod,
-}
-
-/// Reads the routing of a message frame; `Err` carries the reason it cannot be routed.
-pub fn message_kind(frame: &Map<String, Value>) -> Result<MessageKind, FrameError> {
-    let data = frame
-        .get("data")
-        .and_then(Value::as_object)
-        .ok_or_else(|| FrameError("message has no `data` object".into()))?;
-    match data.get("message_type").and_then(Value::as_str) {
-        Some("direct_message") => match data.get("target_agent_id").and_then(Value::as_str) {
-            Some(target) if !target.is_empty() => Ok(MessageKind::Direct(target.to_owned())),
-            _ => Err(FrameError(
-                "direct_message has no `target_agent_id` string".into(),
-            )),
-        },
-        Some("broadcast_message") => {
-            let exclude = data
-                .get("exclude_agent_ids")
-                .and_then(Value::as_array)
-                .map(|ids| {
-                    ids.iter()
-                        .filter_map(Value::as_str)
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default();
-            Ok(MessageKind::Broadcast(exclude))
-        }
-        // OpenAgents 0.5.x clients send `protocol_message` for what later became mods.
-        Some("mod_message" | "protocol_message") => Ok(MessageKind::Mod),
-        Some(other) => Err(FrameError(format!("unknown message_type `{other}`"))),
-        None => Err(FrameError("message has no `data.message_type`".into())),
-    }
-}
-
-/// Stamps a message from `sender_id`: sets `data.sender_id` (and a top-level
-/// `sender_id`, if the frame has one: the server owns the field wherever it appears),
-/// and fills `message_id` and `timestamp` when missing. Returns the message id.
-pub fn stamp_message(frame: &mut Map<String, Value>, sender_id: &str) -> String {
-    if let Some(forged) = frame.get_mut("sender_id") {
-        *forged = Value::String(sender_id.to_owned());
-    }
-    let Some(Value::Object(data)) = frame.get_mut("data") else {
-        return String::new();
-    };
-    data.insert("sender_id".into(), Value::String(sender_id.to_owned()));
-    let message_id = match data.get("message_id").and_then(Value::as_str) {
-        Some(id) if !id.is_empty() => id.to_owned(),
-        _ => {
-            let id = uuid::Uuid::new_v4().to_string();
-            data.insert("message_id".into(), Value::String(id.clone()));
-            id
-        }
-    };
-    if data.get("timestamp").is_none_or(Value::is_null) {
-        data.insert("timestamp".into(), json!(crate::clock::epoch_ms()));
-    }
-    message_id
 }
 
 /// A successful answer to `command`, with `extra` fields merged in.
@@ -328,7 +276,8 @@ mod tests {
             r#"{"type":"system_response","command":"ping_agent""#,
         ];
         for frame in frames {
-            let general = general_parse(frame);
+            let padded = without_fast_path(frame);
+            let general = parse_frame(&padded);
             match parse_response(frame) {
                 Some(fast) => assert_eq!(
                     format!("{:?}", Ok::<_, FrameError>(fast)),
@@ -350,10 +299,9 @@ mod tests {
         ));
     }
 
-    /// `parse_frame` without its fast path.
-    fn general_parse(text: &str) -> Result<Inbound, FrameError> {
-        let padded = format!("{text}{}", " ".repeat(SHORT_RESPONSE));
-        parse_frame(&padded)
+    /// `text`, made too long for `parse_frame`'s fast path.
+    fn without_fast_path(text: &str) -> String {
+        format!("{text}{}", " ".repeat(SHORT_RESPONSE))
     }
 
     #[test]
@@ -388,7 +336,7 @@ mod tests {
             let Ok(Inbound::Message(frame)) = parse_frame(&text) else {
                 panic!("not a message")
             };
-            assert_eq!(message_kind(&frame), Ok(MessageKind::Mod));
+            assert_eq!(frame.kind(), Ok(MessageKind::Mod));
         }
     }
 
@@ -401,27 +349,5 @@ mod tests {
         assert_eq!(ping["command"], "ping_agent");
         assert_eq!(ping["agent_id"], "al\"ice");
         assert!(ping["timestamp"].as_f64().unwrap() > 1.7e9);
-    }
-
-    #[test]
-    fn stamping_overrides_sender_and_fills_missing_ids() {
-        let mut frame = match parse_frame(
-            r#"{"type":"message","sender_id":"boss","data":{"message_type":"direct_message","target_agent_id":"b","sender_id":"mallory","x":1}}"#,
-        )
-        .unwrap()
-        {
-            Inbound::Message(m) => m,
-            other => panic!("{other:?}"),
-        };
-        let id = stamp_message(&mut frame, "alice");
-        let data = frame["data"].as_object().unwrap();
-        assert_eq!(data["sender_id"], "alice");
-        assert_eq!(data["message_id"], id.as_str());
-        assert!(data["timestamp"].is_u64());
-        assert_eq!(data["x"], 1);
-        assert_eq!(
-            frame["sender_id"], "alice",
-            "the top-level copy is the server's too"
-        );
     }
 }
