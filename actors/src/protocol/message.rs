@@ -16,10 +16,6 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// Objects nested deeper than this are refused, as the general parse refuses them
-/// (serde_json's recursion limit).
-const MOST_NESTED: usize = 127;
-
 /// One object's fields, by key (unescaped).
 type Fields<'a> = BTreeMap<Key<'a>, Field<'a>>;
 
@@ -47,12 +43,14 @@ enum Field<'a> {
 
 impl<'a> MessageFrame<'a> {
     /// Reads `text` as a message frame. `None` when it is anything else, including a
-    /// message the general parse refuses (not JSON, `data` not an object, nested past
-    /// serde_json's limit): that parse then explains why.
+    /// message the general parse refuses (not JSON, `data` not an object, a number out
+    /// of range, nested past serde_json's limit, the reserved key): that parse then
+    /// explains why.
     pub(super) fn read(text: &'a str) -> Option<Self> {
         let frame: Self = serde_json::from_str(text).ok()?;
         let kind = frame.fields.get("type").and_then(Field::string)?;
-        if kind.0 != "message" || nested_past_limit(text) {
+        // The shallow read skips over values without reading them as the tree would.
+        if kind.0 != "message" || !super::reserved::forwardable(text) {
             return None;
         }
         Some(frame)
@@ -173,46 +171,6 @@ impl<'a> Field<'a> {
 /// The string a JSON value holds, if it is one.
 fn string(raw: &RawValue) -> Option<Key<'_>> {
     serde_json::from_str(raw.get()).ok()
-}
-
-/// Whether some array or object in `text` (valid JSON) is nested more than
-/// [`MOST_NESTED`] deep. Counting brackets first keeps this free for any frame that
-/// could not be that deep.
-fn nested_past_limit(text: &str) -> bool {
-    // Each level takes an opening and a closing bracket.
-    if text.len() <= 2 * MOST_NESTED {
-        return false;
-    }
-    let opening = text.bytes().filter(|b| matches!(b, b'[' | b'{')).count();
-    if opening <= MOST_NESTED {
-        return false;
-    }
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for byte in text.bytes() {
-        if in_string {
-            match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match byte {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > MOST_NESTED {
-                    return true;
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    false
 }
 
 /// Reads the frame's top level in one pass: `data`'s fields as a map of their own.
@@ -476,6 +434,37 @@ mod tests {
             let text = format!(r#"{{"type":"message","data":{data}}}"#);
             assert_eq!(read(&text).kind().map_err(|_| ()), expected, "{text}");
         }
+    }
+
+    #[test]
+    fn a_message_with_a_value_the_tree_cannot_read_is_refused_as_before() {
+        // Found by `cargo fuzz run protocol_frame`: the shallow read forwarded a number
+        // out of `f64`'s range, which the tree (and so the old parse) refuses.
+        let found = include_str!("../../../fuzz/found/protocol_frame-number-out-of-range.json");
+        let unreadable = [
+            found,
+            r#"{"type":"message","data":{"message_type":"broadcast_message","n":1e400}}"#,
+            r#"{"type":"message","data":{"message_type":"broadcast_message","n":[-1e309]}}"#,
+            r#"{"type":"message","data":{"message_type":"broadcast_message","s":"\ud800"}}"#,
+            r#"{"type":"message","data":{"message_type":"broadcast_message"},"x":{"s":"\uZZZZ"}}"#,
+        ];
+        for text in unreadable {
+            let tree = serde_json::from_str::<Value>(text);
+            assert!(tree.is_err(), "{text} is readable after all");
+            let Err(FrameError(reason)) = parse_frame(text) else {
+                panic!("{text} was accepted");
+            };
+            assert_eq!(
+                reason,
+                format!("frame is not valid JSON: {}", tree.unwrap_err()),
+                "{text}"
+            );
+        }
+        let tiny = r#"{"type":"message","data":{"message_type":"broadcast_message","n":1e-400}}"#;
+        assert!(
+            matches!(parse_frame(tiny), Ok(Inbound::Message(_))),
+            "{tiny}"
+        );
     }
 
     #[test]

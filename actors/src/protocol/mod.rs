@@ -133,19 +133,18 @@ pub fn parse_frame(text: &str) -> Result<Inbound<'_>, FrameError> {
     if let Some(response) = parse_response(text) {
         return Ok(response);
     }
-    // Before any reading: serde_json would turn an object with this key into something
-    // else.
+    if let Some(message) = MessageFrame::read(text) {
+        return Ok(Inbound::Message(message));
+    }
+    // Everything else is read as a tree: requests and acknowledgements are few, and a
+    // message that reached this point is refused with the reason found here.
+    // Before the tree: serde_json would turn an object with this key into something else.
     if reserved::has_reserved_key(text) {
         return Err(FrameError(format!(
             "object key `{}` is reserved by the server's JSON library; rename it",
             reserved::RESERVED_KEY
         )));
     }
-    if let Some(message) = MessageFrame::read(text) {
-        return Ok(Inbound::Message(message));
-    }
-    // Everything else is read as a tree: requests and acknowledgements are few, and a
-    // message that reached this point is refused with the reason found here.
     let value: Value = serde_json::from_str(text)
         .map_err(|e| FrameError(format!("frame is not valid JSON: {e}")))?;
     let Value::Object(mut fields) = value else {

@@ -1,4 +1,5 @@
-//! Object keys the server's JSON library reserves for itself.
+//! Object keys the server's JSON library reserves for itself, and a scan of a frame as
+//! that library's tree would read it.
 //!
 //! serde_json (built with `raw_value`, which the event path uses) treats an object whose
 //! first key is `$serde_json::private::RawValue` as a raw value: parsing
@@ -27,6 +28,15 @@ pub fn has_reserved_key(text: &str) -> bool {
     }
     let mut reader = serde_json::Deserializer::from_str(text);
     KeyScan.deserialize(&mut reader).unwrap_or(false)
+}
+
+/// Whether a frame read shallowly (valid JSON syntax) may be forwarded as it is: the
+/// scan reads every value as serde_json's tree would, without building it, so it fails
+/// where the tree fails and a shallow read does not look (a number out of `f64`'s range,
+/// objects nested past the recursion limit), and it finds the reserved key.
+pub fn forwardable(text: &str) -> bool {
+    let mut reader = serde_json::Deserializer::from_str(text);
+    matches!(KeyScan.deserialize(&mut reader), Ok(false))
 }
 
 /// Whether `text` holds an escape `\u002x`–`\u007x`: the only escapes that can spell a
