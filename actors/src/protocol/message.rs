@@ -47,6 +47,11 @@ impl<'a> MessageFrame<'a> {
     /// of range, nested past serde_json's limit, the reserved key): that parse then
     /// explains why.
     pub(super) fn read(text: &'a str) -> Option<Self> {
+        // Requests are not read twice: a message's type is spelled `"message"` or with a
+        // `\u` escape (its letters have no other escape).
+        if !text.contains(r#""message""#) && !text.contains(r"\u") {
+            return None;
+        }
         let frame: Self = serde_json::from_str(text).ok()?;
         let kind = frame.fields.get("type").and_then(Field::string)?;
         // The shallow read skips over values without reading them as the tree would.
@@ -398,6 +403,19 @@ mod tests {
             frame["sender_id"], "al\"ice",
             "the top-level copy is the server's too"
         );
+    }
+
+    #[test]
+    fn frames_that_are_not_messages_are_left_to_the_tree() {
+        for text in [
+            r#"{"type":"system_request","command":"register_agent","agent_id":"a"}"#,
+            r#"{"type":"system_request","command":"x","data":{"message":1}}"#,
+            r#"{"type":"instruction_ack","instruction_id":"i","status":"done"}"#,
+        ] {
+            assert!(MessageFrame::read(text).is_none(), "{text}");
+        }
+        let escaped = r#"{"type":"\u006dessage","data":{"message_type":"broadcast_message"}}"#;
+        assert!(MessageFrame::read(escaped).is_some());
     }
 
     #[test]
