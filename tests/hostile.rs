@@ -106,6 +106,49 @@ async fn a_broadcast_excluding_more_than_the_limit_is_refused_and_sends_nothing(
     assert_eq!(got["data"]["content"], "fine", "{got}");
 }
 
+#[tokio::test]
+async fn broadcasts_past_the_copy_budget_are_refused_and_send_nothing_while_direct_messages_go() {
+    // Three agents: each broadcast is two copies; the budget is two a second.
+    let server = TestServer::start(&[("TETHER__LIMITS__MAX_BROADCAST_COPIES_PER_SECOND", "2")]);
+    let (mut sender, _) = Agent::register(&server.ws_url(), "sender").await;
+    let (mut first_in, _) = Agent::register(&server.ws_url(), "first-in").await;
+    let (mut second_in, _) = Agent::register(&server.ws_url(), "second-in").await;
+    sender.send(broadcast(&[], json!("first"))).await;
+    sender.send(broadcast(&[], json!("second"))).await;
+    let refused = sender.wait_for(|f| f["type"] == "error").await;
+    assert_eq!(refused["error_code"], "rate_limited", "{refused}");
+    assert!(refused["message_id"].is_string(), "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("limits.max_broadcast_copies_per_second")),
+        "{refused}"
+    );
+    // The budget is for broadcasts only: a direct message goes at once, and it is the
+    // next thing its recipient gets after the first broadcast (the second never went).
+    sender.send(direct("first-in", json!("direct"))).await;
+    for expected in ["first", "direct"] {
+        let got = first_in.wait_for(|f| f["type"] == "message").await;
+        assert_eq!(got["data"]["content"], expected, "{got}");
+    }
+    let got = second_in.wait_for(|f| f["type"] == "message").await;
+    assert_eq!(got["data"]["content"], "first", "{got}");
+    // The budget refills: a later broadcast goes out within a few tries.
+    let mut tries = 0;
+    let later = loop {
+        sender.send(broadcast(&[], json!("later"))).await;
+        let next = second_in.wait_for(|f| f["type"] == "message");
+        match tokio::time::timeout(std::time::Duration::from_millis(300), next).await {
+            Ok(got) => break got,
+            Err(_) => {
+                tries += 1;
+                assert!(tries < 20, "the broadcast budget never refilled");
+            }
+        }
+    };
+    assert_eq!(later["data"]["content"], "later", "{later}");
+}
+
 #[test]
 fn check_config_prints_reusable_toml_with_every_secret_redacted() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_tether"))

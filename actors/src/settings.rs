@@ -167,6 +167,10 @@ pub struct LimitsSettings {
     /// Most ids a broadcast's `exclude_agent_ids` may list (refused beyond with
     /// `too_many_exclusions`).
     pub max_broadcast_exclusions: usize,
+    /// Copies a connection's broadcasts may make on this node per second, one per
+    /// recipient; also the most at once (a broadcast to more agents counts this many).
+    /// Past it: `rate_limited`, nothing sent.
+    pub max_broadcast_copies_per_second: u32,
     /// System requests a connection may make per second, sustained (excess:
     /// `rate_limited`).
     pub max_requests_per_second: u32,

@@ -102,6 +102,12 @@ fn request_budget(limits: &LimitsSettings) -> governor::DefaultDirectRateLimiter
     governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
 }
 
+/// A connection's budget of broadcast copies: `per_second` a second, as many at once.
+fn broadcast_budget(per_second: u32) -> governor::DefaultDirectRateLimiter {
+    let rate = std::num::NonZeroU32::new(per_second.max(1)).expect("≥ 1");
+    governor::RateLimiter::direct(governor::Quota::per_second(rate))
+}
+
 /// How far a connection's close has got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Closing {
@@ -134,6 +140,9 @@ pub struct AgentConnection {
     requests: governor::DefaultDirectRateLimiter,
     /// Requests refused by `requests` in a row.
     limited_in_row: u32,
+    /// The budget of broadcast copies (`limits.max_broadcast_copies_per_second`), made
+    /// at the connection's first broadcast: an agent that never broadcasts pays a word.
+    broadcasts: Option<Box<governor::DefaultDirectRateLimiter>>,
     /// How the connection ends, once known.
     end: Option<Disconnect>,
     closing: Closing,
@@ -188,6 +197,7 @@ impl AgentConnection {
             invalid_in_row: 0,
             requests,
             limited_in_row: 0,
+            broadcasts: None,
             end: None,
             closing: Closing::No,
             reported: false,

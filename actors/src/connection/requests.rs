@@ -217,6 +217,21 @@ impl AgentConnection {
         });
     }
 
+    /// Takes a broadcast's copies from the connection's budget: one per agent on this
+    /// node but the sender (exclusions only make the real count smaller), at most the
+    /// budget's size. False, and nothing taken, when the budget does not hold them.
+    fn broadcast_allowed(&mut self) -> bool {
+        let per_second = self.settings.limits.max_broadcast_copies_per_second.max(1);
+        let copies = self.routes.len().saturating_sub(1).min(per_second as usize);
+        let Some(copies) = std::num::NonZeroU32::new(copies as u32) else {
+            return true;
+        };
+        let budget = self
+            .broadcasts
+            .get_or_insert_with(|| Box::new(super::broadcast_budget(per_second)));
+        matches!(budget.check_n(copies), Ok(Ok(())))
+    }
+
     pub(super) fn on_message(
         &mut self,
         ctx: &mut Context<Self>,
@@ -251,6 +266,19 @@ impl AgentConnection {
                 crate::metrics::message_refused("broadcast", "too_many_exclusions");
                 return self.send_json(ctx, &protocol::error_frame(&error, Some(&message_id)));
             }
+        }
+        if matches!(kind, MessageKind::Broadcast(_)) && !self.broadcast_allowed() {
+            let per_second = self.settings.limits.max_broadcast_copies_per_second;
+            let error = ProtocolError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "Broadcasts from this connection are past {per_second} copies a second \
+                     on this node, one per recipient (limits.max_broadcast_copies_per_second); \
+                     nothing was sent: slow down"
+                ),
+            );
+            crate::metrics::message_refused("broadcast", "rate_limited");
+            return self.send_json(ctx, &protocol::error_frame(&error, Some(&message_id)));
         }
         if kind == MessageKind::Mod {
             let error = ErrorCode::UnsupportedMod.into();

@@ -40,9 +40,10 @@ enum Attack {
     FragmentFlood,
     DeepNesting,
     ClaimFlood,
+    BroadcastFlood,
 }
 
-const ATTACKS: [Attack; 8] = [
+const ATTACKS: [Attack; 9] = [
     Attack::None,
     Attack::BroadcastExclusions,
     Attack::ListAgentsUnread,
@@ -51,6 +52,7 @@ const ATTACKS: [Attack; 8] = [
     Attack::FragmentFlood,
     Attack::DeepNesting,
     Attack::ClaimFlood,
+    Attack::BroadcastFlood,
 ];
 
 impl Attack {
@@ -64,6 +66,7 @@ impl Attack {
             Self::FragmentFlood => "empty continuation fragments",
             Self::DeepNesting => "frames of 100 000 nested arrays",
             Self::ClaimFlood => "claim_agent_id of fresh ids, unregistered",
+            Self::BroadcastFlood => "1 KiB broadcasts, as fast as written",
         }
     }
 }
@@ -258,6 +261,11 @@ async fn attack_until(
     let exclusions: Vec<String> = (0..1000).map(|i| format!("nobody-{i}")).collect();
     let broadcast =
         crate::client::protocol::broadcast(&serde_json::json!({"x": 1}), &exclusions, "attack");
+    let flood = crate::client::protocol::broadcast(
+        &serde_json::json!({"x": "x".repeat(1024)}),
+        &[],
+        "attack",
+    );
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     let mut generation = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -318,6 +326,7 @@ async fn attack_until(
                     Message::Frame(WsFrame::message(Vec::new(), OpCode::Data(opcode), false))
                 }
                 Attack::DeepNesting => Message::text(deep.clone()),
+                Attack::BroadcastFlood => Message::text(flood.clone()),
                 Attack::ClaimFlood => Message::text(format!(
                     r#"{{"type":"system_request","command":"claim_agent_id","agent_id":"claim-{generation}-{n}"}}"#
                 )),
