@@ -262,10 +262,13 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
         },
     ));
 
-    wait_for_signal().await;
+    let mut signals = ShutdownSignals::listen();
+    signals.next().await;
     log::info!("shutdown signal received: stopping gracefully (a second signal forces exit)");
-    actix_web::rt::spawn(async {
-        wait_for_signal().await;
+    // The same listeners wait for the second signal: one sent while the graceful
+    // shutdown starts, before this task first runs, is still seen.
+    actix_web::rt::spawn(async move {
+        signals.next().await;
         log::warn!("second shutdown signal: exiting now");
         std::process::exit(130);
     });
@@ -352,12 +355,27 @@ async fn wait_for(state: &AppState, condition: Drained) {
     let _ = done.await;
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
-    let mut interrupt = signal(SignalKind::interrupt()).expect("cannot listen for SIGINT");
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+/// SIGTERM and SIGINT, listened for from creation on: a signal that arrives between
+/// two waits is not lost.
+struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn listen() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Self {
+            terminate: signal(SignalKind::terminate()).expect("cannot listen for SIGTERM"),
+            interrupt: signal(SignalKind::interrupt()).expect("cannot listen for SIGINT"),
+        }
+    }
+
+    /// The next SIGTERM or SIGINT received since the last one returned.
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
     }
 }
