@@ -24,7 +24,8 @@ pub enum ErrorCode {
     ServerFull,
     /// `shutting_down`: the server is shutting down.
     ShuttingDown,
-    /// `rate_limited`: past the connection's request budget.
+    /// `rate_limited`: past the connection's request budget, or a broadcast past its
+    /// copy budget (nothing was sent).
     RateLimited,
     /// `cluster_unavailable`: the node cannot reach its cluster; retry.
     ClusterUnavailable,
