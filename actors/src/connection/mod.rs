@@ -95,17 +95,13 @@ pub struct ConnectionContext {
     pub open_sockets: Arc<AtomicUsize>,
 }
 
-/// A connection's budget of system requests.
-fn request_budget(limits: &LimitsSettings) -> governor::DefaultDirectRateLimiter {
-    let rate = std::num::NonZeroU32::new(limits.max_requests_per_second.max(1)).expect("≥ 1");
-    let burst = std::num::NonZeroU32::new(limits.request_burst.max(1)).expect("≥ 1");
-    governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
-}
-
-/// A connection's budget of broadcast copies: `per_second` a second, as many at once.
-fn broadcast_budget(per_second: u32) -> governor::DefaultDirectRateLimiter {
+/// A budget of `per_second` a second, `burst` at once: the connection's system
+/// requests (`limits.max_requests_per_second`, `request_burst`) and its broadcast copies
+/// (`limits.max_broadcast_copies_per_second`, as many at once).
+fn budget(per_second: u32, burst: u32) -> governor::DefaultDirectRateLimiter {
     let rate = std::num::NonZeroU32::new(per_second.max(1)).expect("≥ 1");
-    governor::RateLimiter::direct(governor::Quota::per_second(rate))
+    let burst = std::num::NonZeroU32::new(burst.max(1)).expect("≥ 1");
+    governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
 }
 
 /// How far a connection's close has got.
@@ -179,7 +175,7 @@ impl AgentConnection {
         let reader = FrameReader::new(settings.limits.max_frame_bytes);
         let io = Rc::new(stream);
         let limits = &settings.limits;
-        let requests = request_budget(limits);
+        let requests = budget(limits.max_requests_per_second, limits.request_burst);
         let ceiling = limits.max_pending_bytes.saturating_mul(2);
         let outgoing = Outgoing::new(io.clone(), limits.max_message_queue_size, ceiling);
         Self {

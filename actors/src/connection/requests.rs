@@ -228,8 +228,20 @@ impl AgentConnection {
         };
         let budget = self
             .broadcasts
-            .get_or_insert_with(|| Box::new(super::broadcast_budget(per_second)));
+            .get_or_insert_with(|| Box::new(super::budget(per_second, per_second)));
         matches!(budget.check_n(copies), Ok(Ok(())))
+    }
+
+    /// Answers a message of `kind` refused before routing with `error`, and counts it.
+    fn refuse_message(
+        &mut self,
+        ctx: &mut Context<Self>,
+        kind: &'static str,
+        error: &ProtocolError,
+        message_id: Option<&str>,
+    ) {
+        crate::metrics::message_refused(kind, error.code.as_str());
+        self.send_json(ctx, &protocol::error_frame(error, message_id));
     }
 
     pub(super) fn on_message(
@@ -243,8 +255,7 @@ impl AgentConnection {
                 ErrorCode::NotRegistered,
                 "Register with register_agent before sending messages",
             );
-            crate::metrics::message_refused("unknown", "not_registered");
-            return self.send_json(ctx, &protocol::error_frame(&error, None));
+            return self.refuse_message(ctx, "unknown", &error, None);
         };
         let agent_id = agent_id.clone();
         let kind = match frame.kind() {
@@ -252,8 +263,12 @@ impl AgentConnection {
             Err(error) => return self.invalid_frame(ctx, error.0),
         };
         let message_id = frame.stamp(&agent_id);
-        let max_exclusions = self.settings.limits.max_broadcast_exclusions;
         if let MessageKind::Broadcast(exclude) = &kind {
+            let limits = &self.settings.limits;
+            let (max_exclusions, per_second) = (
+                limits.max_broadcast_exclusions,
+                limits.max_broadcast_copies_per_second,
+            );
             if exclude.len() > max_exclusions {
                 let error = ProtocolError::new(
                     ErrorCode::TooManyExclusions,
@@ -263,28 +278,23 @@ impl AgentConnection {
                         exclude.len()
                     ),
                 );
-                crate::metrics::message_refused("broadcast", "too_many_exclusions");
-                return self.send_json(ctx, &protocol::error_frame(&error, Some(&message_id)));
+                return self.refuse_message(ctx, "broadcast", &error, Some(&message_id));
             }
-        }
-        if matches!(kind, MessageKind::Broadcast(_)) && !self.broadcast_allowed() {
-            let per_second = self.settings.limits.max_broadcast_copies_per_second;
-            let error = ProtocolError::new(
-                ErrorCode::RateLimited,
-                format!(
-                    "Broadcasts from this connection are past {per_second} copies a second \
-                     on this node, one per recipient (limits.max_broadcast_copies_per_second); \
-                     nothing was sent: slow down"
-                ),
-            );
-            crate::metrics::message_refused("broadcast", "rate_limited");
-            return self.send_json(ctx, &protocol::error_frame(&error, Some(&message_id)));
+            if !self.broadcast_allowed() {
+                let error = ProtocolError::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "Broadcasts from this connection are past {per_second} copies a second \
+                         on this node, one per recipient (limits.max_broadcast_copies_per_second); \
+                         nothing was sent: slow down"
+                    ),
+                );
+                return self.refuse_message(ctx, "broadcast", &error, Some(&message_id));
+            }
         }
         if kind == MessageKind::Mod {
             let error = ErrorCode::UnsupportedMod.into();
-            crate::metrics::message_refused("mod", "unsupported_mod");
-            let frame = protocol::error_frame(&error, Some(&message_id));
-            return self.send_json(ctx, &frame);
+            return self.refuse_message(ctx, "mod", &error, Some(&message_id));
         }
         let text = frame.to_text();
         let encoded = OutFrame::text(&text);
