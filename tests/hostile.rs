@@ -108,8 +108,11 @@ async fn a_broadcast_excluding_more_than_the_limit_is_refused_and_sends_nothing(
 
 #[tokio::test]
 async fn broadcasts_past_the_copy_budget_are_refused_and_send_nothing_while_direct_messages_go() {
-    // Three agents: each broadcast is two copies; the budget is two a second.
-    let server = TestServer::start(&[("TETHER__LIMITS__MAX_BROADCAST_COPIES_PER_SECOND", "2")]);
+    // Three agents: each broadcast is two copies; the budget is two a second, two at once.
+    let server = TestServer::start(&[
+        ("TETHER__LIMITS__MAX_BROADCAST_COPIES_PER_SECOND", "2"),
+        ("TETHER__LIMITS__BROADCAST_COPY_BURST", "2"),
+    ]);
     let (mut sender, _) = Agent::register(&server.ws_url(), "sender").await;
     let (mut first_in, _) = Agent::register(&server.ws_url(), "first-in").await;
     let (mut second_in, _) = Agent::register(&server.ws_url(), "second-in").await;
@@ -147,6 +150,78 @@ async fn broadcasts_past_the_copy_budget_are_refused_and_send_nothing_while_dire
         }
     };
     assert_eq!(later["data"]["content"], "later", "{later}");
+}
+
+#[tokio::test]
+async fn a_broadcast_to_more_agents_than_the_copy_burst_still_goes() {
+    let server = TestServer::start(&[("TETHER__LIMITS__BROADCAST_COPY_BURST", "1")]);
+    let (mut sender, _) = Agent::register(&server.ws_url(), "sender").await;
+    let (mut first_in, _) = Agent::register(&server.ws_url(), "first-in").await;
+    let (mut second_in, _) = Agent::register(&server.ws_url(), "second-in").await;
+    sender.send(broadcast(&[], json!("to both"))).await;
+    for recipient in [&mut first_in, &mut second_in] {
+        let got = recipient.wait_for(|f| f["type"] == "message").await;
+        assert_eq!(got["data"]["content"], "to both", "{got}");
+    }
+    let answer = tokio::time::timeout(std::time::Duration::from_millis(200), sender.next()).await;
+    assert!(answer.is_err(), "the sender was answered: {answer:?}");
+}
+
+#[tokio::test]
+async fn broadcasts_refused_request_burst_times_in_a_row_close_1008_and_an_accepted_one_resets_the_count(
+) {
+    // Two recipients: each broadcast is two copies; the budget holds two broadcasts
+    // and refills one every half second. Three refused in a row close.
+    let env = [
+        ("TETHER__LIMITS__MAX_BROADCAST_COPIES_PER_SECOND", "4"),
+        ("TETHER__LIMITS__BROADCAST_COPY_BURST", "4"),
+        ("TETHER__LIMITS__REQUEST_BURST", "3"),
+    ];
+    let server = TestServer::start(&env);
+    let (mut sender, _) = Agent::register(&server.ws_url(), "sender").await;
+    let (mut recipient, _) = Agent::register(&server.ws_url(), "recipient").await;
+    let (_other, _) = Agent::register(&server.ws_url(), "other").await;
+    for n in 1..=4 {
+        sender.send(broadcast(&[], json!(format!("b{n}")))).await;
+    }
+    for _ in 0..2 {
+        let refused = sender.wait_for(|f| f["type"] == "error").await;
+        assert_eq!(refused["error_code"], "rate_limited", "{refused}");
+    }
+    // Two refused in a row so far. The budget refills (a wait on the configured rate:
+    // nothing to observe but the budget itself); an accepted broadcast resets the count.
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    sender.send(broadcast(&[], json!("b5"))).await;
+    for expected in ["b1", "b2", "b5"] {
+        let got = recipient.wait_for(|f| f["type"] == "message").await;
+        assert_eq!(got["data"]["content"], expected, "{got}");
+    }
+    // Now a flood: at most two of it fit the budget, then three refusals in a row
+    // close the connection; the first two of them are answered, the third closes.
+    for n in 6..=12 {
+        sender.send(broadcast(&[], json!(format!("b{n}")))).await;
+    }
+    let mut refused_after_reset = 0;
+    use futures_util::StreamExt;
+    let close_code = loop {
+        let next = tokio::time::timeout(DEADLINE, sender.raw().next()).await;
+        match next.expect("no close within the deadline") {
+            Some(Ok(Message::Text(text))) => {
+                let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(frame["error_code"], "rate_limited", "{frame}");
+                refused_after_reset += 1;
+            }
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            other => panic!("the connection ended without a close frame: {other:?}"),
+        }
+    };
+    assert_eq!(close_code, Some(1008));
+    assert_eq!(
+        refused_after_reset, 2,
+        "the accepted b5 resets the count: two answered refusals, then the close"
+    );
+    assert_no_panic(&server);
 }
 
 #[test]

@@ -167,15 +167,19 @@ pub struct LimitsSettings {
     /// Most ids a broadcast's `exclude_agent_ids` may list (refused beyond with
     /// `too_many_exclusions`).
     pub max_broadcast_exclusions: usize,
-    /// Copies a connection's broadcasts may make on this node per second, one per
-    /// recipient; also the most at once (a broadcast to more agents counts this many).
-    /// Past it: `rate_limited`, nothing sent.
+    /// Copies a connection's broadcasts may make on this node per second, sustained,
+    /// one per recipient. Past it: `rate_limited`, nothing sent.
     pub max_broadcast_copies_per_second: u32,
+    /// Copies a connection's broadcasts may make at once above the sustained rate (a
+    /// broadcast to more agents goes when this many are there, and the connection's
+    /// next one waits the time its copies take at the rate).
+    pub broadcast_copy_burst: u32,
     /// System requests a connection may make per second, sustained (excess:
     /// `rate_limited`).
     pub max_requests_per_second: u32,
     /// Requests a connection may make at once above the sustained rate; this many
-    /// refused in a row close it 1008.
+    /// refused in a row close it 1008, and so many broadcasts refused in a row past
+    /// `max_broadcast_copies_per_second` (counted apart).
     pub request_burst: u32,
     /// `claim_agent_id` requests one connection may make (excess: `too_many_claims`).
     pub max_claims_per_connection: u32,

@@ -15,6 +15,7 @@
 //! handshake, either side starting it, the actor sends FIN at once. It always reports
 //! its end to the registry, whatever the cause.
 
+mod budget;
 mod frames;
 mod outgoing;
 mod requests;
@@ -31,6 +32,7 @@ use crate::registry::{Connected, ConnectionEnded, ConnectionOrder, Registry};
 use crate::routes::Routes;
 use crate::settings::{secs, LimitsSettings};
 use actix::prelude::*;
+use budget::BroadcastBudget;
 use bytes::BytesMut;
 use outgoing::{Attend, Outgoing};
 use serde_json::Value;
@@ -95,15 +97,6 @@ pub struct ConnectionContext {
     pub open_sockets: Arc<AtomicUsize>,
 }
 
-/// A budget of `per_second` a second, `burst` at once: the connection's system
-/// requests (`limits.max_requests_per_second`, `request_burst`) and its broadcast copies
-/// (`limits.max_broadcast_copies_per_second`, as many at once).
-fn budget(per_second: u32, burst: u32) -> governor::DefaultDirectRateLimiter {
-    let rate = std::num::NonZeroU32::new(per_second.max(1)).expect("≥ 1");
-    let burst = std::num::NonZeroU32::new(burst.max(1)).expect("≥ 1");
-    governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
-}
-
 /// How far a connection's close has got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Closing {
@@ -136,9 +129,12 @@ pub struct AgentConnection {
     requests: governor::DefaultDirectRateLimiter,
     /// Requests refused by `requests` in a row.
     limited_in_row: u32,
-    /// The budget of broadcast copies (`limits.max_broadcast_copies_per_second`), made
-    /// at the connection's first broadcast: an agent that never broadcasts pays a word.
-    broadcasts: Option<Box<governor::DefaultDirectRateLimiter>>,
+    /// The budget of broadcast copies (`limits.max_broadcast_copies_per_second`,
+    /// `broadcast_copy_burst`), made at the connection's first broadcast: an agent that
+    /// never broadcasts pays a word.
+    broadcasts: Option<Box<BroadcastBudget>>,
+    /// Broadcasts refused by `broadcasts` in a row.
+    broadcasts_limited_in_row: u32,
     /// How the connection ends, once known.
     end: Option<Disconnect>,
     closing: Closing,
@@ -175,7 +171,7 @@ impl AgentConnection {
         let reader = FrameReader::new(settings.limits.max_frame_bytes);
         let io = Rc::new(stream);
         let limits = &settings.limits;
-        let requests = budget(limits.max_requests_per_second, limits.request_burst);
+        let requests = budget::budget(limits.max_requests_per_second, limits.request_burst);
         let ceiling = limits.max_pending_bytes.saturating_mul(2);
         let outgoing = Outgoing::new(io.clone(), limits.max_message_queue_size, ceiling);
         Self {
@@ -194,6 +190,7 @@ impl AgentConnection {
             requests,
             limited_in_row: 0,
             broadcasts: None,
+            broadcasts_limited_in_row: 0,
             end: None,
             closing: Closing::No,
             reported: false,

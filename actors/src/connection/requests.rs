@@ -3,7 +3,7 @@
 //! registration, stamp messages and route them ([`Routes`](crate::routes::Routes)), and
 //! forward the rest to the registry.
 
-use super::{AgentConnection, RegistrationState};
+use super::{AgentConnection, BroadcastBudget, RegistrationState};
 use crate::clock::{epoch_secs, monotonic_ms};
 use crate::cluster::{Forward, Spread};
 use crate::disconnect::Disconnect;
@@ -218,18 +218,18 @@ impl AgentConnection {
     }
 
     /// Takes a broadcast's copies from the connection's budget: one per agent on this
-    /// node but the sender (exclusions only make the real count smaller), at most the
-    /// budget's size. False, and nothing taken, when the budget does not hold them.
+    /// node but the sender (exclusions only make the real count smaller). False, and
+    /// nothing taken, when the budget does not hold them.
     fn broadcast_allowed(&mut self) -> bool {
-        let per_second = self.settings.limits.max_broadcast_copies_per_second.max(1);
-        let copies = self.routes.len().saturating_sub(1).min(per_second as usize);
-        let Some(copies) = std::num::NonZeroU32::new(copies as u32) else {
-            return true;
-        };
-        let budget = self
-            .broadcasts
-            .get_or_insert_with(|| Box::new(super::budget(per_second, per_second)));
-        matches!(budget.check_n(copies), Ok(Ok(())))
+        let limits = &self.settings.limits;
+        let (per_second, burst) = (
+            limits.max_broadcast_copies_per_second,
+            limits.broadcast_copy_burst,
+        );
+        let copies = u32::try_from(self.routes.len().saturating_sub(1)).unwrap_or(u32::MAX);
+        self.broadcasts
+            .get_or_insert_with(|| Box::new(BroadcastBudget::new(per_second, burst)))
+            .take(copies)
     }
 
     /// Answers a message of `kind` refused before routing with `error`, and counts it.
@@ -265,9 +265,10 @@ impl AgentConnection {
         let message_id = frame.stamp(&agent_id);
         if let MessageKind::Broadcast(exclude) = &kind {
             let limits = &self.settings.limits;
-            let (max_exclusions, per_second) = (
+            let (max_exclusions, per_second, close_after) = (
                 limits.max_broadcast_exclusions,
                 limits.max_broadcast_copies_per_second,
+                limits.request_burst.max(1),
             );
             if exclude.len() > max_exclusions {
                 let error = ProtocolError::new(
@@ -281,16 +282,25 @@ impl AgentConnection {
                 return self.refuse_message(ctx, "broadcast", &error, Some(&message_id));
             }
             if !self.broadcast_allowed() {
+                // An agent that ignores the refusals is closed as one that ignores the
+                // request budget's: after as many in a row.
+                self.broadcasts_limited_in_row += 1;
+                if self.broadcasts_limited_in_row >= close_after {
+                    crate::metrics::message_refused("broadcast", ErrorCode::RateLimited.as_str());
+                    return self.close(ctx, Disconnect::POLICY_VIOLATION, true);
+                }
                 let error = ProtocolError::new(
                     ErrorCode::RateLimited,
                     format!(
                         "Broadcasts from this connection are past {per_second} copies a second \
-                         on this node, one per recipient (limits.max_broadcast_copies_per_second); \
-                         nothing was sent: slow down"
+                         on this node, one per recipient (limits.max_broadcast_copies_per_second, \
+                         broadcast_copy_burst at once); nothing was sent: slow down ({close_after} \
+                         refused in a row close the connection, limits.request_burst)"
                     ),
                 );
                 return self.refuse_message(ctx, "broadcast", &error, Some(&message_id));
             }
+            self.broadcasts_limited_in_row = 0;
         }
         if kind == MessageKind::Mod {
             let error = ErrorCode::UnsupportedMod.into();

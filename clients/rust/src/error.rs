@@ -25,7 +25,8 @@ pub enum ErrorCode {
     /// `shutting_down`: the server is shutting down.
     ShuttingDown,
     /// `rate_limited`: past the connection's request budget, or a broadcast past its
-    /// copy budget (nothing was sent).
+    /// copy budget (nothing was sent). The server closes a connection 1008 that goes on
+    /// regardless (`limits.request_burst` refused in a row).
     RateLimited,
     /// `cluster_unavailable`: the node cannot reach its cluster; retry.
     ClusterUnavailable,
