@@ -41,9 +41,10 @@ enum Attack {
     DeepNesting,
     ClaimFlood,
     BroadcastFlood,
+    BroadcastFloodMany,
 }
 
-const ATTACKS: [Attack; 9] = [
+const ATTACKS: [Attack; 10] = [
     Attack::None,
     Attack::BroadcastExclusions,
     Attack::ListAgentsUnread,
@@ -53,7 +54,11 @@ const ATTACKS: [Attack; 9] = [
     Attack::DeepNesting,
     Attack::ClaimFlood,
     Attack::BroadcastFlood,
+    Attack::BroadcastFloodMany,
 ];
+
+/// Connections of the many-connection broadcast flood.
+const MANY: usize = 20;
 
 impl Attack {
     fn label(self) -> &'static str {
@@ -67,6 +72,16 @@ impl Attack {
             Self::DeepNesting => "frames of 100 000 nested arrays",
             Self::ClaimFlood => "claim_agent_id of fresh ids, unregistered",
             Self::BroadcastFlood => "1 KiB broadcasts, as fast as written",
+            Self::BroadcastFloodMany => "the same from 20 connections at once",
+        }
+    }
+
+    /// How many connections attack at once.
+    fn connections(self) -> usize {
+        match self {
+            Self::None => 0,
+            Self::BroadcastFloodMany => MANY,
+            _ => 1,
         }
     }
 }
@@ -173,12 +188,17 @@ async fn once(ctx: &Ctx, args: &Args) -> Result<Vec<PhaseResult>, String> {
     for attack in ATTACKS {
         let stop = Arc::new(AtomicBool::new(false));
         let attacked = Arc::new(Attacked::default());
-        let attacker = tokio::spawn(attack_until(
-            attack,
-            target.clone(),
-            stop.clone(),
-            attacked.clone(),
-        ));
+        let attackers: Vec<_> = (0..attack.connections())
+            .map(|who| {
+                tokio::spawn(attack_until(
+                    attack,
+                    who,
+                    target.clone(),
+                    stop.clone(),
+                    attacked.clone(),
+                ))
+            })
+            .collect();
         let phase = Duration::from_secs_f64(args.seconds);
         let started = Instant::now();
         let mut lat_us = Vec::new();
@@ -202,7 +222,11 @@ async fn once(ctx: &Ctx, args: &Args) -> Result<Vec<PhaseResult>, String> {
             }
         }
         stop.store(true, Ordering::Relaxed);
-        let _ = tokio::time::timeout(Duration::from_secs(5), attacker).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures_util::future::join_all(attackers),
+        )
+        .await;
         // Late messages of this phase count in it.
         let grace = Instant::now();
         while grace.elapsed() < Duration::from_millis(200) {
@@ -248,9 +272,11 @@ async fn dial_small(target: &Target) -> Option<Ws> {
     Some(ws)
 }
 
-/// Runs `attack` until `stop`, reconnecting whenever the server ends the socket.
+/// Runs `attack` as attacker number `who` until `stop`, reconnecting whenever the
+/// server ends the socket.
 async fn attack_until(
     attack: Attack,
+    who: usize,
     target: Target,
     stop: Arc<AtomicBool>,
     attacked: Arc<Attacked>,
@@ -275,7 +301,7 @@ async fn attack_until(
             continue;
         };
         attacked.connections.fetch_add(1, Ordering::Relaxed);
-        let id = format!("attacker-{generation}");
+        let id = format!("attacker-{who}-{generation}");
         let register = crate::client::register_frame(&id);
         let needs_registration = !matches!(attack, Attack::ClaimFlood | Attack::DeepNesting);
         if needs_registration && ws.send(Message::text(register)).await.is_err() {
@@ -326,7 +352,7 @@ async fn attack_until(
                     Message::Frame(WsFrame::message(Vec::new(), OpCode::Data(opcode), false))
                 }
                 Attack::DeepNesting => Message::text(deep.clone()),
-                Attack::BroadcastFlood => Message::text(flood.clone()),
+                Attack::BroadcastFlood | Attack::BroadcastFloodMany => Message::text(flood.clone()),
                 Attack::ClaimFlood => Message::text(format!(
                     r#"{{"type":"system_request","command":"claim_agent_id","agent_id":"claim-{generation}-{n}"}}"#
                 )),
