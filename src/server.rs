@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_actors::bus::{CloseSubscribers, EventBus, FlushAll, GetBusStatus, Publish};
 use tether_actors::cluster::{Cluster, Leaving, TellRegistry};
-use tether_actors::connection::{ConnectionContext, ConnectionSettings, NodeBroadcastBudget};
+use tether_actors::connection::{ConnectionContext, ConnectionSettings};
 use tether_actors::event::{EventSource, LifecycleEvent, NetworkEvent};
 use tether_actors::heartbeat::Heartbeat;
 use tether_actors::instructions::{Dispatcher, Notices, Store};
@@ -169,10 +169,6 @@ pub async fn run(settings: Settings, secret: Vec<u8>) -> std::io::Result<Shutdow
                 cluster: cluster.clone(),
                 direct,
                 instructions: Some(instructions.clone().recipient()),
-                node_broadcasts: Arc::new(NodeBroadcastBudget::new(
-                    settings.limits.max_broadcast_copies_per_second_total,
-                    settings.limits.broadcast_copy_burst,
-                )),
             }),
             open_sockets: Arc::new(AtomicUsize::new(0)),
         },

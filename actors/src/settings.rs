@@ -174,10 +174,6 @@ pub struct LimitsSettings {
     /// broadcast to more agents goes when this many are there, and the connection's
     /// next one waits the time its copies take at the rate).
     pub broadcast_copy_burst: u32,
-    /// Copies all the node's broadcasts may make per second, whichever connections send
-    /// them; a tenth of a second's worth (at least `broadcast_copy_burst`) at once. Past
-    /// it: `rate_limited`, nothing sent.
-    pub max_broadcast_copies_per_second_total: u32,
     /// System requests a connection may make per second, sustained (excess:
     /// `rate_limited`).
     pub max_requests_per_second: u32,

@@ -1,9 +1,6 @@
 //! A connection's budgets: its system requests (`limits.max_requests_per_second`,
 //! `request_burst`) and its broadcast copies (`limits.max_broadcast_copies_per_second`,
-//! `broadcast_copy_burst`), each a `governor` limiter (GCRA); and the node's budget of
-//! broadcast copies, shared by all its connections
-//! (`limits.max_broadcast_copies_per_second_total`), which bounds what many
-//! connections broadcasting at once make the workers write.
+//! `broadcast_copy_burst`), each a `governor` limiter (GCRA).
 //!
 //! A broadcast is charged every copy it makes, even one to more agents than the burst
 //! holds: such a broadcast goes when the whole burst is there, and the connection's next
@@ -31,43 +28,6 @@ fn quota(per_second: u32, burst: u32) -> Quota {
     let rate = NonZeroU32::new(per_second.max(1)).expect("≥ 1");
     let burst = NonZeroU32::new(burst.max(1)).expect("≥ 1");
     Quota::per_second(rate).allow_burst(burst)
-}
-
-/// The copies all the node's broadcasts may make: `per_second` a second, and a tenth
-/// of a second's worth (at least `burst`, the per-connection one) at once. A broadcast
-/// is charged its copies up to that (one to more agents is paced by its connection's
-/// own budget).
-pub struct NodeBroadcastBudget {
-    limiter: governor::DefaultDirectRateLimiter,
-    at_once: NonZeroU32,
-}
-
-impl NodeBroadcastBudget {
-    /// A budget of `per_second` copies a second for the node, `burst` the
-    /// per-connection burst.
-    pub fn new(per_second: u32, burst: u32) -> Self {
-        let at_once = (per_second / 10).max(burst).max(1);
-        Self {
-            limiter: budget(per_second, at_once),
-            at_once: NonZeroU32::new(at_once).expect("≥ 1"),
-        }
-    }
-
-    /// Takes `copies`, at most the burst, if the budget holds them.
-    pub(super) fn take(&self, copies: u32) -> bool {
-        match NonZeroU32::new(copies.min(self.at_once.get())) {
-            None => true,
-            Some(n) => matches!(self.limiter.check_n(n), Ok(Ok(()))),
-        }
-    }
-}
-
-impl std::fmt::Debug for NodeBroadcastBudget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeBroadcastBudget")
-            .field("at_once", &self.at_once)
-            .finish_non_exhaustive()
-    }
 }
 
 /// The copies one connection's broadcasts may make.
@@ -170,22 +130,6 @@ mod tests {
         }
         clock.advance(Duration::from_secs(1));
         assert!(budget.take(1000), "refusals did not use the refill");
-    }
-
-    #[test]
-    fn the_node_budget_holds_a_tenth_of_a_second_at_once_and_charges_at_most_that() {
-        let node = NodeBroadcastBudget::new(100_000, 2000);
-        assert!(
-            node.take(1_000_000),
-            "a broadcast past the burst is charged the burst"
-        );
-        assert!(!node.take(1), "the burst is spent");
-        let small = NodeBroadcastBudget::new(1000, 2000);
-        assert!(
-            small.take(2000),
-            "never less than the per-connection burst at once"
-        );
-        assert!(node.take(0), "a broadcast to nobody costs nothing");
     }
 
     #[test]

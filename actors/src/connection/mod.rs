@@ -16,8 +16,6 @@
 //! its end to the registry, whatever the cause.
 
 mod budget;
-
-pub use budget::NodeBroadcastBudget;
 mod frames;
 mod outgoing;
 mod requests;
@@ -83,9 +81,6 @@ pub struct ConnectionSettings {
     pub direct: Option<Arc<crate::cluster::DirectLine>>,
     /// The instruction dispatcher, which `instruction_ack`s go to.
     pub instructions: Option<Recipient<crate::instructions::Acknowledge>>,
-    /// The node's budget of broadcast copies, shared by every connection
-    /// (`limits.max_broadcast_copies_per_second_total`).
-    pub node_broadcasts: Arc<NodeBroadcastBudget>,
 }
 
 /// What every connection is given by the server: whom it reports to, where it routes

@@ -18,15 +18,6 @@ use crate::routes::Routed;
 use actix::prelude::*;
 use serde_json::{json, Value};
 
-/// The budget that refused a broadcast.
-enum BroadcastLimit {
-    /// The sending connection's (`limits.max_broadcast_copies_per_second`).
-    Connection,
-    /// The node's, shared by every connection
-    /// (`limits.max_broadcast_copies_per_second_total`).
-    Node,
-}
-
 impl AgentConnection {
     /// Answers `request` with `error`.
     pub(super) fn refuse_request(
@@ -226,24 +217,19 @@ impl AgentConnection {
         });
     }
 
-    /// Takes a broadcast's copies from the connection's budget, then from the node's:
-    /// one per agent on this node but the sender (exclusions only make the real count
-    /// smaller). The budget that does not hold them, if one does not (the connection's
-    /// is asked first, so its refusals never spend the node's).
-    fn broadcast_refused_by(&mut self) -> Option<BroadcastLimit> {
+    /// Takes a broadcast's copies from the connection's budget: one per agent on this
+    /// node but the sender (exclusions only make the real count smaller). False, and
+    /// nothing taken, when the budget does not hold them.
+    fn broadcast_allowed(&mut self) -> bool {
         let limits = &self.settings.limits;
         let (per_second, burst) = (
             limits.max_broadcast_copies_per_second,
             limits.broadcast_copy_burst,
         );
         let copies = u32::try_from(self.routes.len().saturating_sub(1)).unwrap_or(u32::MAX);
-        let own = self
-            .broadcasts
-            .get_or_insert_with(|| Box::new(BroadcastBudget::new(per_second, burst)));
-        if !own.take(copies) {
-            return Some(BroadcastLimit::Connection);
-        }
-        (!self.settings.node_broadcasts.take(copies)).then_some(BroadcastLimit::Node)
+        self.broadcasts
+            .get_or_insert_with(|| Box::new(BroadcastBudget::new(per_second, burst)))
+            .take(copies)
     }
 
     /// Answers a message of `kind` refused before routing with `error`, and counts it.
@@ -279,10 +265,9 @@ impl AgentConnection {
         let message_id = frame.stamp(&agent_id);
         if let MessageKind::Broadcast(exclude) = &kind {
             let limits = &self.settings.limits;
-            let (max_exclusions, per_second, total, close_after) = (
+            let (max_exclusions, per_second, close_after) = (
                 limits.max_broadcast_exclusions,
                 limits.max_broadcast_copies_per_second,
-                limits.max_broadcast_copies_per_second_total,
                 limits.request_burst.max(1),
             );
             if exclude.len() > max_exclusions {
@@ -296,30 +281,22 @@ impl AgentConnection {
                 );
                 return self.refuse_message(ctx, "broadcast", &error, Some(&message_id));
             }
-            if let Some(limit) = self.broadcast_refused_by() {
-                // An agent that goes on past `rate_limited` answers, whichever budget
-                // gave them, is closed as one that ignores the request budget's: after
-                // as many in a row.
+            if !self.broadcast_allowed() {
+                // An agent that ignores the refusals is closed as one that ignores the
+                // request budget's: after as many in a row.
                 self.broadcasts_limited_in_row += 1;
                 if self.broadcasts_limited_in_row >= close_after {
                     crate::metrics::message_refused("broadcast", ErrorCode::RateLimited.as_str());
                     return self.close(ctx, Disconnect::POLICY_VIOLATION, true);
                 }
-                let error = match limit {
-                    BroadcastLimit::Connection => format!(
-                        "Broadcasts from this connection are past {per_second} copies a second \
-                         on this node, one per recipient (limits.max_broadcast_copies_per_second, \
-                         broadcast_copy_burst at once); nothing was sent: slow down"
-                    ),
-                    BroadcastLimit::Node => format!(
-                        "This node's broadcasts, from every connection, are past {total} copies \
-                         a second (limits.max_broadcast_copies_per_second_total); nothing was \
-                         sent: slow down"
-                    ),
-                };
                 let error = ProtocolError::new(
                     ErrorCode::RateLimited,
-                    format!("{error} ({close_after} refused in a row close the connection, limits.request_burst)"),
+                    format!(
+                        "Broadcasts from this connection are past {per_second} copies a second \
+                         on this node, one per recipient (limits.max_broadcast_copies_per_second, \
+                         broadcast_copy_burst at once); nothing was sent: slow down ({close_after} \
+                         refused in a row close the connection, limits.request_burst)"
+                    ),
                 );
                 return self.refuse_message(ctx, "broadcast", &error, Some(&message_id));
             }
