@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{broadcast, direct, Agent, TestServer, DEADLINE};
+use common::{broadcast, direct, Agent, Closed, TestServer, DEADLINE};
 use futures_util::SinkExt;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -201,22 +201,12 @@ async fn broadcasts_refused_request_burst_times_in_a_row_close_1008_and_an_accep
     for n in 6..=12 {
         sender.send(broadcast(&[], json!(format!("b{n}")))).await;
     }
-    let mut refused_after_reset = 0;
-    use futures_util::StreamExt;
-    let close_code = loop {
-        let next = tokio::time::timeout(DEADLINE, sender.raw().next()).await;
-        match next.expect("no close within the deadline") {
-            Some(Ok(Message::Text(text))) => {
-                let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
-                assert_eq!(frame["error_code"], "rate_limited", "{frame}");
-                refused_after_reset += 1;
-            }
-            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
-            Some(Ok(_)) => {}
-            other => panic!("the connection ended without a close frame: {other:?}"),
-        }
-    };
-    assert_eq!(close_code, Some(1008));
+    let (refusals, closed) = sender.frames_until_closed().await;
+    assert_eq!(closed, Closed::Code(1008));
+    for frame in &refusals {
+        assert_eq!(frame["error_code"], "rate_limited", "{frame}");
+    }
+    let refused_after_reset = refusals.len();
     assert_eq!(
         refused_after_reset, 2,
         "the accepted b5 resets the count: two answered refusals, then the close"
@@ -414,29 +404,18 @@ async fn a_request_flood_is_answered_rate_limited_then_closed_1008() {
             .send(json!({"type":"system_request","command":"ping_agent","request_id": i}))
             .await;
     }
+    let (frames, closed) = flooder.frames_until_closed().await;
+    assert_eq!(closed, Closed::Code(1008));
     let (mut answered, mut limited) = (0, 0);
-    use futures_util::StreamExt;
-    let close_code = loop {
-        let next = tokio::time::timeout(DEADLINE, flooder.raw().next()).await;
-        match next.expect("no close within the deadline") {
-            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) => {
-                let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
-                match frame["success"].as_bool() {
-                    Some(true) => answered += 1,
-                    _ => {
-                        assert_eq!(frame["error_code"], "rate_limited", "{frame}");
-                        limited += 1;
-                    }
-                }
+    for frame in &frames {
+        match frame["success"].as_bool() {
+            Some(true) => answered += 1,
+            _ => {
+                assert_eq!(frame["error_code"], "rate_limited", "{frame}");
+                limited += 1;
             }
-            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame))) => {
-                break frame.map(|f| u16::from(f.code));
-            }
-            Some(Ok(_)) => {}
-            other => panic!("the connection ended without a close frame: {other:?}"),
         }
-    };
-    assert_eq!(close_code, Some(1008));
+    }
     assert!((3..50).contains(&answered), "answered {answered}");
     assert!(limited >= 1, "limited {limited}");
     // The bystander's own requests are not limited by the flooder's.

@@ -349,17 +349,27 @@ impl Agent {
 
     /// Reads until the connection ends and returns how; frames read are discarded.
     pub async fn closed(&mut self) -> Closed {
+        self.frames_until_closed().await.1
+    }
+
+    /// Reads until the connection ends: the text frames read from the socket on the way
+    /// (not those `wait_for` kept pending), and how it ended.
+    pub async fn frames_until_closed(&mut self) -> (Vec<Value>, Closed) {
+        let mut frames = Vec::new();
         loop {
             match tokio::time::timeout(DEADLINE, self.ws.next())
                 .await
                 .expect("timed out waiting for the connection to close")
             {
-                Some(Ok(Message::Close(Some(frame)))) => {
-                    return Closed::Code(u16::from(frame.code))
+                Some(Ok(Message::Text(text))) => {
+                    frames.push(serde_json::from_str(&text).expect("a text frame is JSON"))
                 }
-                Some(Ok(Message::Close(None))) => return Closed::Code(1005),
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (frames, Closed::Code(u16::from(frame.code)))
+                }
+                Some(Ok(Message::Close(None))) => return (frames, Closed::Code(1005)),
                 Some(Ok(_)) => continue,
-                Some(Err(_)) | None => return Closed::NoCloseFrame,
+                Some(Err(_)) | None => return (frames, Closed::NoCloseFrame),
             }
         }
     }
