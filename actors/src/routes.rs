@@ -1,11 +1,13 @@
 //! The routing table: agent id → the outbox of the connection registered as it, read
 //! by every worker thread, written only by the registry.
 //!
-//! A message between agents goes from the sender's connection straight to the
-//! recipient's relay (`connection → relay → send`), without a hop through the registry's
-//! thread. The registry stays the one owner of every agent's lifecycle: it enters an
-//! agent here after it has sent the agent its registration answer (so whatever is routed
-//! to the agent comes after that answer, on the same relay), and removes it when it ends
+//! A message between agents goes from the sender's connection straight into the
+//! recipient's socket (`connection → send`, on the sender's thread), without a hop
+//! through the registry's thread or the recipient's. The registry stays the one owner of
+//! every agent's lifecycle: it enters an agent here after it has sent the agent its
+//! registration answer (so whatever is routed to the agent comes after that answer: a
+//! frame is written on the spot only once the answer is out, and follows it through the
+//! relay until then), and removes it when it ends
 //! the incarnation, before it tells the connection to close. A sender that was replaced or
 //! ended is no longer the entry of its id, and its messages are dropped, as the registry
 //! dropped them before.
@@ -33,7 +35,7 @@ const SCAN_EXCLUSIONS: usize = 8;
 const PARKED_BYTES: usize = 1 << 20;
 
 /// Where an agent's frames go.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Route {
     /// The connection registered as the agent.
     session_id: SessionId,
@@ -59,7 +61,7 @@ struct Parked {
 /// What became of a routed message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Routed {
-    /// Handed to the relays of this many recipients.
+    /// Handed to this many recipients.
     Sent(usize),
     /// The direct message's target is not registered (answer `unknown_agent`).
     UnknownTarget,
@@ -93,7 +95,6 @@ impl Routes {
         outbox: Outbox,
         answer: impl FnOnce(),
     ) {
-        let route = Route { session_id, outbox };
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
         answer();
         if let Some(parked) = self.expected().remove(&agent_id) {
@@ -101,6 +102,7 @@ impl Routes {
                 outbox.push(frame);
             }
         }
+        let route = Route { session_id, outbox };
         table.insert(agent_id, route);
     }
 
@@ -214,13 +216,13 @@ impl Routes {
     /// another node), or parks it while the id is expected; false if neither.
     pub fn deliver(&self, agent_id: &str, frame: OutFrame) -> bool {
         let table = self.read();
-        match table.get(agent_id) {
-            Some(route) => {
-                route.outbox.push(frame);
-                true
-            }
-            None => self.park(agent_id, frame),
-        }
+        let outbox = match table.get(agent_id) {
+            Some(route) => route.outbox.clone(),
+            None => return self.park(agent_id, frame),
+        };
+        drop(table); // The write may be a system call.
+        outbox.push(frame);
+        true
     }
 
     /// Hands `frame` to every agent of this node but those in `exclude` (a broadcast

@@ -6,9 +6,10 @@
 //! their header; it parses text frames into protocol messages ([`requests`]: system
 //! requests into a [`Command`](crate::protocol::Command) once), keeps the connection's liveness clock, answers what it can answer
 //! alone (pings, `list_mods`, `list_protocols`, `unregister_agent`), routes messages
-//! to other agents through the registry's [`Routes`] (straight to the recipients'
-//! relays) and forwards the rest to the registry. Frames from other actors are written by the thread's relay
-//! straight into the connection's [`outgoing`] half, with no message to the actor;
+//! to other agents through the registry's [`Routes`] (straight into the recipients'
+//! sockets) and forwards the rest to the registry. Frames from other actors are written
+//! by the sender's thread or by this thread's relay straight into the connection's
+//! [`outgoing`] half, with no message to the actor;
 //! only what the kernel refuses is queued, and the actor is woken then. An agent
 //! whose queue stays over `limits.max_pending_bytes` for `limits.slow_consumer_grace`
 //! (or exceeds `limits.max_message_queue_size` frames) is a slow consumer. After a close
@@ -26,7 +27,7 @@ pub use frames::{FrameReader, Received};
 use crate::clock::monotonic_ms;
 use crate::disconnect::Disconnect;
 use crate::liveness::{ConnectionClock, Liveness, SessionId};
-use crate::outbound::{Batches, OutFrame, Outbox, SinkRegistration};
+use crate::outbound::{Batches, FrameSink, OutFrame, Outbox};
 use crate::protocol::{self, ErrorCode};
 use crate::registry::{Connected, ConnectionEnded, ConnectionOrder, Registry};
 use crate::routes::Routes;
@@ -37,7 +38,6 @@ use bytes::BytesMut;
 use outgoing::{Attend, Outgoing};
 use serde_json::Value;
 use socket::{ReadOutcome, Readable, Socket};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -116,10 +116,9 @@ pub struct AgentConnection {
     routes: Arc<Routes>,
     settings: Arc<ConnectionSettings>,
     socket: Socket,
-    /// The writing half, shared with the thread's relay.
-    outgoing: Rc<Outgoing>,
-    /// The outgoing half's entry in the relay's table (removed when dropped).
-    sink: Option<SinkRegistration>,
+    /// The writing half, shared with the thread's relay and with whoever writes to
+    /// the agent (only this one is strong: others' outboxes end with the connection).
+    outgoing: Arc<Outgoing>,
     reader: FrameReader,
     clock: Arc<ConnectionClock>,
     state: RegistrationState,
@@ -169,7 +168,7 @@ impl AgentConnection {
         } = context.clone();
         open_sockets.fetch_add(1, Ordering::AcqRel);
         let reader = FrameReader::new(settings.limits.max_frame_bytes);
-        let io = Rc::new(stream);
+        let io = Arc::new(stream);
         let limits = &settings.limits;
         let requests = budget::budget(limits.max_requests_per_second, limits.request_burst);
         let ceiling = limits.max_pending_bytes.saturating_mul(2);
@@ -180,8 +179,7 @@ impl AgentConnection {
             registry,
             routes,
             socket: Socket::new(io, early),
-            outgoing: Rc::new(outgoing),
-            sink: None,
+            outgoing: Arc::new(outgoing),
             reader,
             settings,
             clock: Arc::new(ConnectionClock::starting_at(monotonic_ms())),
@@ -214,7 +212,6 @@ impl AgentConnection {
             self.outgoing.discard_pending();
         }
         self.closing = Closing::CloseFrameQueued;
-        self.outgoing.stop_accepting();
         let frame = OutFrame::close(disconnect.code, disconnect.reason.as_str());
         if let Err(error) = self.outgoing.write_close(frame.0) {
             return self.lost(ctx, error);
@@ -255,13 +252,12 @@ impl AgentConnection {
     /// After a write or flush: waits for the kernel if it refused bytes, judges the
     /// backlog, and sends FIN once a close frame is out.
     fn after_write(&mut self, ctx: &mut Context<Self>) {
-        let frames = self.outgoing.pending_frames();
+        // While a wait for write readiness is in flight, writers need not wake us.
+        let frames = self.outgoing.settle(self.awaiting_writable);
         self.clock.set_queued_frames(frames);
         if frames > 0 {
             self.await_writable(ctx);
         }
-        // While a wait for write readiness is in flight the relay need not wake us.
-        self.outgoing.set_watched(self.awaiting_writable);
         match self.closing {
             Closing::No => self.judge_backlog(ctx),
             Closing::CloseFrameQueued if frames == 0 => {
@@ -357,8 +353,8 @@ impl AgentConnection {
     }
 
     /// Handles the messages of one read. The messages they route to other agents go
-    /// out together at the end, one relay message per worker thread, so that several
-    /// for one agent reach its socket in one write.
+    /// out together at the end (a few written here, many in one relay message per
+    /// worker thread), so that several for one agent reach its socket in one write.
     fn on_all_received(&mut self, ctx: &mut Context<Self>, received: Vec<Received>) {
         let mut routed = Batches::default();
         for received in received {
@@ -428,8 +424,8 @@ impl Actor for AgentConnection {
         ctx.add_stream(Readable(self.socket.io()));
         let address = ctx.address();
         self.outgoing.set_owner(&address.clone().recipient());
-        let (outbox, sink) = Outbox::register(self.outgoing.clone());
-        self.sink = Some(sink);
+        let sink: Arc<dyn FrameSink> = self.outgoing.clone();
+        let outbox = Outbox::register(&sink);
         self.registry.do_send(Connected {
             session_id: self.session_id,
             orders: address.recipient(),

@@ -1,21 +1,22 @@
 //! The writing half of a connection: frames go straight to the kernel, and only what it
 //! refuses is queued.
 //!
-//! It is shared (an `Rc`) by the connection actor, which writes its own answers, and
-//! by its thread's relay, which writes what other actors send (routed messages,
-//! broadcasts, pings) without a message to the actor. When a write leaves bytes
-//! queued, or fails, the actor is asked to attend to it ([`Attend`]) unless it is already
-//! watching the backlog: waiting for write readiness and judging a slow consumer stay
-//! the actor's work.
+//! It is shared (an `Arc`) by the connection actor, which writes its own answers, by
+//! the relay of the connection's thread, and by any thread that sends the agent a few
+//! frames (a direct message from an agent on the other worker is written by that
+//! worker). Every write happens under one lock, so each writer's frames go out whole
+//! and in order. When a write for others leaves bytes queued, or fails, the actor is
+//! asked to attend to it ([`Attend`]) unless it is already watching the backlog:
+//! waiting for write readiness and judging a slow consumer stay the actor's work.
 
 use crate::outbound::{FrameSink, OutFrame};
 use actix::prelude::*;
 use actix::WeakRecipient;
 use bytes::{Buf, Bytes};
-use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use tokio::net::TcpStream;
 
 /// Asks the connection actor to look at its backlog (or at a failed write).
@@ -26,55 +27,68 @@ pub struct Attend {
     pub failure: Option<io::Error>,
 }
 
-/// Outbound frames (or the rest of one) the kernel has not taken yet.
-#[derive(Default)]
-struct Backlog {
+/// Outbound frames (or the rest of one) the kernel has not taken yet, and what
+/// changes with them.
+struct State {
     frames: VecDeque<Bytes>,
     bytes: usize,
     /// The front of `frames` is the rest of a frame the kernel took part of.
     front_started: bool,
+    /// False once the close frame is written or queued: nothing may follow it.
+    accepting: bool,
+    /// The actor will look at the backlog without being asked: an [`Attend`] is on its
+    /// way, or it waits for write readiness.
+    watched: bool,
+    /// A frame was dropped at the byte ceiling: the actor closes the connection.
+    overflowed: bool,
 }
 
 /// The writing half of one connection.
 pub struct Outgoing {
-    io: Rc<TcpStream>,
-    backlog: RefCell<Backlog>,
-    /// False once the close frame is written or queued: nothing may follow it.
-    accepting: Cell<bool>,
-    /// The actor will look at the backlog without being asked: an [`Attend`] is on its
-    /// way, or it waits for write readiness.
-    watched: Cell<bool>,
+    io: Arc<TcpStream>,
+    state: Mutex<State>,
+    /// Frames sent to the relay for this connection and not written yet: a frame
+    /// written on the spot must not overtake them.
+    relaying: AtomicUsize,
     /// Queued frames past which the actor is asked again even if it is watching (it
     /// closes a slow consumer that has more).
     frame_limit: usize,
     /// Queued bytes never exceed this (but for the rest of a frame already partly
     /// written): a frame that would is dropped and the agent is a slow consumer.
     byte_ceiling: usize,
-    /// A frame was dropped at the ceiling: the actor closes the connection.
-    overflowed: Cell<bool>,
-    /// The actor to ask for attention (weak: the relay's table must not keep it alive).
-    owner: OnceCell<WeakRecipient<Attend>>,
+    /// The actor to ask for attention (weak: the sink must not keep it alive).
+    owner: OnceLock<WeakRecipient<Attend>>,
 }
 
 impl Outgoing {
     /// The writing half of `io`, whose actor closes it past `frame_limit` queued
     /// frames or when a frame would take the queue past `byte_ceiling` bytes.
-    pub fn new(io: Rc<TcpStream>, frame_limit: usize, byte_ceiling: usize) -> Self {
+    pub fn new(io: Arc<TcpStream>, frame_limit: usize, byte_ceiling: usize) -> Self {
         Self {
             io,
-            backlog: RefCell::default(),
-            accepting: Cell::new(true),
-            watched: Cell::new(false),
+            state: Mutex::new(State {
+                frames: VecDeque::new(),
+                bytes: 0,
+                front_started: false,
+                accepting: true,
+                watched: false,
+                overflowed: false,
+            }),
+            relaying: AtomicUsize::new(0),
             frame_limit,
             byte_ceiling,
-            overflowed: Cell::new(false),
-            owner: OnceCell::new(),
+            owner: OnceLock::new(),
         }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Every change to the state is whole before anything that can panic.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether a frame was dropped at the byte ceiling.
     pub fn overflowed(&self) -> bool {
-        self.overflowed.get()
+        self.state().overflowed
     }
 
     /// Sets the actor that attends to the backlog.
@@ -82,33 +96,34 @@ impl Outgoing {
         let _ = self.owner.set(owner.downgrade());
     }
 
-    /// Stops accepting frames from others: the close frame is next.
-    pub fn stop_accepting(&self) {
-        self.accepting.set(false);
-    }
-
-    /// Whether the actor will look at the backlog without being asked.
-    pub fn set_watched(&self, watched: bool) {
-        self.watched.set(watched);
+    /// The frames still queued, after the actor wrote or flushed: unless there are some
+    /// or it waits for write readiness (`awaiting`), it stops watching, and the next
+    /// frame another thread leaves queued asks it to attend (under the lock that frame
+    /// is written with, so none can be left unwatched).
+    pub fn settle(&self, awaiting: bool) -> usize {
+        let mut state = self.state();
+        state.watched = awaiting || !state.frames.is_empty();
+        state.frames.len()
     }
 
     /// Writes `frame` now if nothing is queued before it; queues what the kernel does
     /// not take.
     pub fn write(&self, frame: Bytes) -> io::Result<()> {
-        self.write_bounded(frame, true)
+        self.write_locked(&mut self.state(), frame, true)
     }
 
-    /// Writes the close frame: like [`write`](Self::write), but never dropped at the
-    /// byte ceiling (it is a few bytes, and the last frame the connection writes).
+    /// Writes the close frame, after which no frame is accepted: like
+    /// [`write`](Self::write), but never dropped at the byte ceiling (it is a few
+    /// bytes, and the last frame the connection writes).
     pub fn write_close(&self, frame: Bytes) -> io::Result<()> {
-        self.write_bounded(frame, false)
+        let mut state = self.state();
+        state.accepting = false;
+        self.write_locked(&mut state, frame, false)
     }
 
-    fn write_bounded(&self, frame: Bytes, bounded: bool) -> io::Result<()> {
-        let mut guard = self.backlog.borrow_mut();
-        let backlog = &mut *guard;
-        if !backlog.frames.is_empty() {
-            self.queue(backlog, frame, bounded);
+    fn write_locked(&self, state: &mut State, frame: Bytes, bounded: bool) -> io::Result<()> {
+        if !state.frames.is_empty() {
+            self.queue(state, frame, bounded);
             return Ok(());
         }
         let written = match send(&self.io, &frame) {
@@ -117,18 +132,21 @@ impl Outgoing {
             Err(e) => return Err(e),
         };
         if written < frame.len() {
-            self.keep_rest(backlog, frame, written);
+            self.keep_rest(state, frame, written);
         }
         Ok(())
     }
 
     /// Writes `frames` in order, as [`write`](Self::write) would each, in one system
     /// call when nothing is queued before them.
+    #[cfg(test)]
     pub fn write_all(&self, frames: Vec<Bytes>) -> io::Result<()> {
-        let mut guard = self.backlog.borrow_mut();
-        let backlog = &mut *guard;
+        self.write_all_locked(&mut self.state(), frames)
+    }
+
+    fn write_all_locked(&self, state: &mut State, frames: Vec<Bytes>) -> io::Result<()> {
         let mut written = 0;
-        if backlog.frames.is_empty() {
+        if state.frames.is_empty() {
             let slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
             written = match send_vectored(&self.io, &slices) {
                 Ok(n) => n,
@@ -141,11 +159,11 @@ impl Outgoing {
         for frame in frames {
             if written >= frame.len() {
                 written -= frame.len();
-            } else if backlog.frames.is_empty() {
-                self.keep_rest(backlog, frame, written);
+            } else if state.frames.is_empty() {
+                self.keep_rest(state, frame, written);
                 written = 0;
             } else {
-                self.queue(backlog, frame, true);
+                self.queue(state, frame, true);
             }
         }
         Ok(())
@@ -153,74 +171,73 @@ impl Outgoing {
 
     /// Queues `frame` behind what is queued; a `bounded` one that would take the queue
     /// past the byte ceiling is dropped instead, and the agent is a slow consumer.
-    fn queue(&self, backlog: &mut Backlog, frame: Bytes, bounded: bool) {
-        if bounded && backlog.bytes + frame.len() > self.byte_ceiling {
-            self.overflowed.set(true);
+    fn queue(&self, state: &mut State, frame: Bytes, bounded: bool) {
+        if bounded && state.bytes + frame.len() > self.byte_ceiling {
+            state.overflowed = true;
             return;
         }
-        backlog.bytes += frame.len();
-        backlog.frames.push_back(frame);
+        state.bytes += frame.len();
+        state.frames.push_back(frame);
     }
 
     /// Queues what the kernel did not take of `frame` (`written` bytes it did), with
     /// nothing queued before it. The rest of a started frame is always kept: the stream
     /// must stay framed.
-    fn keep_rest(&self, backlog: &mut Backlog, frame: Bytes, written: usize) {
+    fn keep_rest(&self, state: &mut State, frame: Bytes, written: usize) {
         let rest = frame.slice(written..);
-        backlog.front_started = written > 0;
-        backlog.bytes += rest.len();
-        backlog.frames.push_back(rest);
-        if backlog.bytes > self.byte_ceiling {
-            self.overflowed.set(true);
+        state.front_started = written > 0;
+        state.bytes += rest.len();
+        state.frames.push_back(rest);
+        if state.bytes > self.byte_ceiling {
+            state.overflowed = true;
         }
     }
 
     /// Writes what is queued until the kernel refuses or the queue is empty.
     pub fn flush(&self) -> io::Result<()> {
-        let mut guard = self.backlog.borrow_mut();
-        let backlog = &mut *guard;
-        while let Some(front) = backlog.frames.front_mut() {
+        let mut state = self.state();
+        let state = &mut *state;
+        while let Some(front) = state.frames.front_mut() {
             let written = match send(&self.io, front) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             };
-            backlog.bytes -= written;
+            state.bytes -= written;
             if written == front.len() {
-                backlog.frames.pop_front();
-                backlog.front_started = false;
+                state.frames.pop_front();
+                state.front_started = false;
             } else {
                 front.advance(written);
-                backlog.front_started |= written > 0;
+                state.front_started |= written > 0;
                 return Ok(());
             }
         }
-        backlog.frames.shrink_to(0);
+        state.frames.shrink_to(0);
         Ok(())
     }
 
     /// Drops the queued frames (a slow consumer's backlog), but for the rest of a
     /// frame already partly written: the stream must stay well framed.
     pub fn discard_pending(&self) {
-        let mut guard = self.backlog.borrow_mut();
-        let backlog = &mut *guard;
-        let keep = if backlog.front_started {
-            backlog.frames.pop_front()
+        let mut state = self.state();
+        let keep = if state.front_started {
+            state.frames.pop_front()
         } else {
             None
         };
-        backlog.frames = keep.into_iter().collect();
-        backlog.bytes = backlog.frames.iter().map(Bytes::len).sum();
+        state.frames = keep.into_iter().collect();
+        state.bytes = state.frames.iter().map(Bytes::len).sum();
     }
 
     /// Frames (or parts of one) the kernel has not taken.
     pub fn pending_frames(&self) -> usize {
-        self.backlog.borrow().frames.len()
+        self.state().frames.len()
     }
 
     /// Bytes the kernel has not taken.
     pub fn pending_bytes(&self) -> usize {
-        self.backlog.borrow().bytes
+        self.state().bytes
     }
 
     /// Sends FIN: the agent reads everything written so far, then the end of stream.
@@ -228,49 +245,72 @@ impl Outgoing {
         let _ = socket2::SockRef::from(&*self.io).shutdown(std::net::Shutdown::Write);
     }
 
-    /// After a write for others, with `queued_before` frames queued before it: asks the
-    /// actor to attend to what the kernel refused, or to a failed write.
-    fn after_delivery(&self, written: io::Result<()>, queued_before: usize) {
-        match written {
-            Ok(()) if self.pending_frames() == 0 => {}
-            Ok(()) => self.ask_attention(None, queued_before),
-            Err(error) => {
-                self.accepting.set(false);
-                self.ask_attention(Some(error), queued_before);
-            }
+    /// Writes frames for others (dropped once the close frame is out), and says
+    /// whether the actor must be asked to attend: to what the kernel refused, unless it
+    /// is watching already and nothing new needs it (no failure, and the queue did not
+    /// just pass `frame_limit`, however many frames took it past, or the byte ceiling);
+    /// or to a failed write.
+    fn write_for_others(&self, state: &mut State, frames: Vec<OutFrame>) -> Option<Attend> {
+        if !state.accepting {
+            return None;
         }
+        let queued_before = state.frames.len();
+        let written = match <[OutFrame; 1]>::try_from(frames) {
+            Ok([frame]) => self.write_locked(state, frame.0, true),
+            Err(frames) => {
+                let frames = frames.into_iter().map(|frame| frame.0).collect();
+                self.write_all_locked(state, frames)
+            }
+        };
+        let failure = match written {
+            Ok(()) if state.frames.is_empty() => return None,
+            Ok(()) => None,
+            Err(error) => {
+                state.accepting = false;
+                Some(error)
+            }
+        };
+        let queued = state.frames.len();
+        let passed_limit = queued_before <= self.frame_limit && queued > self.frame_limit;
+        let news = failure.is_some() || passed_limit || state.overflowed;
+        if std::mem::replace(&mut state.watched, true) && !news {
+            return None;
+        }
+        Some(Attend { failure })
     }
 
-    /// Asks the actor to attend, unless it is watching already and nothing new needs
-    /// it: no failure, and the queue did not just pass `frame_limit` (however many
-    /// frames took it past) or the byte ceiling.
-    fn ask_attention(&self, failure: Option<io::Error>, queued_before: usize) {
-        let passed_limit =
-            queued_before <= self.frame_limit && self.pending_frames() > self.frame_limit;
-        let over_limit = passed_limit || self.overflowed();
-        if self.watched.replace(true) && failure.is_none() && !over_limit {
-            return;
-        }
-        if let Some(owner) = self.owner.get().and_then(|owner| owner.upgrade()) {
-            owner.do_send(Attend { failure });
+    /// Asks the actor to attend (called with the lock released).
+    fn ask(&self, attend: Option<Attend>) {
+        let Some(attend) = attend else { return };
+        if let Some(owner) = self.owner.get().and_then(WeakRecipient::upgrade) {
+            owner.do_send(attend);
         }
     }
 }
 
 impl FrameSink for Outgoing {
-    fn deliver(&self, frame: OutFrame) {
-        if self.accepting.get() {
-            let queued_before = self.pending_frames();
-            self.after_delivery(self.write(frame.0), queued_before);
+    fn write_unless_relaying(&self, frames: Vec<OutFrame>) -> Option<Vec<OutFrame>> {
+        let mut state = self.state();
+        if self.relaying.load(Ordering::Acquire) > 0 {
+            return Some(frames);
         }
+        let attend = self.write_for_others(&mut state, frames);
+        drop(state);
+        self.ask(attend);
+        None
     }
 
-    fn deliver_all(&self, frames: Vec<OutFrame>) {
-        if self.accepting.get() {
-            let queued_before = self.pending_frames();
-            let frames = frames.into_iter().map(|frame| frame.0).collect();
-            self.after_delivery(self.write_all(frames), queued_before);
-        }
+    fn relaying(&self, count: usize) {
+        self.relaying.fetch_add(count, Ordering::AcqRel);
+    }
+
+    fn write_relayed(&self, frames: Vec<OutFrame>) {
+        let count = frames.len();
+        let mut state = self.state();
+        let attend = self.write_for_others(&mut state, frames);
+        self.relaying.fetch_sub(count, Ordering::AcqRel);
+        drop(state);
+        self.ask(attend);
     }
 }
 
@@ -301,7 +341,7 @@ mod tests {
     use super::*;
 
     /// A connected pair whose far end never reads (its buffers stay small).
-    async fn unread_pair() -> (Rc<TcpStream>, TcpStream) {
+    async fn unread_pair() -> (Arc<TcpStream>, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let far = TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -313,7 +353,7 @@ mod tests {
         socket2::SockRef::from(&far)
             .set_recv_buffer_size(4096)
             .unwrap();
-        (Rc::new(near), far)
+        (Arc::new(near), far)
     }
 
     #[actix::test]
@@ -426,9 +466,9 @@ mod tests {
         assert_eq!(outgoing.pending_frames(), 1);
         // The actor already waits for write readiness; five more frames at once take
         // the queue from 1 past the limit of 2 without ever holding exactly 3.
-        outgoing.set_watched(true);
+        assert_eq!(outgoing.settle(true), 1);
         let frames = numbered_frames(5).into_iter().map(OutFrame).collect();
-        outgoing.deliver_all(frames);
+        assert!(outgoing.write_unless_relaying(frames).is_none());
         assert_eq!(outgoing.pending_frames(), 6);
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         while attended.load(std::sync::atomic::Ordering::SeqCst) == 0 {
@@ -453,5 +493,78 @@ mod tests {
         outgoing.discard_pending();
         assert_eq!(outgoing.pending_frames(), 1);
         assert_eq!(outgoing.pending_bytes(), started);
+    }
+
+    #[actix::test]
+    async fn a_frame_is_not_written_on_the_spot_while_frames_are_on_their_way_through_the_relay() {
+        let (io, _far) = unread_pair().await;
+        let outgoing = Outgoing::new(io, 100, usize::MAX);
+        outgoing.relaying(1);
+        let handed_back = outgoing.write_unless_relaying(vec![OutFrame::text("routed")]);
+        assert_eq!(handed_back, Some(vec![OutFrame::text("routed")]));
+        outgoing.write_relayed(vec![OutFrame::text("answer")]);
+        assert_eq!(
+            outgoing.write_unless_relaying(vec![OutFrame::text("x")]),
+            None
+        );
+    }
+
+    #[actix::test]
+    async fn frames_written_from_many_threads_at_once_arrive_whole_and_in_each_writers_order() {
+        use actix_codec::Decoder;
+        use actix_http::ws::{Codec, Frame};
+        const WRITERS: usize = 4;
+        const EACH: usize = 2_000;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut far = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (near, _) = listener.accept().await.unwrap();
+        let outgoing = Arc::new(Outgoing::new(Arc::new(near), usize::MAX, usize::MAX));
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|writer| {
+                let outgoing = outgoing.clone();
+                std::thread::spawn(move || {
+                    for n in 0..EACH {
+                        // Frames of different sizes, so that the kernel takes parts.
+                        let text = format!("{writer} {n} {}", "x".repeat(n % 700));
+                        let frames = vec![OutFrame::text(&text)];
+                        assert!(outgoing.write_unless_relaying(frames).is_none());
+                    }
+                })
+            })
+            .collect();
+        let reader = tokio::spawn(async move {
+            let (mut buf, mut codec) = (bytes::BytesMut::new(), Codec::new().client_mode());
+            let mut next = [0; WRITERS];
+            while next.iter().sum::<usize>() < WRITERS * EACH {
+                let n = tokio::io::AsyncReadExt::read_buf(&mut far, &mut buf)
+                    .await
+                    .unwrap();
+                assert!(n > 0, "the stream ended early");
+                while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                    let Frame::Text(text) = frame else {
+                        panic!("not a text frame: {frame:?}")
+                    };
+                    let text = std::str::from_utf8(&text).unwrap();
+                    let mut words = text.split(' ');
+                    let writer: usize = words.next().unwrap().parse().unwrap();
+                    let n: usize = words.next().unwrap().parse().unwrap();
+                    assert_eq!(n, next[writer], "writer {writer}'s frames out of order");
+                    next[writer] += 1;
+                }
+            }
+        });
+        while !writers.iter().all(std::thread::JoinHandle::is_finished)
+            || outgoing.pending_frames() > 0
+        {
+            // Nobody attends in this test: flush what the kernel refused.
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            outgoing.flush().unwrap();
+        }
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        reader.await.unwrap();
     }
 }

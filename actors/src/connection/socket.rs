@@ -11,7 +11,7 @@ use futures_util::Stream;
 use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
-use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::net::TcpStream;
 
@@ -25,7 +25,7 @@ thread_local! {
 
 /// Yields each time the stream becomes readable (tokio clears readiness only when a
 /// read would block, so the owner reads until then).
-pub struct Readable(pub Rc<TcpStream>);
+pub struct Readable(pub Arc<TcpStream>);
 
 impl Stream for Readable {
     type Item = io::Result<()>;
@@ -51,19 +51,19 @@ pub enum ReadOutcome {
 
 /// The stream and the inbound bytes owned by one connection.
 pub struct Socket {
-    io: Rc<TcpStream>,
+    io: Arc<TcpStream>,
     /// Bytes of a partial inbound frame (empty, without capacity, otherwise).
     partial: BytesMut,
 }
 
 impl Socket {
     /// Wraps an upgraded stream; `early` holds bytes read with the upgrade request.
-    pub fn new(io: Rc<TcpStream>, early: BytesMut) -> Self {
+    pub fn new(io: Arc<TcpStream>, early: BytesMut) -> Self {
         Self { io, partial: early }
     }
 
     /// The stream, for readiness.
-    pub fn io(&self) -> Rc<TcpStream> {
+    pub fn io(&self) -> Arc<TcpStream> {
         self.io.clone()
     }
 

@@ -1,28 +1,30 @@
 //! What other actors send an agent: WebSocket frames encoded once, written into the
-//! agent's connection by the relay of the connection's thread ([`relay`]).
+//! agent's socket by whoever sends them, or by the relay of the connection's thread
+//! ([`relay`]).
 //!
 //! Server frames are unmasked, so one encoded frame (a [`Bytes`]) serves every
 //! recipient of a broadcast without a copy. Producers never wait and never see a full
-//! queue: the connection writes each frame straight to its socket and queues only what
-//! the kernel refused; whether the agent reads too slowly is the connection's decision
+//! queue: a frame is written straight to the socket and only what the kernel refused is
+//! queued; whether the agent reads too slowly is the connection's decision
 //! (PROTOCOL.md §6), not the producer's.
 //!
-//! Every frame for an agent goes through its [`Outbox`] to the [`relay::Relay`] of the
-//! connection's thread, so what one producer sends one agent arrives in the order sent.
-//! A producer that sends many frames at once (the heartbeat's pings of a tick, the
-//! messages an agent sent in one read, a broadcast's copies among them) groups them in
-//! [`Batches`]: one message per thread, whose relay writes every frame into its
-//! connection's sink in one pass, with no message per frame, and frames in a row for one
-//! connection in one system call.
+//! A few frames (a direct message, an answer) are written by the sending thread itself,
+//! into the socket of a connection that may run on another worker: no message, no wake
+//! of that worker. Many at once (a broadcast's copies, the heartbeat's pings of a tick)
+//! are grouped in [`Batches`] by the thread their connections run on, and each group
+//! goes to that thread's relay in one message, so the workers write them in parallel.
+//! What one producer sends one agent still arrives in the order sent: a sink counts the
+//! frames on their way through its relay, and a frame for it is written on the spot
+//! only when none are (otherwise it follows them through the relay).
 
 pub mod relay;
 
-pub use relay::{Delivery, FrameSink, SinkKey, SinkRegistration};
+pub use relay::{Delivery, FrameSink};
 
 use actix::prelude::*;
 use actix_http::ws::{CloseCode, CloseReason, OpCode, Parser};
 use bytes::{Bytes, BytesMut};
-use std::rc::Rc;
+use std::sync::{Arc, Weak};
 
 /// One encoded WebSocket frame for an agent.
 #[derive(Message, Debug, Clone, PartialEq, Eq)]
@@ -68,65 +70,92 @@ fn encode(payload: &[u8], opcode: OpCode) -> Bytes {
     buf.freeze()
 }
 
+/// Groups of at most this many frames for one thread are written by the sending
+/// thread itself; larger ones go to the thread's relay, so the workers share them.
+const WRITE_HERE_AT_MOST: usize = 8;
+
 /// Frames for many agents, grouped by the thread their connections run on (a list, not
 /// a map: there are as many threads as workers, a handful).
 #[derive(Default)]
 pub struct Batches {
-    by_relay: Vec<(u32, Vec<(SinkKey, Delivery)>)>,
+    by_relay: Vec<(u32, Vec<relay::Addressed>)>,
 }
 
 impl Batches {
-    /// Adds a frame for the agent behind `outbox`.
+    /// Adds a frame for the agent behind `outbox` (nothing if its connection has ended).
     pub fn push(&mut self, outbox: &Outbox, frame: OutFrame) {
-        let delivery = (outbox.sink, Delivery::Frame(frame));
+        let Some(sink) = outbox.sink.upgrade() else {
+            return;
+        };
+        let delivery = (sink, Delivery::Frame(frame));
         match self.by_relay.iter_mut().find(|(id, _)| *id == outbox.relay) {
             Some((_, frames)) => frames.push(delivery),
             None => self.by_relay.push((outbox.relay, vec![delivery])),
         }
     }
 
-    /// Sends every group to its thread: one message each.
+    /// Writes small groups here and sends each large one to its thread's relay (one
+    /// message each, sent before this thread writes anything, so that the other
+    /// workers start at once).
     pub fn send(self) {
+        let mut here = Vec::new();
         for (id, frames) in self.by_relay {
-            relay::send_to_relay(id, relay::Deliveries(frames));
+            if frames.len() <= WRITE_HERE_AT_MOST {
+                here.push((id, frames));
+            } else {
+                relay::send_to_relay(id, frames);
+            }
+        }
+        for (id, frames) in here {
+            relay::write_here(id, frames);
         }
     }
 }
 
-/// Where an agent's frames go: the sink of its connection, on the connection's thread.
-/// Twelve bytes, `Copy`, valid on any thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where an agent's frames go: the sink of its connection, and the relay of the thread
+/// the connection runs on. Valid on any thread; once the connection has ended, frames
+/// sent to it are dropped.
+#[derive(Clone)]
 pub struct Outbox {
     /// The relay of the connection's thread.
     relay: u32,
-    sink: SinkKey,
+    sink: Weak<dyn FrameSink>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("relay", &self.relay)
+            .finish()
+    }
 }
 
 impl Outbox {
-    /// Enters `sink` in this thread's table: the outbox, and the registration whose drop
-    /// ends it (frames sent after that are dropped).
-    pub fn register(sink: Rc<dyn FrameSink>) -> (Self, SinkRegistration) {
-        let (registration, relay) = SinkRegistration::new(sink);
-        let outbox = Self {
-            relay,
-            sink: registration.key(),
-        };
-        (outbox, registration)
+    /// The outbox of `sink`, whose connection runs on this thread (its relay is started
+    /// if needed). The outbox does not keep the sink alive.
+    pub fn register(sink: &Arc<dyn FrameSink>) -> Self {
+        Self {
+            relay: relay::this_thread_relay(),
+            sink: Arc::downgrade(sink),
+        }
     }
 
     /// An outbox whose frames are sent to `recipient` as messages, for as long as this
     /// thread runs (tests' stand-in for a connection; [`relay::delivered`] waits until
-    /// what was sent has been handed over).
+    /// what was sent through the relay has been handed over).
     #[cfg(test)]
     pub fn forwarding_to(recipient: Recipient<OutFrame>) -> Self {
-        let (outbox, registration) = Self::register(Rc::new(recipient));
-        std::mem::forget(registration);
+        let sink: Arc<dyn FrameSink> = Arc::new(relay::Forwarding::new(recipient));
+        let outbox = Self::register(&sink);
+        std::mem::forget(sink);
         outbox
     }
 
     /// Sends a frame without waiting; dropped if the connection has ended.
     pub fn push(&self, frame: OutFrame) {
-        self.relay_one(Delivery::Frame(frame));
+        if let Some(sink) = self.sink.upgrade() {
+            relay::write_here(self.relay, vec![(sink, Delivery::Frame(frame))]);
+        }
     }
 
     /// Sends `order` to `recipient` (the connection actor) once every frame pushed
@@ -139,28 +168,20 @@ impl Outbox {
         M: Message + Send + 'static,
         M::Result: Send,
     {
+        let Some(sink) = self.sink.upgrade() else {
+            return;
+        };
         let recipient = recipient.clone();
         let order = Delivery::Then(Box::new(move || recipient.do_send(order)));
         let mut deliveries = Vec::with_capacity(2);
-        deliveries.extend(frame.map(|frame| (self.sink, Delivery::Frame(frame))));
-        deliveries.push((self.sink, order));
-        relay::send_to_relay(self.relay, relay::Deliveries(deliveries));
-    }
-
-    fn relay_one(&self, delivery: Delivery) {
-        relay::send_to_relay(self.relay, relay::Deliveries(vec![(self.sink, delivery)]));
+        deliveries.extend(frame.map(|frame| (sink.clone(), Delivery::Frame(frame))));
+        deliveries.push((sink, order));
+        relay::send_to_relay(self.relay, deliveries);
     }
 
     /// Sends `value` as a text frame.
     pub fn push_json(&self, value: &serde_json::Value) {
         self.push(OutFrame::json(value));
-    }
-}
-
-#[cfg(test)]
-impl FrameSink for Recipient<OutFrame> {
-    fn deliver(&self, frame: OutFrame) {
-        self.do_send(frame);
     }
 }
 

@@ -342,7 +342,7 @@ impl Registry {
         // response on another thread before this one gets to the table).
         let registered = ConnectionOrder::Registered(agent_id.clone());
         self.routes
-            .enter_after(agent_id.clone(), session_id, socket.outbox, || {
+            .enter_after(agent_id.clone(), session_id, socket.outbox.clone(), || {
                 socket.answer_then(&response, registered)
             });
         let mut entry = AgentEntry {
@@ -365,7 +365,7 @@ impl Registry {
             session_id,
             agent_id: agent_id.clone(),
             clock: entry.clock.clone(),
-            outbox: socket.outbox,
+            outbox: socket.outbox.clone(),
         });
         let metadata = entry.metadata.clone();
         let payload = AgentEvent::Registered {

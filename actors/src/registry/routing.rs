@@ -152,7 +152,7 @@ impl Registry {
     /// Answers `msg` on its connection, if it is still there to read it.
     fn answer_on_socket(&mut self, msg: &SystemRequest) {
         let outbox = match self.sockets.get(&msg.session_id) {
-            Some(socket) if socket.orders.connected() => socket.outbox,
+            Some(socket) if socket.orders.connected() => socket.outbox.clone(),
             _ => return, // Nobody to answer: do not build what nobody reads.
         };
         outbox.push_json(&self.answer(msg.session_id, &msg.request));
