@@ -46,6 +46,8 @@ struct State {
 /// The writing half of one connection.
 pub struct Outgoing {
     io: Arc<TcpStream>,
+    /// The relay of the thread the connection runs on (the one it is made on).
+    relay: u32,
     state: Mutex<State>,
     /// Frames sent to the relay for this connection and not written yet: a frame
     /// written on the spot must not overtake them.
@@ -61,11 +63,13 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    /// The writing half of `io`, whose actor closes it past `frame_limit` queued
-    /// frames or when a frame would take the queue past `byte_ceiling` bytes.
+    /// The writing half of `io`, whose actor runs on this thread and closes it past
+    /// `frame_limit` queued frames or when a frame would take the queue past
+    /// `byte_ceiling` bytes.
     pub fn new(io: Arc<TcpStream>, frame_limit: usize, byte_ceiling: usize) -> Self {
         Self {
             io,
+            relay: crate::outbound::relay::this_thread_relay(),
             state: Mutex::new(State {
                 frames: VecDeque::new(),
                 bytes: 0,
@@ -289,6 +293,10 @@ impl Outgoing {
 }
 
 impl FrameSink for Outgoing {
+    fn relay(&self) -> u32 {
+        self.relay
+    }
+
     fn write_unless_relaying(&self, frames: Vec<OutFrame>) -> Option<Vec<OutFrame>> {
         let mut state = self.state();
         if self.relaying.load(Ordering::Acquire) > 0 {

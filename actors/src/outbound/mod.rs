@@ -87,10 +87,11 @@ impl Batches {
         let Some(sink) = outbox.sink.upgrade() else {
             return;
         };
+        let relay = sink.relay();
         let delivery = (sink, Delivery::Frame(frame));
-        match self.by_relay.iter_mut().find(|(id, _)| *id == outbox.relay) {
+        match self.by_relay.iter_mut().find(|(id, _)| *id == relay) {
             Some((_, frames)) => frames.push(delivery),
-            None => self.by_relay.push((outbox.relay, vec![delivery])),
+            None => self.by_relay.push((relay, vec![delivery])),
         }
     }
 
@@ -112,30 +113,24 @@ impl Batches {
     }
 }
 
-/// Where an agent's frames go: the sink of its connection, and the relay of the thread
-/// the connection runs on. Valid on any thread; once the connection has ended, frames
-/// sent to it are dropped.
+/// Where an agent's frames go: the sink of its connection (which knows the relay of
+/// the thread the connection runs on). Sixteen bytes, valid on any thread; once the
+/// connection has ended, frames sent to it are dropped.
 #[derive(Clone)]
 pub struct Outbox {
-    /// The relay of the connection's thread.
-    relay: u32,
     sink: Weak<dyn FrameSink>,
 }
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Outbox")
-            .field("relay", &self.relay)
-            .finish()
+        f.debug_struct("Outbox").finish_non_exhaustive()
     }
 }
 
 impl Outbox {
-    /// The outbox of `sink`, whose connection runs on this thread (its relay is started
-    /// if needed). The outbox does not keep the sink alive.
+    /// The outbox of `sink`; it does not keep the sink alive.
     pub fn register(sink: &Arc<dyn FrameSink>) -> Self {
         Self {
-            relay: relay::this_thread_relay(),
             sink: Arc::downgrade(sink),
         }
     }
@@ -154,7 +149,7 @@ impl Outbox {
     /// Sends a frame without waiting; dropped if the connection has ended.
     pub fn push(&self, frame: OutFrame) {
         if let Some(sink) = self.sink.upgrade() {
-            relay::write_here(self.relay, vec![(sink, Delivery::Frame(frame))]);
+            relay::write_here(sink.relay(), vec![(sink, Delivery::Frame(frame))]);
         }
     }
 
@@ -171,12 +166,13 @@ impl Outbox {
         let Some(sink) = self.sink.upgrade() else {
             return;
         };
+        let relay = sink.relay();
         let recipient = recipient.clone();
         let order = Delivery::Then(Box::new(move || recipient.do_send(order)));
         let mut deliveries = Vec::with_capacity(2);
         deliveries.extend(frame.map(|frame| (sink.clone(), Delivery::Frame(frame))));
         deliveries.push((sink, order));
-        relay::send_to_relay(self.relay, deliveries);
+        relay::send_to_relay(relay, deliveries);
     }
 
     /// Sends `value` as a text frame.

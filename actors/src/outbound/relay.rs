@@ -20,6 +20,9 @@ use std::sync::{Arc, RwLock};
 /// keeps the frames of one writer in order and counts those on their way through the
 /// relay of its connection's thread.
 pub trait FrameSink: Send + Sync {
+    /// The number of the relay of the thread the connection runs on.
+    fn relay(&self) -> u32;
+
     /// Writes `frames` now, in order, on the calling thread, unless frames counted by
     /// [`relaying`](Self::relaying) are not written yet: then hands them back (they must
     /// follow those through the relay). Drops them if the connection is closing.
@@ -124,8 +127,9 @@ thread_local! {
     static THIS_THREAD_RELAY: OnceCell<(u32, Addr<Relay>)> = const { OnceCell::new() };
 }
 
-/// The number of this thread's relay, started on first use.
-pub(super) fn this_thread_relay() -> u32 {
+/// The number of this thread's relay, started on first use (a sink made on this
+/// thread has it as its [`FrameSink::relay`]).
+pub fn this_thread_relay() -> u32 {
     this_thread_relay_addr().0
 }
 
@@ -185,6 +189,7 @@ pub async fn delivered() {
 /// Tests' stand-in for a connection's sink: forwards each frame to an actor.
 #[cfg(test)]
 pub(super) struct Forwarding {
+    relay: u32,
     recipient: Recipient<OutFrame>,
     /// Frames on their way through the relay; checked and changed under the lock.
     relaying: std::sync::Mutex<usize>,
@@ -194,6 +199,7 @@ pub(super) struct Forwarding {
 impl Forwarding {
     pub(super) fn new(recipient: Recipient<OutFrame>) -> Self {
         Self {
+            relay: this_thread_relay(),
             recipient,
             relaying: std::sync::Mutex::new(0),
         }
@@ -202,6 +208,10 @@ impl Forwarding {
 
 #[cfg(test)]
 impl FrameSink for Forwarding {
+    fn relay(&self) -> u32 {
+        self.relay
+    }
+
     fn write_unless_relaying(&self, frames: Vec<OutFrame>) -> Option<Vec<OutFrame>> {
         let relaying = self.relaying.lock().unwrap();
         if *relaying > 0 {
@@ -231,8 +241,8 @@ mod tests {
 
     /// A sink that keeps what it is given, how many frames each hand-over held, and
     /// counts frames on their way through the relay as a connection's sink does.
-    #[derive(Default)]
     struct Recording {
+        relay: u32,
         frames: Arc<Mutex<Vec<OutFrame>>>,
         hand_overs: Mutex<Vec<usize>>,
         relaying: Mutex<usize>,
@@ -250,6 +260,10 @@ mod tests {
     }
 
     impl FrameSink for Recording {
+        fn relay(&self) -> u32 {
+            self.relay
+        }
+
         fn write_unless_relaying(&self, frames: Vec<OutFrame>) -> Option<Vec<OutFrame>> {
             let relaying = self.relaying.lock().unwrap();
             if *relaying > 0 {
@@ -271,7 +285,12 @@ mod tests {
     }
 
     fn registered() -> (Arc<Recording>, Outbox, Arc<dyn FrameSink>) {
-        let sink = Arc::new(Recording::default());
+        let sink = Arc::new(Recording {
+            relay: this_thread_relay(),
+            frames: Arc::default(),
+            hand_overs: Mutex::default(),
+            relaying: Mutex::default(),
+        });
         let as_sink: Arc<dyn FrameSink> = sink.clone();
         let outbox = Outbox::register(&as_sink);
         (sink, outbox, as_sink)
