@@ -128,6 +128,47 @@ async fn a_broadcast_reaches_everyone_but_the_sender_and_the_excluded() {
 }
 
 #[tokio::test]
+async fn one_senders_broadcasts_and_direct_messages_reach_each_agent_in_the_order_sent() {
+    // A broadcast to 400 agents goes through each worker's relay, which writes ~200
+    // copies; the direct messages sent after it, read separately, are written by the
+    // sender's own worker into the recipients' sockets. Each must still come after the
+    // broadcast, even for a recipient whose copy the relay has not written yet.
+    let server = TestServer::start(&[
+        ("TETHER__LIMITS__MAX_BROADCAST_COPIES_PER_SECOND", "1000000"),
+        ("TETHER__LIMITS__BROADCAST_COPY_BURST", "1000000"),
+    ]);
+    let url = server.ws_url();
+    let (mut sender, _) = Agent::register(&url, "sender").await;
+    let mut agents = Vec::new();
+    for i in 0..400 {
+        agents.push(Agent::register(&url, &format!("agent-{i}")).await.0);
+    }
+    const ROUNDS: u64 = 20;
+    const WATCHED: usize = 20;
+    let answered_by_the_connection = json!({"type":"system_request","command":"list_protocols"});
+    for n in 0..ROUNDS {
+        sender.send(broadcast(&[], json!([n, "broadcast"]))).await;
+        // Its answer comes after the broadcast was handed out: the direct messages
+        // below are read after that, not with the broadcast.
+        sender.send(answered_by_the_connection.clone()).await;
+        sender.wait_for(|f| f["command"] == "list_protocols").await;
+        for i in 0..WATCHED {
+            sender
+                .send(direct(&format!("agent-{i}"), json!([n, "direct"])))
+                .await;
+        }
+    }
+    for (i, agent) in agents.iter_mut().take(WATCHED).enumerate() {
+        for n in 0..ROUNDS {
+            for kind in ["broadcast", "direct"] {
+                let got = agent.wait_for(is_message).await;
+                assert_eq!(got["data"]["content"], json!([n, kind]), "agent-{i}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_message_to_an_unknown_agent_gets_unknown_agent_with_its_message_id() {
     let server = TestServer::start(&[]);
     let (mut alice, _) = Agent::register(&server.ws_url(), "alice").await;
