@@ -140,7 +140,7 @@ impl Outbox {
     /// what was sent through the relay has been handed over).
     #[cfg(test)]
     pub fn forwarding_to(recipient: Recipient<OutFrame>) -> Self {
-        let sink: Arc<dyn FrameSink> = Arc::new(relay::Forwarding::new(recipient));
+        let sink: Arc<dyn FrameSink> = Arc::new(relay::TestSink::forwarding_to(recipient));
         let outbox = Self::register(&sink);
         std::mem::forget(sink);
         outbox

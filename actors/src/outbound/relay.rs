@@ -186,28 +186,35 @@ pub async fn delivered() {
     let _ = relay.send(Barrier).await;
 }
 
-/// Tests' stand-in for a connection's sink: forwards each frame to an actor.
+/// Tests' stand-in for a connection's sink: hands each write to `keep`, and counts the
+/// frames on their way through the relay as a connection's sink does.
 #[cfg(test)]
-pub(super) struct Forwarding {
+pub(super) struct TestSink {
     relay: u32,
-    recipient: Recipient<OutFrame>,
     /// Frames on their way through the relay; checked and changed under the lock.
     relaying: std::sync::Mutex<usize>,
+    keep: Box<dyn Fn(Vec<OutFrame>) + Send + Sync>,
 }
 
 #[cfg(test)]
-impl Forwarding {
-    pub(super) fn new(recipient: Recipient<OutFrame>) -> Self {
+impl TestSink {
+    /// A sink on this thread whose writes go to `keep`.
+    pub(super) fn new(keep: impl Fn(Vec<OutFrame>) + Send + Sync + 'static) -> Self {
         Self {
             relay: this_thread_relay(),
-            recipient,
             relaying: std::sync::Mutex::new(0),
+            keep: Box::new(keep),
         }
+    }
+
+    /// A sink that sends each frame to `recipient` as a message.
+    pub(super) fn forwarding_to(recipient: Recipient<OutFrame>) -> Self {
+        Self::new(move |frames| frames.into_iter().for_each(|f| recipient.do_send(f)))
     }
 }
 
 #[cfg(test)]
-impl FrameSink for Forwarding {
+impl FrameSink for TestSink {
     fn relay(&self) -> u32 {
         self.relay
     }
@@ -217,8 +224,7 @@ impl FrameSink for Forwarding {
         if *relaying > 0 {
             return Some(frames);
         }
-        frames.into_iter().for_each(|f| self.recipient.do_send(f));
-        drop(relaying);
+        (self.keep)(frames);
         None
     }
 
@@ -229,7 +235,7 @@ impl FrameSink for Forwarding {
     fn write_relayed(&self, frames: Vec<OutFrame>) {
         let mut relaying = self.relaying.lock().unwrap();
         *relaying -= frames.len();
-        frames.into_iter().for_each(|f| self.recipient.do_send(f));
+        (self.keep)(frames);
     }
 }
 
@@ -239,61 +245,30 @@ mod tests {
     use crate::outbound::{Batches, Outbox, WRITE_HERE_AT_MOST};
     use std::sync::Mutex;
 
-    /// A sink that keeps what it is given, how many frames each hand-over held, and
-    /// counts frames on their way through the relay as a connection's sink does.
+    /// What a test sink was given, and how many frames each hand-over held.
+    #[derive(Clone, Default)]
     struct Recording {
-        relay: u32,
         frames: Arc<Mutex<Vec<OutFrame>>>,
-        hand_overs: Mutex<Vec<usize>>,
-        relaying: Mutex<usize>,
+        hand_overs: Arc<Mutex<Vec<usize>>>,
     }
 
     impl Recording {
-        fn keep(&self, frames: Vec<OutFrame>) {
-            self.hand_overs.lock().unwrap().push(frames.len());
-            self.frames.lock().unwrap().extend(frames);
-        }
-
         fn texts(&self) -> Vec<OutFrame> {
             self.frames.lock().unwrap().clone()
         }
     }
 
-    impl FrameSink for Recording {
-        fn relay(&self) -> u32 {
-            self.relay
-        }
-
-        fn write_unless_relaying(&self, frames: Vec<OutFrame>) -> Option<Vec<OutFrame>> {
-            let relaying = self.relaying.lock().unwrap();
-            if *relaying > 0 {
-                return Some(frames);
-            }
-            self.keep(frames);
-            None
-        }
-
-        fn relaying(&self, count: usize) {
-            *self.relaying.lock().unwrap() += count;
-        }
-
-        fn write_relayed(&self, frames: Vec<OutFrame>) {
-            let mut relaying = self.relaying.lock().unwrap();
-            *relaying -= frames.len();
-            self.keep(frames);
-        }
-    }
-
-    fn registered() -> (Arc<Recording>, Outbox, Arc<dyn FrameSink>) {
-        let sink = Arc::new(Recording {
-            relay: this_thread_relay(),
-            frames: Arc::default(),
-            hand_overs: Mutex::default(),
-            relaying: Mutex::default(),
-        });
-        let as_sink: Arc<dyn FrameSink> = sink.clone();
-        let outbox = Outbox::register(&as_sink);
-        (sink, outbox, as_sink)
+    /// A sink on this thread that records what it is given, its outbox, and the
+    /// sink itself (the connection: the outbox does not keep it alive).
+    fn registered() -> (Recording, Outbox, Arc<dyn FrameSink>) {
+        let recording = Recording::default();
+        let kept = recording.clone();
+        let sink: Arc<dyn FrameSink> = Arc::new(TestSink::new(move |frames| {
+            kept.hand_overs.lock().unwrap().push(frames.len());
+            kept.frames.lock().unwrap().extend(frames);
+        }));
+        let outbox = Outbox::register(&sink);
+        (recording, outbox, sink)
     }
 
     fn texts(texts: &[&str]) -> Vec<OutFrame> {
@@ -381,9 +356,8 @@ mod tests {
 
     #[actix::test]
     async fn an_ended_connection_gets_nothing() {
-        let (old_sink, old_outbox, alive) = registered();
-        let written = old_sink.frames.clone();
-        drop((old_sink, alive)); // The connection ends.
+        let (written, old_outbox, alive) = registered();
+        drop(alive); // The connection ends.
         old_outbox.push(OutFrame::text("for the old connection"));
         let nobody = Nobody.start().recipient();
         old_outbox.then_send(Some(OutFrame::text("answer")), &nobody, OutFrame::text("-"));
@@ -391,6 +365,6 @@ mod tests {
         batch.push(&old_outbox, OutFrame::text("routed"));
         batch.send();
         delivered().await;
-        assert!(written.lock().unwrap().is_empty());
+        assert!(written.texts().is_empty());
     }
 }
