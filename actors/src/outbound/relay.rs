@@ -146,22 +146,19 @@ fn this_thread_relay_addr() -> (u32, Addr<Relay>) {
 }
 
 /// Sends `deliveries` to the relay numbered `id`, counting their frames at their sinks
-/// first. With no such relay (none can be: a sink is made on a thread with one) they
-/// are delivered here.
+/// first (dropped if there is no such relay: none can be, a sink is made on a thread
+/// with one).
 pub(super) fn send_to_relay(id: u32, deliveries: Vec<Addressed>) {
+    let relays = RELAYS.read().unwrap_or_else(|e| e.into_inner());
+    let Some(relay) = relays.get(id as usize) else {
+        return;
+    };
     for (sink, delivery) in &deliveries {
         if matches!(delivery, Delivery::Frame(_)) {
             sink.relaying(1);
         }
     }
-    let relays = RELAYS.read().unwrap_or_else(|e| e.into_inner());
-    match relays.get(id as usize) {
-        Some(relay) => relay.do_send(Deliveries(deliveries)),
-        None => {
-            drop(relays);
-            for_each_run(deliveries, |sink, run| sink.write_relayed(run));
-        }
-    }
+    relay.do_send(Deliveries(deliveries));
 }
 
 /// Writes `deliveries` (frames only) on this thread; those whose sinks have frames on
