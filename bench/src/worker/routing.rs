@@ -10,6 +10,7 @@ use crate::wire::Reply;
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -84,6 +85,15 @@ impl Worker {
             ids.push((format!("ra-{i}"), format!("rb-{i}"), targets[a].clone()));
             ids.push((format!("rb-{i}"), format!("ra-{i}"), targets[b].clone()));
         }
+        // Dial in an order unrelated to the pairs, as a fleet's agents connect. Dialled
+        // alternately (ra-0, rb-0, ra-1, …), every sender landed on the same worker of a
+        // server that deals connections to its workers in turn (actix-server does), so the
+        // open loop measured that one worker instead of the server.
+        ids.sort_by_cached_key(|(id, _, _)| {
+            let mut hasher = std::hash::DefaultHasher::new();
+            id.hash(&mut hasher);
+            hasher.finish()
+        });
         let shared = Arc::new(RouteShared::default());
         let errors = Arc::new(Mutex::new(Vec::new()));
         let failed = Arc::new(AtomicU64::new(0));
