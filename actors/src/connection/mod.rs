@@ -35,7 +35,7 @@ use crate::settings::{secs, LimitsSettings};
 use actix::prelude::*;
 use budget::BroadcastBudget;
 use bytes::BytesMut;
-use outgoing::{Attend, Outgoing};
+use outgoing::{Attend, Backlog, Outgoing};
 use serde_json::Value;
 use socket::{ReadOutcome, Readable, Socket};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -253,14 +253,14 @@ impl AgentConnection {
     /// backlog, and sends FIN once a close frame is out.
     fn after_write(&mut self, ctx: &mut Context<Self>) {
         // While a wait for write readiness is in flight, writers need not wake us.
-        let frames = self.outgoing.settle(self.awaiting_writable);
-        self.clock.set_queued_frames(frames);
-        if frames > 0 {
+        let backlog = self.outgoing.settle(self.awaiting_writable);
+        self.clock.set_queued_frames(backlog.frames);
+        if backlog.frames > 0 {
             self.await_writable(ctx);
         }
         match self.closing {
-            Closing::No => self.judge_backlog(ctx),
-            Closing::CloseFrameQueued if frames == 0 => {
+            Closing::No => self.judge_backlog(ctx, backlog),
+            Closing::CloseFrameQueued if backlog.frames == 0 => {
                 self.outgoing.shutdown_write();
                 self.closing = Closing::FinSent;
                 ctx.run_later(LINGER, |_, ctx| ctx.stop());
@@ -273,14 +273,12 @@ impl AgentConnection {
     /// than `max_message_queue_size`, more bytes than `max_pending_bytes` for longer
     /// than `slow_consumer_grace`, or a frame that would take the queue past twice
     /// `max_pending_bytes` (at once: what a client is sent stays bounded in memory).
-    fn judge_backlog(&mut self, ctx: &mut Context<Self>) {
+    fn judge_backlog(&mut self, ctx: &mut Context<Self>, backlog: Backlog) {
         let limits = &self.settings.limits;
-        if self.outgoing.overflowed()
-            || self.outgoing.pending_frames() > limits.max_message_queue_size
-        {
+        if backlog.overflowed || backlog.frames > limits.max_message_queue_size {
             return self.close(ctx, Disconnect::SLOW_CONSUMER, false);
         }
-        if self.outgoing.pending_bytes() <= limits.max_pending_bytes {
+        if backlog.bytes <= limits.max_pending_bytes {
             self.over_budget_since = None;
             return;
         }
@@ -425,7 +423,7 @@ impl Actor for AgentConnection {
         let address = ctx.address();
         self.outgoing.set_owner(&address.clone().recipient());
         let sink: Arc<dyn FrameSink> = self.outgoing.clone();
-        let outbox = Outbox::register(&sink);
+        let outbox = Outbox::new(&sink);
         self.registry.do_send(Connected {
             session_id: self.session_id,
             orders: address.recipient(),

@@ -43,6 +43,17 @@ struct State {
     overflowed: bool,
 }
 
+/// What the kernel has not taken, read under one lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// Frames (or the rest of one) queued.
+    pub frames: usize,
+    /// Bytes queued.
+    pub bytes: usize,
+    /// A frame was dropped at the byte ceiling.
+    pub overflowed: bool,
+}
+
 /// The writing half of one connection.
 pub struct Outgoing {
     io: Arc<TcpStream>,
@@ -91,6 +102,7 @@ impl Outgoing {
     }
 
     /// Whether a frame was dropped at the byte ceiling.
+    #[cfg(test)]
     pub fn overflowed(&self) -> bool {
         self.state().overflowed
     }
@@ -100,14 +112,18 @@ impl Outgoing {
         let _ = self.owner.set(owner.downgrade());
     }
 
-    /// The frames still queued, after the actor wrote or flushed: unless there are some
-    /// or it waits for write readiness (`awaiting`), it stops watching, and the next
-    /// frame another thread leaves queued asks it to attend (under the lock that frame
-    /// is written with, so none can be left unwatched).
-    pub fn settle(&self, awaiting: bool) -> usize {
+    /// What is still queued, after the actor wrote or flushed: unless there is some or
+    /// it waits for write readiness (`awaiting`), it stops watching, and the next frame
+    /// another thread leaves queued asks it to attend (under the lock that frame is
+    /// written with, so none can be left unwatched).
+    pub fn settle(&self, awaiting: bool) -> Backlog {
         let mut state = self.state();
         state.watched = awaiting || !state.frames.is_empty();
-        state.frames.len()
+        Backlog {
+            frames: state.frames.len(),
+            bytes: state.bytes,
+            overflowed: state.overflowed,
+        }
     }
 
     /// Writes `frame` now if nothing is queued before it; queues what the kernel does
@@ -235,11 +251,13 @@ impl Outgoing {
     }
 
     /// Frames (or parts of one) the kernel has not taken.
+    #[cfg(test)]
     pub fn pending_frames(&self) -> usize {
         self.state().frames.len()
     }
 
     /// Bytes the kernel has not taken.
+    #[cfg(test)]
     pub fn pending_bytes(&self) -> usize {
         self.state().bytes
     }
@@ -474,7 +492,7 @@ mod tests {
         assert_eq!(outgoing.pending_frames(), 1);
         // The actor already waits for write readiness; five more frames at once take
         // the queue from 1 past the limit of 2 without ever holding exactly 3.
-        assert_eq!(outgoing.settle(true), 1);
+        assert_eq!(outgoing.settle(true).frames, 1);
         let frames = numbered_frames(5).into_iter().map(OutFrame).collect();
         assert!(outgoing.write_unless_relaying(frames).is_none());
         assert_eq!(outgoing.pending_frames(), 6);

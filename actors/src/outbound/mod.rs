@@ -129,7 +129,7 @@ impl std::fmt::Debug for Outbox {
 
 impl Outbox {
     /// The outbox of `sink`; it does not keep the sink alive.
-    pub fn register(sink: &Arc<dyn FrameSink>) -> Self {
+    pub fn new(sink: &Arc<dyn FrameSink>) -> Self {
         Self {
             sink: Arc::downgrade(sink),
         }
@@ -141,7 +141,7 @@ impl Outbox {
     #[cfg(test)]
     pub fn forwarding_to(recipient: Recipient<OutFrame>) -> Self {
         let sink: Arc<dyn FrameSink> = Arc::new(relay::TestSink::forwarding_to(recipient));
-        let outbox = Self::register(&sink);
+        let outbox = Self::new(&sink);
         std::mem::forget(sink);
         outbox
     }

@@ -264,7 +264,7 @@ mod tests {
             kept.hand_overs.lock().unwrap().push(frames.len());
             kept.frames.lock().unwrap().extend(frames);
         }));
-        let outbox = Outbox::register(&sink);
+        let outbox = Outbox::new(&sink);
         (recording, outbox, sink)
     }
 
