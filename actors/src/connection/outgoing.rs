@@ -43,6 +43,16 @@ struct State {
     overflowed: bool,
 }
 
+impl State {
+    fn backlog(&self) -> Backlog {
+        Backlog {
+            frames: self.frames.len(),
+            bytes: self.bytes,
+            overflowed: self.overflowed,
+        }
+    }
+}
+
 /// What the kernel has not taken, read under one lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backlog {
@@ -101,12 +111,6 @@ impl Outgoing {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether a frame was dropped at the byte ceiling.
-    #[cfg(test)]
-    pub fn overflowed(&self) -> bool {
-        self.state().overflowed
-    }
-
     /// Sets the actor that attends to the backlog.
     pub fn set_owner(&self, owner: &Recipient<Attend>) {
         let _ = self.owner.set(owner.downgrade());
@@ -119,11 +123,7 @@ impl Outgoing {
     pub fn settle(&self, awaiting: bool) -> Backlog {
         let mut state = self.state();
         state.watched = awaiting || !state.frames.is_empty();
-        Backlog {
-            frames: state.frames.len(),
-            bytes: state.bytes,
-            overflowed: state.overflowed,
-        }
+        state.backlog()
     }
 
     /// Writes `frame` now if nothing is queued before it; queues what the kernel does
@@ -250,16 +250,10 @@ impl Outgoing {
         state.bytes = state.frames.iter().map(Bytes::len).sum();
     }
 
-    /// Frames (or parts of one) the kernel has not taken.
+    /// What the kernel has not taken (for tests; the actor reads it from `settle`).
     #[cfg(test)]
-    pub fn pending_frames(&self) -> usize {
-        self.state().frames.len()
-    }
-
-    /// Bytes the kernel has not taken.
-    #[cfg(test)]
-    pub fn pending_bytes(&self) -> usize {
-        self.state().bytes
+    pub fn backlog(&self) -> Backlog {
+        self.state().backlog()
     }
 
     /// Sends FIN: the agent reads everything written so far, then the end of stream.
@@ -387,24 +381,24 @@ mod tests {
         let (io, _far) = unread_pair().await;
         let outgoing = Outgoing::new(io, 100, 64 * 1024);
         let frame = Bytes::from(vec![b'x'; 16 * 1024]);
-        while outgoing.pending_frames() == 0 {
+        while outgoing.backlog().frames == 0 {
             outgoing.write(frame.clone()).unwrap();
         }
-        while !outgoing.overflowed() {
+        while !outgoing.backlog().overflowed {
             outgoing.write(frame.clone()).unwrap();
         }
-        let (frames, bytes) = (outgoing.pending_frames(), outgoing.pending_bytes());
+        let Backlog { frames, bytes, .. } = outgoing.backlog();
         assert!(bytes <= 64 * 1024 + frame.len(), "{bytes} bytes queued");
 
         outgoing
             .write_close(Bytes::from_static(b"\x88\x02\x0f\xa3"))
             .unwrap();
         assert_eq!(
-            outgoing.pending_frames(),
+            outgoing.backlog().frames,
             frames + 1,
             "the close frame is queued"
         );
-        assert_eq!(outgoing.pending_bytes(), bytes + 4);
+        assert_eq!(outgoing.backlog().bytes, bytes + 4);
     }
 
     /// Frames of 8 KiB, each filled with its own number.
@@ -420,7 +414,11 @@ mod tests {
         let frames = numbered_frames(8);
         let total: usize = frames.iter().map(Bytes::len).sum();
         outgoing.write_all(frames.clone()).unwrap();
-        let (queued, bytes) = (outgoing.pending_frames(), outgoing.pending_bytes());
+        let Backlog {
+            frames: queued,
+            bytes,
+            ..
+        } = outgoing.backlog();
         assert!(
             bytes > 0 && bytes < total,
             "the kernel took part: {bytes} left"
@@ -443,7 +441,7 @@ mod tests {
             }
             got
         });
-        while outgoing.pending_frames() > 0 {
+        while outgoing.backlog().frames > 0 {
             outgoing.io.writable().await.unwrap();
             outgoing.flush().unwrap();
         }
@@ -455,13 +453,13 @@ mod tests {
     async fn frames_written_together_behind_a_backlog_are_queued_one_by_one() {
         let (io, _far) = unread_pair().await;
         let outgoing = Outgoing::new(io, 100, usize::MAX);
-        while outgoing.pending_frames() == 0 {
+        while outgoing.backlog().frames == 0 {
             outgoing.write(Bytes::from(vec![b'x'; 16 * 1024])).unwrap();
         }
-        let before = (outgoing.pending_frames(), outgoing.pending_bytes());
+        let before = outgoing.backlog();
         outgoing.write_all(numbered_frames(3)).unwrap();
-        assert_eq!(outgoing.pending_frames(), before.0 + 3);
-        assert_eq!(outgoing.pending_bytes(), before.1 + 3 * 8 * 1024);
+        assert_eq!(outgoing.backlog().frames, before.frames + 3);
+        assert_eq!(outgoing.backlog().bytes, before.bytes + 3 * 8 * 1024);
     }
 
     /// Counts the [`Attend`]s it gets.
@@ -486,16 +484,16 @@ mod tests {
         let attended = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let owner = Owner(attended.clone()).start();
         outgoing.set_owner(&owner.clone().recipient());
-        while outgoing.pending_frames() == 0 {
+        while outgoing.backlog().frames == 0 {
             outgoing.write(Bytes::from(vec![b'x'; 16 * 1024])).unwrap();
         }
-        assert_eq!(outgoing.pending_frames(), 1);
+        assert_eq!(outgoing.backlog().frames, 1);
         // The actor already waits for write readiness; five more frames at once take
         // the queue from 1 past the limit of 2 without ever holding exactly 3.
         assert_eq!(outgoing.settle(true).frames, 1);
         let frames = numbered_frames(5).into_iter().map(OutFrame).collect();
         assert!(outgoing.write_unless_relaying(frames).is_none());
-        assert_eq!(outgoing.pending_frames(), 6);
+        assert_eq!(outgoing.backlog().frames, 6);
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         while attended.load(std::sync::atomic::Ordering::SeqCst) == 0 {
             assert!(
@@ -513,12 +511,12 @@ mod tests {
         let frame = Bytes::from(vec![b'x'; 1024 * 1024]);
         outgoing.write(frame.clone()).unwrap(); // The kernel takes part of it.
         outgoing.write(frame.clone()).unwrap();
-        let started = outgoing.pending_bytes() - frame.len();
+        let started = outgoing.backlog().bytes - frame.len();
         assert!(started > 0 && started < frame.len(), "{started}");
 
         outgoing.discard_pending();
-        assert_eq!(outgoing.pending_frames(), 1);
-        assert_eq!(outgoing.pending_bytes(), started);
+        assert_eq!(outgoing.backlog().frames, 1);
+        assert_eq!(outgoing.backlog().bytes, started);
     }
 
     #[actix::test]
@@ -582,7 +580,7 @@ mod tests {
             }
         });
         while !writers.iter().all(std::thread::JoinHandle::is_finished)
-            || outgoing.pending_frames() > 0
+            || outgoing.backlog().frames > 0
         {
             // Nobody attends in this test: flush what the kernel refused.
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;

@@ -10,7 +10,7 @@ use crate::wire::Reply;
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -89,11 +89,8 @@ impl Worker {
         // alternately (ra-0, rb-0, ra-1, …), every sender landed on the same worker of a
         // server that deals connections to its workers in turn (actix-server does), so the
         // open loop measured that one worker instead of the server.
-        ids.sort_by_cached_key(|(id, _, _)| {
-            let mut hasher = std::hash::DefaultHasher::new();
-            id.hash(&mut hasher);
-            hasher.finish()
-        });
+        let order = BuildHasherDefault::<DefaultHasher>::default();
+        ids.sort_by_cached_key(|(id, _, _)| order.hash_one(id));
         let shared = Arc::new(RouteShared::default());
         let errors = Arc::new(Mutex::new(Vec::new()));
         let failed = Arc::new(AtomicU64::new(0));
