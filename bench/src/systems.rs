@@ -82,7 +82,7 @@ fn find_tether(explicit: Option<&Path>) -> Result<PathBuf, String> {
         }
     }
     Err(format!(
-        "no tether binary next to {} (run `cargo build --release` first, or pass --tether-bin)",
+        "no tether binary next to {} (run `cargo build --release -p tether -p tether-bench` first, or pass --tether-bin)",
         dir.display()
     ))
 }
