@@ -222,13 +222,14 @@ async fn a_redis_cluster_master_that_fails_over_leaves_the_nodes_serving() {
     // subscription moves may be lost, and is then refused `cluster_unavailable` (retry)
     // or silently lost. It ends with every inbox subscribed there and messages crossing.
     let back = redis.ports[0];
-    assert!(redis.cli(back, &["cluster", "failover"]).starts_with("OK"));
+    let mut failover = redis.start_failover(0);
     let inboxes = format!("{prefix}:to:*");
     let deadline = Instant::now() + DEADLINE;
     loop {
         let there = arrived_or_retryable(&mut d, &mut a, "a", round).await;
         let back_again = arrived_or_retryable(&mut a, &mut d, "d", round).await;
         round += 1;
+        failover.nudge();
         let subscribed = redis.cli(back, &["pubsub", "channels", &inboxes]);
         if there && back_again && subscribed.lines().filter(|l| !l.is_empty()).count() == 3 {
             break;

@@ -127,6 +127,18 @@ impl RedisClusterProcesses {
         });
     }
 
+    /// Starts a manual failover to replica `index` (`CLUSTER FAILOVER`): it becomes
+    /// its master's master. Call [`ManualFailover::nudge`] while waiting for its effect.
+    pub fn start_failover(&self, index: usize) -> ManualFailover<'_> {
+        let failover = ManualFailover {
+            cluster: self,
+            port: self.ports[index],
+            sent: Instant::now(),
+        };
+        failover.send();
+        failover
+    }
+
     /// Waits until each node of `ports` says `cluster_state:ok` and `also` holds for it
     /// (a condition of other processes, polled: nothing announces it).
     fn wait_until(&self, ports: &[u16], what: &str, also: impl Fn(u16) -> bool) {
@@ -182,6 +194,39 @@ impl Drop for RedisClusterProcesses {
     fn drop(&mut self) {
         for index in 0..self.children.len() {
             self.kill(index);
+        }
+    }
+}
+
+/// A manual failover in progress. Redis aborts one that does not complete within its
+/// timeout (5 s), and says so only in its log, so [`nudge`](Self::nudge) sends the
+/// command again while the node is still a replica after that long.
+pub struct ManualFailover<'a> {
+    cluster: &'a RedisClusterProcesses,
+    port: u16,
+    sent: Instant,
+}
+
+impl ManualFailover<'_> {
+    /// Longer than Redis's manual failover timeout (`CLUSTER_MF_TIMEOUT`, 5 s).
+    const ATTEMPT: Duration = Duration::from_secs(6);
+
+    fn send(&self) {
+        let answer = self.cluster.cli(self.port, &["cluster", "failover"]);
+        assert!(
+            answer.starts_with("OK"),
+            "CLUSTER FAILOVER refused: {answer}"
+        );
+    }
+
+    /// Sends `CLUSTER FAILOVER` again if the last one had time to complete and the node
+    /// is still a replica.
+    pub fn nudge(&mut self) {
+        if self.sent.elapsed() >= Self::ATTEMPT
+            && !self.cluster.cli(self.port, &["role"]).starts_with("master")
+        {
+            self.send();
+            self.sent = Instant::now();
         }
     }
 }
