@@ -1,6 +1,7 @@
 //! The floor server (`tether-bench floor-server`): tokio-tungstenite accept, read,
-//! echo, hold. It keeps no registry, sends no heartbeat and publishes nothing, so it
-//! shows what a WebSocket connection costs on this machine with nothing on top.
+//! echo, hold. It keeps no registry, publishes nothing and, unless told to, sends no
+//! heartbeat, so it shows what a WebSocket connection costs on this machine with
+//! nothing on top.
 //!
 //! To let the same load generators drive it, it answers `register_agent` and client
 //! `ping_agent` requests with a fixed success frame (no bookkeeping), answers
@@ -11,13 +12,24 @@
 //! connection the floor holds, the way a bare tokio server would do it: one
 //! `tokio::sync::broadcast` channel, whose receiver in each connection's task writes
 //! every copy not sent by that connection. It ignores `exclude_agent_ids` and keeps no ids.
+//!
+//! With `--ping-interval` (the heartbeat workload only) it also pings, the way a bare
+//! tokio server would: each connection's task holds one timer, sends the protocol's
+//! `ping_agent` request after `interval` seconds without a frame from its agent, takes
+//! any frame as a sign of life (a `ping_agent` answer, found by substring and not
+//! parsed, gets no reply), and closes a connection whose ping stays unanswered for
+//! `ping_timeout` with 4002. No registry, no round-trip figures, no events: the least a
+//! server that checks liveness must do.
 
 use crate::client::ws_config;
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Broadcasts not yet written that a connection may fall behind by (the workloads send
@@ -27,9 +39,23 @@ const BROADCAST_BACKLOG: usize = 1024;
 /// A broadcast frame and the connection (its peer address) that sent it.
 type Broadcast = (SocketAddr, Message);
 
-/// Runs the floor server on `host:port` until killed. Prints
-/// `floor listening on ADDR` once bound.
-pub fn run(host: &str, port: u16, threads: usize) -> std::process::ExitCode {
+/// The floor's optional heartbeat (`--ping-interval`, `--ping-timeout`).
+#[derive(Debug, Clone, Copy)]
+pub struct Heartbeat {
+    /// Silence after which a connection is pinged.
+    pub interval: Duration,
+    /// How long a ping may stay unanswered before the connection is closed 4002.
+    pub ping_timeout: Duration,
+}
+
+/// Runs the floor server on `host:port` until killed, pinging its connections when
+/// `heartbeat` is set. Prints `floor listening on ADDR` once bound.
+pub fn run(
+    host: &str,
+    port: u16,
+    threads: usize,
+    heartbeat: Option<Heartbeat>,
+) -> std::process::ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
         .enable_all()
@@ -54,7 +80,7 @@ pub fn run(host: &str, port: u16, threads: usize) -> std::process::ExitCode {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
-                    tokio::spawn(serve(stream, peer, broadcasts.clone()));
+                    tokio::spawn(serve(stream, peer, broadcasts.clone(), heartbeat));
                 }
                 Err(e) => {
                     // Out of file descriptors, typically: back off and retry.
@@ -66,15 +92,91 @@ pub fn run(host: &str, port: u16, threads: usize) -> std::process::ExitCode {
     })
 }
 
-async fn serve(stream: TcpStream, me: SocketAddr, broadcasts: broadcast::Sender<Broadcast>) {
+/// One connection's ping timer and whether its last ping is still unanswered.
+struct PingClock {
+    heartbeat: Heartbeat,
+    timer: Interval,
+    unanswered_since: Option<Instant>,
+}
+
+impl PingClock {
+    fn new(heartbeat: Heartbeat) -> Self {
+        let mut timer =
+            tokio::time::interval_at(Instant::now() + heartbeat.interval, heartbeat.interval);
+        timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Self {
+            heartbeat,
+            timer,
+            unanswered_since: None,
+        }
+    }
+
+    /// The agent sent a frame: it is alive, and its next ping is `interval` from now.
+    fn heard(&mut self) {
+        self.unanswered_since = None;
+        self.timer.reset();
+    }
+
+    /// The timer fired: the ping to send, or `None` when the last one has gone
+    /// unanswered for `ping_timeout` (the connection is to be closed).
+    fn tick(&mut self) -> Option<Message> {
+        if self.unanswered_since.is_some() {
+            return None;
+        }
+        let now = Instant::now();
+        self.unanswered_since = Some(now);
+        self.timer.reset_at(now + self.heartbeat.ping_timeout);
+        Some(ping_frame())
+    }
+}
+
+/// The protocol's `ping_agent` request, stamped now.
+fn ping_frame() -> Message {
+    let timestamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    Message::text(format!(
+        r#"{{"type":"system_request","command":"ping_agent","timestamp":{timestamp},"agent_id":"floor"}}"#
+    ))
+}
+
+/// Waits for `clock`'s next tick, or forever without a heartbeat.
+async fn next_tick(clock: &mut Option<PingClock>) {
+    match clock {
+        Some(clock) => {
+            clock.timer.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn serve(
+    stream: TcpStream,
+    me: SocketAddr,
+    broadcasts: broadcast::Sender<Broadcast>,
+    heartbeat: Option<Heartbeat>,
+) {
     let _ = stream.set_nodelay(true);
     let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(ws_config())).await
     else {
         return;
     };
     let mut copies = broadcasts.subscribe();
+    let mut clock = heartbeat.map(PingClock::new);
     loop {
         let msg = tokio::select! {
+            _ = next_tick(&mut clock) => {
+                let ping = clock.as_mut().and_then(PingClock::tick);
+                let Some(ping) = ping else {
+                    let _ = ws
+                        .close(Some(CloseFrame { code: CloseCode::from(4002), reason: "stale".into() }))
+                        .await;
+                    break;
+                };
+                if ws.send(ping).await.is_err() { break; }
+                continue;
+            }
             copy = copies.recv() => match copy {
                 Ok((from, copy)) => {
                     if from != me && ws.send(copy).await.is_err() { break; }
@@ -91,6 +193,12 @@ async fn serve(stream: TcpStream, me: SocketAddr, broadcasts: broadcast::Sender<
         let reply = match msg {
             Message::Text(text) => {
                 let t = text.as_str();
+                if let Some(clock) = clock.as_mut() {
+                    clock.heard();
+                    if t.contains("\"system_response\"") && t.contains("\"ping_agent\"") {
+                        continue;
+                    }
+                }
                 if t.contains("\"system_request\"") {
                     if t.contains("\"register_agent\"") {
                         Message::text(

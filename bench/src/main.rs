@@ -22,6 +22,7 @@ mod workloads;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 use systems::{Env, System};
 use workloads::Ctx;
 
@@ -185,6 +186,13 @@ enum Command {
         /// Runtime threads (default: one per core, like Tether's workers).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Ping each connection after this many seconds without a frame from it
+        /// (0 = never; the heartbeat workload sets it to Tether's interval).
+        #[arg(long, default_value_t = 0.0)]
+        ping_interval: f64,
+        /// Close a connection whose ping is unanswered this many seconds, with 4002.
+        #[arg(long, default_value_t = 5.0)]
+        ping_timeout: f64,
     },
     /// Internal: a load-generating process driven by the harness over stdin/stdout.
     #[command(hide = true)]
@@ -202,6 +210,8 @@ fn main() -> ExitCode {
             host,
             port,
             threads,
+            ping_interval,
+            ping_timeout,
         } => {
             let threads = if threads == 0 {
                 std::thread::available_parallelism()
@@ -210,7 +220,11 @@ fn main() -> ExitCode {
             } else {
                 threads
             };
-            floor::run(&host, port, threads)
+            let heartbeat = (ping_interval > 0.0).then(|| floor::Heartbeat {
+                interval: Duration::from_secs_f64(ping_interval),
+                ping_timeout: Duration::from_secs_f64(ping_timeout.max(0.001)),
+            });
+            floor::run(&host, port, threads, heartbeat)
         }
         Command::ClientWorker { index } => worker::run(index),
         other => {

@@ -216,9 +216,26 @@ impl Server {
     pub async fn start(system: System, env: &Env, vars: &TetherVars) -> Result<Server, String> {
         match system {
             System::Tether => start_tether(env, vars).await,
-            System::Floor => start_floor(env).await,
+            System::Floor => start_floor(env, &[]).await,
             System::OpenAgents => start_openagents(env).await,
         }
+    }
+
+    /// Starts the floor server pinging each connection after `interval_s` seconds
+    /// without a frame and closing it 4002 after `ping_timeout_s` unanswered (the
+    /// heartbeat workload's floor).
+    pub async fn start_floor_pinging(
+        env: &Env,
+        interval_s: f64,
+        ping_timeout_s: f64,
+    ) -> Result<Server, String> {
+        let args = [
+            "--ping-interval".to_owned(),
+            interval_s.to_string(),
+            "--ping-timeout".to_owned(),
+            ping_timeout_s.to_string(),
+        ];
+        start_floor(env, &args).await
     }
 
     /// Resident memory now, KiB.
@@ -344,11 +361,12 @@ pub async fn start_tether_logging_to(
     })
 }
 
-async fn start_floor(env: &Env) -> Result<Server, String> {
+async fn start_floor(env: &Env, extra_args: &[String]) -> Result<Server, String> {
     let (_log, file) = log_file(env, "floor.log")?;
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let mut child = Command::new(exe)
         .args(["floor-server", "--host", "127.0.0.1", "--port", "0"])
+        .args(extra_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(file)

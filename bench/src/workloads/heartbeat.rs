@@ -49,7 +49,7 @@ pub async fn run(ctx: &Ctx, args: &Args) -> Result<Vec<Table>, String> {
     ));
     table.rows = rows;
     table.notes.push(format!(
-        "CPU share = server utime+stime over the window / window length (1.0 = one core), everything the server did included (pings, answers, the {} probe registrations per second). Ping lag = client receipt time − the ping's own `timestamp` (server clock = client clock, one machine). Ping RTT = the server's own round trip of answered pings (ping sent → answer read, from the echoed `timestamp`), p50/p99 from `GET /stats` at the end of the window, which covers the last 60–120 s (8 buckets per power of two). False stale = held agents that answered every ping but were closed with 4002. Projection: CPU per ping × the ping rate of 100 000 agents at the default {DEFAULT_INTERVAL} s interval. OpenAgents has no agent heartbeat (its websockets library sends protocol-level pings every 20 s, which are not agent liveness); the floor sends nothing: their CPU column is the cost of holding the idle sockets.",
+        "CPU share = server utime+stime over the window / window length (1.0 = one core), everything the server did included (pings, answers, the {} probe registrations per second). Ping lag = client receipt time − the ping's own `timestamp` (server clock = client clock, one machine). Ping RTT = the server's own round trip of answered pings (ping sent → answer read, from the echoed `timestamp`), p50/p99 from `GET /stats` at the end of the window, which covers the last 60–120 s (8 buckets per power of two). False stale = held agents that answered every ping but were closed with 4002. Projection: CPU per ping × the ping rate of 100 000 agents at the default {DEFAULT_INTERVAL} s interval. The floor pings the same way at the same interval, with a timer in each connection's task, and takes any frame as the answer (no registry, no round-trip figures, no events): its projection is what the pings alone cost a bare tokio-tungstenite server on this machine (ping RTT is Tether's own figure, so the floor has none). OpenAgents has no agent heartbeat (its websockets library sends protocol-level pings every 20 s, which are not agent liveness): its CPU column is the cost of holding the idle sockets.",
         args.probe_rate
     ));
     finish(ctx, &mut table);
@@ -64,7 +64,13 @@ async fn once(ctx: &Ctx, args: &Args, system: System, n: u64) -> Result<Row, Str
     let vars = TetherVars::default()
         .set("HEARTBEAT__INTERVAL", args.interval)
         .set("HEARTBEAT__PING_TIMEOUT", args.ping_timeout);
-    let server = Server::start(system, &ctx.env, &vars).await?;
+    // The floor pings too, at the same interval: what a bare server's heartbeat costs.
+    let server = match system {
+        System::Floor => {
+            Server::start_floor_pinging(&ctx.env, args.interval, args.ping_timeout).await?
+        }
+        _ => Server::start(system, &ctx.env, &vars).await?,
+    };
     let pool = Pool::spawn(workers_for(n, ctx.per_worker), 0).await?;
     let result = measure(args, system, n, &server, &pool).await;
     release(&pool).await;
@@ -132,7 +138,7 @@ async fn measure(
         num("registered", held.ok as f64, 0),
         num("CPU share", cpu_share, 3),
     ];
-    let has_heartbeat = system == System::Tether;
+    let has_heartbeat = system != System::OpenAgents;
     if has_heartbeat {
         let (p50, p99, _) = latency_ms(&mut lags);
         let pings_per_s = pings as f64 / seconds;
