@@ -76,20 +76,25 @@ pub fn run(
                 return std::process::ExitCode::FAILURE;
             }
         }
-        let (broadcasts, _) = broadcast::channel::<Broadcast>(BROADCAST_BACKLOG);
-        loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    tokio::spawn(serve(stream, peer, broadcasts.clone(), heartbeat));
-                }
-                Err(e) => {
-                    // Out of file descriptors, typically: back off and retry.
-                    eprintln!("floor-server: accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+        accept_forever(listener, heartbeat).await
+    })
+}
+
+/// Serves every connection `listener` accepts, until the task is dropped.
+async fn accept_forever(listener: TcpListener, heartbeat: Option<Heartbeat>) -> ! {
+    let (broadcasts, _) = broadcast::channel::<Broadcast>(BROADCAST_BACKLOG);
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(serve(stream, peer, broadcasts.clone(), heartbeat));
+            }
+            Err(e) => {
+                // Out of file descriptors, typically: back off and retry.
+                eprintln!("floor-server: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-    })
+    }
 }
 
 /// One connection's ping timer and whether its last ping is still unanswered.
@@ -226,5 +231,70 @@ async fn serve(
         if ws.send(reply).await.is_err() {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::{protocol, Frame};
+
+    /// The next text frame, or the close code, within `wait`.
+    async fn next_event(
+        ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+        wait: Duration,
+    ) -> Result<String, Option<u16>> {
+        loop {
+            match tokio::time::timeout(wait, ws.next()).await {
+                Ok(Some(Ok(Message::Text(text)))) => return Ok(text.as_str().to_owned()),
+                Ok(Some(Ok(Message::Close(frame)))) => return Err(frame.map(|f| u16::from(f.code))),
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("no frame from the floor within {wait:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_pinging_floor_pings_after_silence_and_closes_4002_when_unanswered() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
+        let heartbeat = Heartbeat {
+            interval: Duration::from_millis(200),
+            ping_timeout: Duration::from_millis(200),
+        };
+        let server = tokio::spawn(accept_forever(listener, Some(heartbeat)));
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let wait = Duration::from_secs(5);
+
+        // Two pings in a row, each answered: the connection stays open.
+        for _ in 0..2 {
+            let frame = next_event(&mut ws, wait)
+                .await
+                .expect("a ping, not a close");
+            let timestamp = Frame::parse(&frame)
+                .ping_timestamp()
+                .unwrap_or_else(|| panic!("not a ping_agent request: {frame}"));
+            ws.send(Message::text(protocol::pong(timestamp)))
+                .await
+                .unwrap();
+        }
+        // The third goes unanswered: the floor closes with 4002.
+        let frame = next_event(&mut ws, wait)
+            .await
+            .expect("a ping, not a close");
+        assert!(Frame::parse(&frame).ping_timestamp().is_some(), "{frame}");
+        assert_eq!(next_event(&mut ws, wait).await, Err(Some(4002)));
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn the_floor_without_a_heartbeat_sends_nothing_unasked() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
+        let server = tokio::spawn(accept_forever(listener, None));
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let unasked = tokio::time::timeout(Duration::from_millis(500), ws.next()).await;
+        assert!(unasked.is_err(), "the floor sent {unasked:?} unasked");
+        server.abort();
     }
 }
