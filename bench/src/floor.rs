@@ -101,7 +101,7 @@ async fn accept_forever(listener: TcpListener, heartbeat: Option<Heartbeat>) -> 
 struct PingClock {
     heartbeat: Heartbeat,
     timer: Interval,
-    unanswered_since: Option<Instant>,
+    awaiting_answer: bool,
 }
 
 impl PingClock {
@@ -112,25 +112,25 @@ impl PingClock {
         Self {
             heartbeat,
             timer,
-            unanswered_since: None,
+            awaiting_answer: false,
         }
     }
 
     /// The agent sent a frame: it is alive, and its next ping is `interval` from now.
     fn heard(&mut self) {
-        self.unanswered_since = None;
+        self.awaiting_answer = false;
         self.timer.reset();
     }
 
     /// The timer fired: the ping to send, or `None` when the last one has gone
     /// unanswered for `ping_timeout` (the connection is to be closed).
     fn tick(&mut self) -> Option<Message> {
-        if self.unanswered_since.is_some() {
+        if self.awaiting_answer {
             return None;
         }
-        let now = Instant::now();
-        self.unanswered_since = Some(now);
-        self.timer.reset_at(now + self.heartbeat.ping_timeout);
+        self.awaiting_answer = true;
+        self.timer
+            .reset_at(Instant::now() + self.heartbeat.ping_timeout);
         Some(ping_frame())
     }
 }
@@ -195,14 +195,16 @@ async fn serve(
                 _ => break,
             },
         };
+        if let Some(clock) = clock.as_mut() {
+            clock.heard();
+        }
         let reply = match msg {
             Message::Text(text) => {
                 let t = text.as_str();
-                if let Some(clock) = clock.as_mut() {
-                    clock.heard();
-                    if t.contains("\"system_response\"") && t.contains("\"ping_agent\"") {
-                        continue;
-                    }
+                let answers_ping =
+                    t.contains("\"system_response\"") && t.contains("\"ping_agent\"");
+                if clock.is_some() && answers_ping {
+                    continue;
                 }
                 if t.contains("\"system_request\"") {
                     if t.contains("\"register_agent\"") {
